@@ -1,0 +1,69 @@
+"""qop: 8-bit and 32-bit optimizers for PyTorch 2 built from ``torch.library`` custom ops.
+
+Importing qop declares the ``qop`` ops (``qop._schema``), registers their fake kernels (``qop.meta``),
+the C++ CPU kernels (``qop._C``), the Triton GPU kernels (``qop.triton``, when CUDA and Triton are
+present) and the pure-PyTorch reference as the fallback for every other device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import warnings
+
+from . import _schema
+from ._maps import create_dynamic_map, dynamic_map
+from ._schema import BLOCKSIZE, HP, Flag, Rule
+
+__version__ = "0.1.0"
+
+
+def _load_meta() -> None:
+    """Import the fake kernels: ``qop/meta`` in a wheel, ``meta/`` beside ``qop/`` in a source tree."""
+    try:
+        from . import meta  # noqa: F401
+        return
+    except ImportError:
+        pass
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "meta", "__init__.py")
+    spec = importlib.util.spec_from_file_location(f"{__name__}.meta", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"qop: fake kernels not found (looked for qop.meta and {path})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+def _load_cpu_kernels() -> bool:
+    """Import the compiled extension, whose static initializers register the CPU kernels."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as exc:
+        warnings.warn(
+            f"qop: C++ CPU kernels not built ({exc}); CPU ops fall back to the slow reference. "
+            "Build them with `pip install --no-build-isolation -e .`.",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+_load_meta()
+HAS_CPU_KERNELS = _load_cpu_kernels()
+
+from . import _register  # noqa: E402  (needs the schema and the compiled kernels first)
+from . import ops  # noqa: E402
+from . import optim  # noqa: E402
+
+__all__ = [
+    "BLOCKSIZE",
+    "HAS_CPU_KERNELS",
+    "HP",
+    "Flag",
+    "Rule",
+    "create_dynamic_map",
+    "dynamic_map",
+    "ops",
+    "optim",
+]

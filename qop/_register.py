@@ -1,0 +1,67 @@
+"""Registers the reference as the kernel of every device without a native one.
+
+CPU kernels come from the C++ extension and CUDA kernels from ``qop.triton``; the reference is
+registered per dispatch key only where neither exists, so the dispatcher always finds a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks, reference
+
+_REFERENCE_KEYS = ("CUDA", "XPU", "MPS", "CPU")
+
+
+def _checked_reference():
+    """Reference kernels wrapped with the shared argument checks (the C++ and Triton paths check too)."""
+
+    def quantize_blockwise(A, code, blocksize):
+        _checks.check_quantize(A, code, blocksize)
+        return reference.quantize_blockwise(A, code, blocksize)
+
+    def dequantize_blockwise(A, absmax, code, blocksize, dtype):
+        _checks.check_dequantize(A, absmax, code, blocksize, dtype)
+        return reference.dequantize_blockwise(A, absmax, code, blocksize, dtype)
+
+    def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf):
+        _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale,
+                           found_inf, torch.float32)
+        reference.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf)
+
+    def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
+                  code1, code2, code3, gscale, found_inf):
+        _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale,
+                           found_inf, torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3))
+        reference.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3,
+                            steps, hp, code1, code2, code3, gscale, found_inf)
+
+    return {
+        "quantize_blockwise": quantize_blockwise,
+        "dequantize_blockwise": dequantize_blockwise,
+        "step_32bit": step_32bit,
+        "step_8bit": step_8bit,
+    }
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"qop::{name}", key)
+
+
+_lib = torch.library.Library("qop", "IMPL")  # noqa: TOR901 - our own namespace
+
+
+def _register_triton() -> None:
+    if not torch.cuda.is_available():
+        return
+    try:
+        from . import triton as _triton  # noqa: F401  (registers the CUDA kernels on import)
+    except ImportError:
+        return
+
+
+_register_triton()
+for _name, _fn in _checked_reference().items():
+    for _key in _REFERENCE_KEYS:
+        if not _has_kernel(_name, _key):
+            _lib.impl(_name, _fn, _key)

@@ -1,0 +1,92 @@
+"""Every op of the ``qop`` namespace, declared once.
+
+Backends only register kernels for these names (CPU in ``csrc/cpu``, CUDA in ``qop/triton``, fakes in
+``meta/``, the pure-PyTorch reference in ``qop/reference.py``).  Mutation is declared with ``(a!)``
+annotations so functionalization and inductor's re-inplacing see exactly what a step writes; ops that
+only mutate return nothing.
+
+Step ops take a whole list of tensors (one param group, one device, one dtype) and read every
+schedulable hyper-parameter from tensors, so no value is baked into a traced graph:
+
+* ``hp`` -- float32 vector laid out by :class:`HP` (lr, betas, eps, weight decay, ...);
+* ``steps`` -- one float32 0-d tensor per parameter, incremented by the op itself (unless
+  ``found_inf`` is set), the rule using ``t = steps[i] + 1``;
+* ``gscale`` -- optional float32 vector, one gradient multiplier per tensor (percentile clipping,
+  inverse AMP scale);
+* ``found_inf`` -- optional float32 0-d tensor; when non-zero the whole call is a no-op.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+NAMESPACE = "qop"
+#: Block size of the 8-bit optimizer states (elements per absmax), as in bitsandbytes.
+BLOCKSIZE = 256
+
+_lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - the namespace is ours
+
+
+class Rule(enum.IntEnum):
+    """Per-element update rules understood by the step ops (compile-time switch in every kernel)."""
+
+    ADAM = 1  # Adam, AdamW, LAMB: state1 m, state2 v, state3 vmax (amsgrad)
+    MOMENTUM = 2  # SGD, LARS: state1 momentum buffer (absent when momentum == 0)
+    ADAGRAD = 3  # state1 sum of squares
+    RMSPROP = 4  # state1 running mean of squares
+    LION = 5  # state1 m
+    ADEMAMIX = 6  # state1 fast EMA m1, state2 nu, state3 slow EMA m2
+
+
+class Flag(enum.IntFlag):
+    """Structural options of a rule; static, so a change means a different graph."""
+
+    NONE = 0
+    NESTEROV = 1  # MOMENTUM: step along g + momentum * buf
+    AMSGRAD = 2  # ADAM: keep vmax = max(vmax, v) in state3 and use it in the denominator
+    NO_BIAS_CORRECTION = 4  # ADAM: c1 = c2 = 1 (LAMB bias_correction=False)
+    L2_WEIGHT_DECAY = 8  # ADAM: g += wd * p instead of decoupled decay (LAMB adam_w_mode=False)
+    UNORM_CLIP = 16  # two passes: clip the update norm to hp[MAX_UNORM] * ||p|| (LAMB, LARS)
+
+
+class HP(enum.IntEnum):
+    """Slots of the float32 hyper-parameter vector ``hp`` read by the step ops."""
+
+    LR = 0
+    BETA1 = 1  # Adam/Lion/AdEMAMix beta1; SGD/LARS momentum
+    BETA2 = 2
+    BETA3 = 3  # AdEMAMix slow EMA
+    EPS = 4
+    WEIGHT_DECAY = 5
+    ALPHA = 6  # RMSprop smoothing constant; AdEMAMix mixing coefficient
+    DAMPENING = 7  # SGD/LARS
+    LR_DECAY = 8  # Adagrad
+    MAX_UNORM = 9  # LAMB/LARS update-norm clip (read when Flag.UNORM_CLIP is set)
+    T_ALPHA = 10  # AdEMAMix alpha warm-up steps (0: off)
+    T_BETA3 = 11  # AdEMAMix beta3 warm-up steps (0: off)
+
+
+HP_SIZE = len(HP)
+
+SCHEMAS: dict[str, str] = {
+    "quantize_blockwise": "(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    "dequantize_blockwise": (
+        "(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
+    ),
+    "step_32bit": (
+        "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+        "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor hp, "
+        "Tensor? gscale, Tensor? found_inf) -> ()"
+    ),
+    "step_8bit": (
+        "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
+        "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] absmax1, Tensor(f!)[] absmax2, "
+        "Tensor(g!)[] absmax3, Tensor(h!)[] steps, Tensor hp, Tensor code1, Tensor code2, "
+        "Tensor code3, Tensor? gscale, Tensor? found_inf) -> ()"
+    ),
+}
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)

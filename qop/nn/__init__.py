@@ -1,0 +1,1 @@
+"""qop.nn (see StableEmbedding)."""

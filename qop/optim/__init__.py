@@ -1,0 +1,1 @@
+"""qop optimizers (filled in below)."""

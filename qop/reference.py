@@ -1,0 +1,239 @@
+"""Pure-PyTorch reference of every ``qop`` op: the oracle of tests and benchmarks.
+
+It is also registered as the kernel for devices that have no native one (see ``qop/__init__.py``).
+Written for clarity, one tensor at a time; the math is float32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._schema import BLOCKSIZE, HP, Flag, Rule
+
+
+# ----------------------------------------------------------------------------------------- quantize
+def nearest_code(x: Tensor, code: Tensor) -> Tensor:
+    """Index of the entry of the sorted ``code`` nearest to each ``x`` (ties go to the lower entry).
+
+    The index is the number of midpoints ``0.5 * (code[i] + code[i + 1])`` strictly below x.
+    """
+    mids = 0.5 * (code[:-1] + code[1:])
+    return torch.searchsorted(mids.contiguous(), x.contiguous(), right=False).to(torch.uint8)
+
+
+def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """uint8 codes shaped like A and the float32 absmax of each block of ``blocksize`` elements."""
+    n = A.numel()
+    nblocks = -(-n // blocksize)
+    x = A.reshape(-1).float()
+    pad = nblocks * blocksize - n
+    blocks = torch.nn.functional.pad(x, (0, pad)).view(nblocks, blocksize)
+    absmax = blocks.abs().amax(dim=1) if nblocks else torch.zeros(0, device=A.device)
+    scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = (blocks / scale[:, None]).reshape(-1)[:n]
+    q = nearest_code(normed, code.float())
+    return q.view(A.shape), absmax.float()
+
+
+def dequantize_blockwise(
+    A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype
+) -> Tensor:
+    """``code[A] * absmax[block]`` in float32, returned in ``dtype``."""
+    n = A.numel()
+    values = code.float()[A.reshape(-1).long()]
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (values * scale).view(A.shape).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- rules
+def _beta3_schedule(t: Tensor, b1: Tensor, b3: Tensor, t_beta3: Tensor) -> Tensor:
+    """AdEMAMix beta3 warm-up: exp(ln b1 ln b3 / ((1 - t/T) ln b3 + (t/T) ln b1)), capped at b3."""
+    frac = t / t_beta3
+    lb1, lb3 = torch.log(b1), torch.log(b3)
+    return torch.minimum(torch.exp(lb1 * lb3 / ((1 - frac) * lb3 + frac * lb1)), b3)
+
+
+def rule_update(
+    rule: int, flags: int, p: Tensor, g: Tensor, states: list[Tensor], t: Tensor, hp: Tensor
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """Apply one rule to float32 tensors.
+
+    Returns ``(new_states, u, lr_eff, decay)``: the parameter update is
+    ``p_new = p * decay - lr_eff * scale * u`` where ``scale`` is the update-norm clip (1 if off).
+    """
+    lr, b1, b2, b3 = hp[HP.LR], hp[HP.BETA1], hp[HP.BETA2], hp[HP.BETA3]
+    eps, wd, alpha = hp[HP.EPS], hp[HP.WEIGHT_DECAY], hp[HP.ALPHA]
+    one = torch.ones((), dtype=torch.float32, device=p.device)
+    decay = one
+    lr_eff = lr
+    if rule == Rule.ADAM:
+        m, v = states[0], states[1]
+        if flags & Flag.L2_WEIGHT_DECAY:
+            g = g + wd * p
+        else:
+            decay = 1 - lr * wd
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        new = [m, v]
+        vd = v
+        if flags & Flag.AMSGRAD:
+            vd = torch.maximum(states[2], v)
+            new.append(vd)
+        if flags & Flag.NO_BIAS_CORRECTION:
+            c1, c2 = one, one
+        else:
+            c1, c2 = 1 - b1**t, torch.sqrt(1 - b2**t)
+        u = (c2 / c1) * m / (torch.sqrt(vd) + eps * c2)
+    elif rule == Rule.MOMENTUM:
+        g = g + wd * p
+        if states:
+            buf = torch.where(t == 1, g, b1 * states[0] + (1 - hp[HP.DAMPENING]) * g)
+            new = [buf]
+            u = g + b1 * buf if flags & Flag.NESTEROV else buf
+        else:
+            new, u = [], g
+    elif rule == Rule.ADAGRAD:
+        g = g + wd * p
+        s = states[0] + g * g
+        new = [s]
+        lr_eff = lr / (1 + (t - 1) * hp[HP.LR_DECAY])
+        u = g / (torch.sqrt(s) + eps)
+    elif rule == Rule.RMSPROP:
+        g = g + wd * p
+        s = alpha * states[0] + (1 - alpha) * g * g
+        new = [s]
+        u = g / (torch.sqrt(s) + eps)
+    elif rule == Rule.LION:
+        decay = 1 - lr * wd
+        u = torch.sign(b1 * states[0] + (1 - b1) * g)
+        new = [b2 * states[0] + (1 - b2) * g]
+    elif rule == Rule.ADEMAMIX:
+        t_alpha, t_beta3 = hp[HP.T_ALPHA], hp[HP.T_BETA3]
+        alpha_t = torch.where(t_alpha > 0, torch.minimum(t * alpha / t_alpha, alpha), alpha)
+        b3_t = torch.where(t_beta3 > 0, _beta3_schedule(t, b1, b3, t_beta3), b3)
+        m1, nu, m2 = states
+        m1 = b1 * m1 + (1 - b1) * g
+        nu = b2 * nu + (1 - b2) * g * g
+        m2 = b3_t * m2 + (1 - b3_t) * g
+        new = [m1, nu, m2]
+        decay = 1 - lr * wd
+        c1, c2 = 1 - b1**t, torch.sqrt(1 - b2**t)
+        u = (m1 / c1 + alpha_t * m2) / (torch.sqrt(nu) / c2 + eps)
+    else:
+        raise ValueError(f"qop: unknown rule {rule}")
+    return new, u, lr_eff, decay
+
+
+def unorm_scale(u: Tensor, p: Tensor, max_unorm: Tensor) -> Tensor:
+    """Update-norm clip: ``max_unorm * ||p|| / ||u||`` when ``||u||`` exceeds ``max_unorm * ||p||``."""
+    unorm = torch.linalg.vector_norm(u)
+    limit = max_unorm * torch.linalg.vector_norm(p)
+    clip = (max_unorm > 0) & (unorm > limit)
+    return torch.where(clip, limit / torch.where(clip, unorm, torch.ones_like(unorm)), 1.0)
+
+
+def _apply(
+    rule: int,
+    flags: int,
+    p: Tensor,
+    g: Tensor,
+    states: list[Tensor],
+    step: Tensor,
+    hp: Tensor,
+    gscale: Tensor | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """One parameter's step in float32: returns the new parameter and new states."""
+    pf = p.float().reshape(-1)
+    gf = g.float().reshape(-1)
+    if gscale is not None:
+        gf = gf * gscale
+    t = step.float() + 1
+    new, u, lr_eff, decay = rule_update(rule, flags, pf, gf, states, t, hp.float())
+    scale = unorm_scale(u, pf, hp[HP.MAX_UNORM]) if flags & Flag.UNORM_CLIP else 1.0
+    return pf * decay - lr_eff * scale * u, new
+
+
+def _state_count(rule: int, flags: int, n_given: int) -> int:
+    if rule == Rule.ADAM:
+        return 3 if flags & Flag.AMSGRAD else 2
+    if rule == Rule.ADEMAMIX:
+        return 3
+    if rule == Rule.MOMENTUM:
+        return n_given  # 0 when momentum == 0
+    return 1
+
+
+def step_32bit(
+    rule: int,
+    flags: int,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state1: list[Tensor],
+    state2: list[Tensor],
+    state3: list[Tensor],
+    steps: list[Tensor],
+    hp: Tensor,
+    gscale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Reference of ``qop::step_32bit``: float32 states, updated in place."""
+    lists = [state1, state2, state3]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        k = _state_count(rule, flags, 1 if state1 else 0)
+        states = [lists[j][i].reshape(-1) for j in range(k)]
+        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i))
+        keep = _keep(found_inf, p.device)
+        p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
+        for old, s in zip(states, new):
+            old.copy_(torch.where(keep, s, old))
+        steps[i].add_(keep.float())
+
+
+def step_8bit(
+    rule: int,
+    flags: int,
+    params: list[Tensor],
+    grads: list[Tensor],
+    state1: list[Tensor],
+    state2: list[Tensor],
+    state3: list[Tensor],
+    absmax1: list[Tensor],
+    absmax2: list[Tensor],
+    absmax3: list[Tensor],
+    steps: list[Tensor],
+    hp: Tensor,
+    code1: Tensor,
+    code2: Tensor,
+    code3: Tensor,
+    gscale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """Reference of ``qop::step_8bit``: blockwise 8-bit states, dequantized, stepped, requantized."""
+    codes = [code1, code2, code3]
+    qs, ams = [state1, state2, state3], [absmax1, absmax2, absmax3]
+    for i, (p, g) in enumerate(zip(params, grads)):
+        k = _state_count(rule, flags, 1 if state1 else 0)
+        states = [
+            dequantize_blockwise(qs[j][i], ams[j][i], codes[j], BLOCKSIZE, torch.float32).reshape(-1)
+            for j in range(k)
+        ]
+        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i))
+        keep = _keep(found_inf, p.device)
+        p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
+        for j, s in enumerate(new):
+            q, a = quantize_blockwise(s, codes[j], BLOCKSIZE)
+            qs[j][i].copy_(torch.where(keep, q.view_as(qs[j][i]), qs[j][i]))
+            ams[j][i].copy_(torch.where(keep, a, ams[j][i]))
+        steps[i].add_(keep.float())
+
+
+def _scale(gscale: Tensor | None, i: int) -> Tensor | None:
+    return None if gscale is None else gscale[i].float()
+
+
+def _keep(found_inf: Tensor | None, device: torch.device) -> Tensor:
+    if found_inf is None:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return found_inf.reshape(()) == 0
+
