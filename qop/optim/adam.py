@@ -1,0 +1,81 @@
+"""Adam and AdamW (decoupled weight decay in both, as in bitsandbytes), in 8/32-bit and paged forms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .._schema import HP, Flag, Rule
+from ._variants import variant
+from .optimizer import QopOptimizer
+
+
+class Adam(QopOptimizer):
+    """Adam: m, v moments; ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` with ``p *= 1 - lr * wd`` first.
+
+    ``amsgrad=True`` keeps ``vmax = max(vmax, v)`` as a third state (8-bit with the unsigned map).
+    States are 32-bit unless ``optim_bits=8`` (8-bit for tensors of at least ``min_8bit_size`` elements).
+    """
+
+    rule = Rule.ADAM
+    hp_keys = {"lr": HP.LR, "betas": (HP.BETA1, HP.BETA2), "eps": HP.EPS, "weight_decay": HP.WEIGHT_DECAY}
+    state_signed = (True, False, False)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad))
+        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+                         percentile_clipping=percentile_clipping, block_wise=block_wise, is_paged=is_paged, args=args)
+
+    def flags(self, group: dict[str, Any]) -> Flag:
+        return Flag.AMSGRAD if group["amsgrad"] else Flag.NONE
+
+    def n_states(self, group: dict[str, Any]) -> int:
+        return 3 if group["amsgrad"] else 2
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay, default ``weight_decay=1e-2``."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size,
+                         percentile_clipping, block_wise, is_paged)
+
+
+Adam8bit = variant(Adam, "Adam8bit", bits=8, doc="8-bit Adam.")
+Adam32bit = variant(Adam, "Adam32bit", bits=32, doc="32-bit Adam.")
+PagedAdam = variant(Adam, "PagedAdam", paged=True, doc="Paged Adam (states in CUDA unified memory).")
+PagedAdam8bit = variant(Adam, "PagedAdam8bit", bits=8, paged=True, doc="8-bit paged Adam.")
+PagedAdam32bit = variant(Adam, "PagedAdam32bit", bits=32, paged=True, doc="32-bit paged Adam.")
+AdamW8bit = variant(AdamW, "AdamW8bit", bits=8, doc="8-bit AdamW.")
+AdamW32bit = variant(AdamW, "AdamW32bit", bits=32, doc="32-bit AdamW.")
+PagedAdamW = variant(AdamW, "PagedAdamW", paged=True, doc="Paged AdamW.")
+PagedAdamW8bit = variant(AdamW, "PagedAdamW8bit", bits=8, paged=True, doc="8-bit paged AdamW.")
+PagedAdamW32bit = variant(AdamW, "PagedAdamW32bit", bits=32, paged=True, doc="32-bit paged AdamW.")

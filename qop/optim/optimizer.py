@@ -1,0 +1,469 @@
+"""The one optimizer engine behind every qop optimizer.
+
+A concrete optimizer is a small subclass that names its rule (``qop.Rule``), the group keys that are
+hyper-parameters read by the kernels (``hp_keys``), its flags and its argument checks.  Everything else
+lives here, once:
+
+* hyper-parameters: each group owns a float32 device vector ``hp`` (layout ``qop.HP``) and the group's
+  ``lr``, ``betas``, ``eps``... are 0-d *views* into it.  Schedulers write them in place (``fill_``), so a
+  compiled step reads them as tensors and never recompiles when they change;
+* state: created lazily at the first step, 8-bit (uint8 codes + float32 absmax per 256-block) when the
+  optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, float32 otherwise;
+  ``GlobalOptimManager`` overrides apply per parameter; ``step`` is a float32 tensor on the device;
+* one fused op call per (device, dtype, bits) bucket of a param group;
+* percentile clipping and AMP (``GradScaler`` hands ``grad_scale``/``found_inf``) stay on the device;
+* ``state_dict``/``load_state_dict`` round-trip exactly and accept bitsandbytes state dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import ops, paged
+from .._maps import dynamic_map
+from .._schema import BLOCKSIZE, HP, HP_SIZE, Flag, Rule
+from .manager import GlobalOptimManager
+
+#: Group keys that configure the engine (not the kernel): validated once, never read by kernels.
+ENGINE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
+#: bitsandbytes keeps its quantized tensors under this key of each parameter's state.
+BNB_QUANT_KEY = "__bnb_optimizer_quant_state__"
+_HISTORY = 100  # gradient norms remembered by percentile clipping
+_STATE_KEYS = ("state1", "state2", "state3")
+_ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
+
+HPSlot = HP | tuple[HP, ...]
+
+
+def _finite_number(name: str, value: Any) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"qop: {name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.detach().float().cpu().item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"qop: {name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"qop: {name} must be finite, got {value}")
+    return value
+
+
+@dataclass
+class _Bucket:
+    """Tensors of one param group that one op call updates (same device, dtype and state bits)."""
+
+    bits: int
+    device: torch.device
+    params: list[Tensor] = field(default_factory=list)
+    states: list[list[Tensor]] = field(default_factory=list)
+    absmax: list[list[Tensor]] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    codes: list[Tensor] = field(default_factory=list)
+    hp_override: dict[int, float] = field(default_factory=dict)
+    histories: list[Tensor | None] = field(default_factory=list)
+    percentiles: list[int] = field(default_factory=list)
+    paged: list[Tensor] = field(default_factory=list)
+
+
+class QopOptimizer(torch.optim.Optimizer):
+    """Base class: lazy states, device-side hyper-parameters and step, one fused op per bucket.
+
+    Subclasses set ``rule``, ``hp_keys`` (group key -> HP slot, a tuple of slots for ``betas``) and
+    ``state_signed`` (which code book each 8-bit state uses), and may override :meth:`flags`,
+    :meth:`n_states`, :meth:`initial_state` and :meth:`check_group`.
+    """
+
+    rule: ClassVar[Rule]
+    hp_keys: ClassVar[dict[str, HPSlot]] = {}
+    state_signed: ClassVar[tuple[bool, ...]] = (True, False, False)
+    # GradScaler hands grad_scale/found_inf to step() instead of unscaling with a host sync.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        optim_bits: int = 32,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        args: Any = None,
+    ) -> None:
+        if args is not None:  # bitsandbytes' legacy namespace of overrides
+            args = vars(args) if not isinstance(args, dict) else args
+            optim_bits = args.get("optim_bits", optim_bits)
+            min_8bit_size = args.get("min_8bit_size", min_8bit_size)
+            percentile_clipping = args.get("percentile_clipping", percentile_clipping)
+            is_paged = args.get("is_paged", is_paged)
+        defaults = dict(
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            is_paged=is_paged,
+        )
+        self.check_group(defaults)
+        self._plans: dict[tuple[int, tuple[bool, ...]], list[_Bucket]] = {}
+        super().__init__(params, defaults)
+        GlobalOptimManager.get_instance()._attach(self)
+
+    # ------------------------------------------------------------------ per-optimizer customisation
+    def flags(self, group: dict[str, Any]) -> Flag:
+        """Structural options of this group's rule (static: part of the compiled graph)."""
+        return Flag.NONE
+
+    def n_states(self, group: dict[str, Any]) -> int:
+        """Number of state tensors per parameter."""
+        return 2
+
+    def initial_state(self, group: dict[str, Any], index: int) -> float:
+        """Value a fresh state tensor starts at (Adagrad's ``initial_accumulator_value``)."""
+        return 0.0
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        """Validate a group's arguments; every error names the argument."""
+        for key, slot in self.hp_keys.items():
+            if key not in group:
+                continue
+            value = group[key]
+            if isinstance(slot, tuple):
+                if isinstance(value, Tensor) or not isinstance(value, (tuple, list)) or len(value) != len(slot):
+                    raise ValueError(f"qop: {key} must be a tuple of {len(slot)} numbers, got {value!r}")
+                for i, v in enumerate(value):
+                    b = _finite_number(f"{key}[{i}]", v)
+                    if not 0.0 <= b < 1.0:
+                        raise ValueError(f"qop: {key}[{i}] must be in [0, 1), got {b}")
+            else:
+                v = _finite_number(key, value)
+                if v < 0:
+                    raise ValueError(f"qop: {key} must be >= 0, got {v}")
+        bits = group.get("optim_bits", 32)
+        if bits not in (8, 32) or isinstance(bits, bool):
+            raise ValueError(f"qop: optim_bits must be 8 or 32, got {bits!r}")
+        size = group.get("min_8bit_size", 4096)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"qop: min_8bit_size must be an int >= 0, got {size!r}")
+        pc = group.get("percentile_clipping", 100)
+        if not isinstance(pc, int) or isinstance(pc, bool) or not 1 <= pc <= 100:
+            raise ValueError(f"qop: percentile_clipping must be an int in 1..100, got {pc!r}")
+
+    # ------------------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its hyper-parameters become 0-d views of the group's device vector ``hp``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"qop: params must be tensors, got {type(p).__name__}")
+            if p.is_complex() or not p.is_floating_point():
+                raise TypeError(f"qop: params must be floating point (float32, bfloat16 or float16), got {p.dtype}")
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"qop: params must be float32, bfloat16 or float16, got {p.dtype}")
+        self.check_group(group)
+        self._bind_hp(group)
+
+    def _bind_hp(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        device = params[0].device if params else torch.device("cpu")
+        hp = torch.zeros(HP_SIZE, dtype=torch.float32, device=device)
+        values = [0.0] * HP_SIZE
+        for key, slot in self.hp_keys.items():
+            if key not in group:
+                continue
+            if isinstance(slot, tuple):
+                for s, v in zip(slot, group[key]):
+                    values[s] = _finite_number(key, v)
+            else:
+                values[slot] = _finite_number(key, group[key])
+        with torch.no_grad():
+            hp.copy_(torch.tensor(values, dtype=torch.float32))
+        for key, slot in self.hp_keys.items():
+            if key in group:
+                group[key] = tuple(hp[s] for s in slot) if isinstance(slot, tuple) else hp[slot]
+        group["hp"] = hp
+
+    # ------------------------------------------------------------------------------------ state
+    def _bits(self, group: dict[str, Any], p: Tensor) -> int:
+        cfg = GlobalOptimManager.get_instance().config_for(p)
+        bits = cfg.get("optim_bits", group["optim_bits"])
+        min_size = cfg.get("min_8bit_size", group["min_8bit_size"])
+        return 8 if bits == 8 and p.numel() >= min_size else 32
+
+    def _zeros(self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, numel: int | None = None) -> Tensor:
+        shape = p.shape if numel is None else (numel,)
+        if group["is_paged"] and p.device.type == "cuda":
+            return paged.paged_zeros(shape, dtype=dtype, device=p.device)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        bits = self._bits(group, p)
+        nblocks = -(-p.numel() // BLOCKSIZE)
+        for j in range(self.n_states(group)):
+            init = self.initial_state(group, j)
+            if bits == 8:
+                q = self._zeros(group, p, torch.uint8)
+                absmax = self._zeros(group, p, torch.float32, nblocks)
+                if init:
+                    code = dynamic_map(self.state_signed[j], p.device)
+                    q.fill_(int(torch.argmin((code - 1.0).abs())))
+                    absmax.fill_(init)
+                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
+            else:
+                state[_STATE_KEYS[j]] = self._zeros(group, p, torch.float32).fill_(init)
+        if self._percentile(group, p) < 100:
+            state["gnorm_vec"] = torch.full((_HISTORY,), math.inf, dtype=torch.float32, device=p.device)
+
+    def _percentile(self, group: dict[str, Any], p: Tensor) -> int:
+        return GlobalOptimManager.get_instance().config_for(p).get("percentile_clipping", group["percentile_clipping"])
+
+    # ------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that has a gradient, one fused op call per bucket of a group."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._step_group(group, grad_scale, found_inf)
+        self._opt_called = True  # lr schedulers' "step before scheduler" bookkeeping
+        return loss
+
+    # Schedulers wrap ``opt.step`` in a tracking function that dynamo cannot trace; this marker makes them
+    # leave our step alone (it records ``_opt_called`` itself), so a compiled step has no graph break.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+    def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        flags = int(self.flags(group))
+        for b in self._plan(group):
+            grads = [p.grad for p in b.params]
+            for i, g in enumerate(grads):
+                if g.is_sparse:
+                    raise RuntimeError(f"qop: sparse gradient for a parameter of shape {tuple(g.shape)}; "
+                                       "qop optimizers need dense gradients (grads)")
+                if not g.is_contiguous():
+                    grads[i] = g.contiguous()
+            if b.paged:
+                paged.prefetch(b.paged)
+            hp = group["hp"]
+            if hp.device != b.device:
+                hp = hp.to(b.device)
+            if b.hp_override:
+                hp = _apply_override(hp, b.hp_override)
+            gscale = self._gscale(b, grads, grad_scale)
+            fi = None if found_inf is None else found_inf.to(b.device)
+            if b.bits == 8:
+                ops.step_8bit(int(self.rule), flags, b.params, grads, b.states, b.absmax, b.steps, hp, b.codes,
+                              gscale, fi)
+            else:
+                ops.step_32bit(int(self.rule), flags, b.params, grads, b.states, b.steps, hp, gscale, fi)
+
+    def _plan(self, group: dict[str, Any]) -> list[_Bucket]:
+        """The group's buckets for the current set of parameters with gradients (cached)."""
+        have = tuple(p.grad is not None for p in group["params"])
+        key = (id(group), have)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._build_plan(group)
+        return plan
+
+    def _build_plan(self, group: dict[str, Any]) -> list[_Bucket]:
+        manager = GlobalOptimManager.get_instance()
+        k = self.n_states(group)
+        buckets: dict[tuple[Any, ...], _Bucket] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if not self.state[p]:
+                self._init_state(group, p)
+            st = self.state[p]
+            bits = 8 if "absmax1" in st else 32
+            override = manager.hp_override(p, self.hp_keys)
+            # overridden hyper-parameters get a bucket of their own
+            bkey = (p.device, p.dtype, bits, id(p) if override else None)
+            b = buckets.get(bkey)
+            if b is None:
+                codes = [dynamic_map(self.state_signed[j], p.device) for j in range(3)] if bits == 8 else []
+                b = buckets[bkey] = _Bucket(bits, p.device, codes=codes, hp_override=override,
+                                            states=[[] for _ in range(k)], absmax=[[] for _ in range(k)] if bits == 8 else [])
+            b.params.append(p)
+            b.steps.append(st["step"])
+            for j in range(k):
+                b.states[j].append(st[_STATE_KEYS[j]])
+                if bits == 8:
+                    b.absmax[j].append(st[_ABSMAX_KEYS[j]])
+            b.histories.append(st.get("gnorm_vec"))
+            b.percentiles.append(self._percentile(group, p))
+            if group["is_paged"] and p.device.type == "cuda":
+                b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
+        return list(buckets.values())
+
+    def _gscale(self, b: _Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
+        """Per-tensor gradient multipliers: percentile clipping and the inverse AMP scale, on the device."""
+        if grad_scale is None and all(k >= 100 for k in b.percentiles):
+            return None
+        inv = torch.ones((), dtype=torch.float32, device=b.device)
+        if grad_scale is not None:
+            inv = inv / grad_scale.to(b.device)
+        scales = []
+        for g, history, step, k in zip(grads, b.histories, b.steps, b.percentiles):
+            scales.append(inv * _percentile_scale(g, history, step, k, inv) if k < 100 else inv)
+        return torch.stack(scales)
+
+    # ------------------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """Like torch.optim's, with hyper-parameters as plain numbers and the ``hp`` vector left out."""
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g.pop("hp", None)
+            for key, slot in self.hp_keys.items():
+                if key in g:
+                    v = g[key]
+                    g[key] = tuple(float(x) for x in v) if isinstance(slot, tuple) else float(v)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load our own state dict or a bitsandbytes one (quantized tensors under ``BNB_QUANT_KEY``).
+
+        Everything is validated before anything changes; states keep their dtype (float32 or uint8 codes).
+        """
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("qop: state_dict must have 'state' and 'param_groups' entries")
+        state_dict = _from_bnb(state_dict)
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"qop: state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}")
+        id_map: dict[Any, Tensor] = {}
+        for ours, theirs in zip(self.param_groups, groups):
+            if len(ours["params"]) != len(theirs["params"]):
+                raise ValueError("qop: state_dict's param groups do not match the optimizer's sizes")
+            self.check_group({k: v for k, v in theirs.items() if k not in ("params", "hp")})
+            id_map.update(zip(theirs["params"], ours["params"]))
+        self._check_loaded_state(state_dict["state"], id_map)
+        new_state: dict[Tensor, dict[str, Any]] = {}
+        for key, st in state_dict["state"].items():
+            p = id_map[key]
+            new_state[p] = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items()}
+            self._restore_state(p, new_state[p])
+            self._convert_codes(p, new_state[p])
+        for ours, theirs in zip(self.param_groups, groups):
+            hp = ours["hp"]
+            for key, value in theirs.items():
+                if key in ("params", "hp"):
+                    continue
+                slot = self.hp_keys.get(key)
+                if slot is None:
+                    ours[key] = value
+                    continue
+                with torch.no_grad():
+                    for s, v in zip(slot, value) if isinstance(slot, tuple) else [(slot, value)]:
+                        hp[s].fill_(_finite_number(key, v))
+        self.state.clear()
+        self.state.update(new_state)
+        self._plans.clear()
+
+    def _convert_codes(self, p: Tensor, st: dict[str, Any]) -> None:
+        """Requantize loaded 8-bit states whose code book (bitsandbytes' ``qmapN``) differs from ours."""
+        for j, name in enumerate(_STATE_KEYS):
+            theirs = st.pop(f"_qmap{j + 1}", None)
+            if theirs is None or name not in st or st[name].dtype != torch.uint8:
+                continue
+            ours = dynamic_map(self.state_signed[j], p.device)
+            theirs = theirs.to(p.device, torch.float32)
+            if torch.equal(theirs, ours):
+                continue
+            values = ops.dequantize_blockwise(st[name], st[_ABSMAX_KEYS[j]], theirs, BLOCKSIZE, torch.float32)
+            st[name], st[_ABSMAX_KEYS[j]] = ops.quantize_blockwise(values, ours, BLOCKSIZE)
+
+    def _check_loaded_state(self, state: dict[Any, Any], id_map: dict[Any, Tensor]) -> None:
+        for key, st in state.items():
+            if key not in id_map:
+                raise ValueError(f"qop: state_dict's state has an unknown parameter id {key!r}")
+            p = id_map[key]
+            if not isinstance(st, dict) or "step" not in st:
+                raise ValueError(f"qop: state_dict['state'][{key!r}] must be a dict with a 'step'")
+            step = st["step"]
+            if isinstance(step, Tensor) and step.numel() != 1 or not isinstance(step, (Tensor, int, float)):
+                raise ValueError(f"qop: state_dict['state'][{key!r}]['step'] must be a number")
+            for j, name in enumerate(_STATE_KEYS):
+                if name not in st:
+                    continue
+                t = st[name]
+                if not isinstance(t, Tensor) or t.numel() != p.numel():
+                    raise ValueError(f"qop: state_dict['state'][{key!r}]['{name}'] must have {p.numel()} elements")
+                if t.dtype == torch.uint8:
+                    am = st.get(_ABSMAX_KEYS[j])
+                    nb = -(-p.numel() // BLOCKSIZE)
+                    if not isinstance(am, Tensor) or am.numel() != nb or not am.is_floating_point():
+                        raise ValueError(
+                            f"qop: state_dict['state'][{key!r}]['{_ABSMAX_KEYS[j]}'] must be {nb} floats"
+                        )
+                elif t.dtype != torch.float32:
+                    raise ValueError(f"qop: state_dict['state'][{key!r}]['{name}'] must be float32 or uint8")
+
+    @staticmethod
+    def _restore_state(p: Tensor, st: dict[str, Any]) -> None:
+        """Put loaded state on the parameter's device in our layout (torch.optim casts floats to p.dtype)."""
+        st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).reshape(())
+        for j, name in enumerate(_STATE_KEYS):
+            if name in st:
+                t = st[name]
+                dtype = torch.uint8 if t.dtype == torch.uint8 else torch.float32
+                st[name] = t.to(device=p.device, dtype=dtype).reshape(p.shape).contiguous()
+                if dtype == torch.uint8:
+                    st[_ABSMAX_KEYS[j]] = st[_ABSMAX_KEYS[j]].to(p.device, torch.float32).reshape(-1).contiguous()
+        if "gnorm_vec" in st:
+            st["gnorm_vec"] = st["gnorm_vec"].to(p.device, torch.float32)
+
+
+def _apply_override(hp: Tensor, override: dict[int, float]) -> Tensor:
+    if not override:
+        return hp
+    slots = torch.tensor(list(override), dtype=torch.long, device=hp.device)
+    values = torch.tensor(list(override.values()), dtype=torch.float32, device=hp.device)
+    return hp.index_put((slots,), values)
+
+
+def _percentile_scale(grad: Tensor, history: Tensor, step: Tensor, k: int, pre: Tensor) -> Tensor:
+    """Percentile clipping on the device: record ||g||, return min(1, q / ||g||), q the k-th percentile.
+
+    The history holds the last 100 norms (unfilled slots are +inf); the percentile is taken over the
+    filled ones, so early steps are not clipped to zero.
+    """
+    gnorm = torch.linalg.vector_norm(grad.float()) * pre
+    t = step + 1
+    slot = torch.remainder(t, _HISTORY).long().reshape(1)
+    history.index_copy_(0, slot, gnorm.reshape(1))
+    filled = torch.clamp(t, max=_HISTORY)
+    idx = torch.clamp(torch.floor(filled * k / 100.0), max=filled - 1).long().reshape(1)
+    q = torch.sort(history).values.gather(0, idx).reshape(())
+    return torch.where(gnorm > q, q / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)), 1.0)
+
+
+def _from_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Flatten bitsandbytes' per-parameter ``__bnb_optimizer_quant_state__`` into our state layout."""
+    state = {}
+    for key, st in state_dict["state"].items():
+        st = dict(st)
+        nested = st.pop(BNB_QUANT_KEY, None)
+        if nested is not None:
+            st.update(nested)
+        for j in (1, 2, 3):
+            if f"qmap{j}" in st:
+                st[f"_qmap{j}"] = st.pop(f"qmap{j}")
+        st.pop("unorm_vec", None)
+        state[key] = st
+    return {"state": state, "param_groups": state_dict["param_groups"]}
