@@ -113,6 +113,7 @@ class QopOptimizer(torch.optim.Optimizer):
         )
         self.check_group(defaults)
         self._plans: dict[tuple[int, tuple[bool, ...]], list[_Bucket]] = {}
+        self._codes: dict[torch.device, list[Tensor]] = {}
         super().__init__(params, defaults)
         GlobalOptimManager.get_instance()._attach(self)
 
@@ -190,6 +191,10 @@ class QopOptimizer(torch.optim.Optimizer):
             if key in group:
                 group[key] = tuple(hp[s] for s in slot) if isinstance(slot, tuple) else hp[slot]
         group["hp"] = hp
+        # code books per device, made here (eagerly) so that a traced first step only looks them up
+        for p in params:
+            if p.device not in self._codes:
+                self._codes[p.device] = [dynamic_map(signed, p.device) for signed in self.state_signed]
 
     # ------------------------------------------------------------------------------------ state
     def _bits(self, group: dict[str, Any], p: Tensor) -> int:
@@ -214,9 +219,8 @@ class QopOptimizer(torch.optim.Optimizer):
             if bits == 8:
                 q = self._zeros(group, p, torch.uint8)
                 absmax = self._zeros(group, p, torch.float32, nblocks)
-                if init:
-                    code = dynamic_map(self.state_signed[j], p.device)
-                    q.fill_(int(torch.argmin((code - 1.0).abs())))
+                if init:  # every element equals absmax: code 1.0, the last entry of both maps
+                    q.fill_(255)
                     absmax.fill_(init)
                 state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
             else:
@@ -296,7 +300,7 @@ class QopOptimizer(torch.optim.Optimizer):
             bkey = (p.device, p.dtype, bits, id(p) if override else None)
             b = buckets.get(bkey)
             if b is None:
-                codes = [dynamic_map(self.state_signed[j], p.device) for j in range(3)] if bits == 8 else []
+                codes = self._codes[p.device] if bits == 8 else []
                 b = buckets[bkey] = _Bucket(bits, p.device, codes=codes, hp_override=override,
                                             states=[[] for _ in range(k)], absmax=[[] for _ in range(k)] if bits == 8 else [])
             b.params.append(p)
