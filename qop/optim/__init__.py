@@ -1,5 +1,6 @@
 """qop optimizers: the bitsandbytes family, on one engine (:class:`QopOptimizer`)."""
 
+from .adagrad import Adagrad, Adagrad8bit, Adagrad32bit
 from .adam import (
     Adam,
     Adam8bit,
@@ -14,10 +15,24 @@ from .adam import (
     PagedAdamW8bit,
     PagedAdamW32bit,
 )
+from .ademamix import AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit
+from .lamb import LAMB, LAMB8bit, LAMB32bit
+from .lion import Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit
 from .manager import GlobalOptimManager
 from .optimizer import QopOptimizer
+from .rmsprop import RMSprop, RMSprop8bit, RMSprop32bit
+from .sgd import LARS, SGD, LARS8bit, LARS32bit, SGD8bit, SGD32bit
 
 __all__ = [
+    "LAMB",
+    "LARS",
+    "SGD",
+    "AdEMAMix",
+    "AdEMAMix8bit",
+    "AdEMAMix32bit",
+    "Adagrad",
+    "Adagrad8bit",
+    "Adagrad32bit",
     "Adam",
     "Adam8bit",
     "Adam32bit",
@@ -25,11 +40,29 @@ __all__ = [
     "AdamW8bit",
     "AdamW32bit",
     "GlobalOptimManager",
+    "LAMB8bit",
+    "LAMB32bit",
+    "LARS8bit",
+    "LARS32bit",
+    "Lion",
+    "Lion8bit",
+    "Lion32bit",
+    "PagedAdEMAMix",
+    "PagedAdEMAMix8bit",
+    "PagedAdEMAMix32bit",
     "PagedAdam",
     "PagedAdam8bit",
     "PagedAdam32bit",
     "PagedAdamW",
     "PagedAdamW8bit",
     "PagedAdamW32bit",
+    "PagedLion",
+    "PagedLion8bit",
+    "PagedLion32bit",
     "QopOptimizer",
+    "RMSprop",
+    "RMSprop8bit",
+    "RMSprop32bit",
+    "SGD8bit",
+    "SGD32bit",
 ]

@@ -3,15 +3,36 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 
-def variant(base: type, name: str, *, bits: int | None = None, paged: bool = False, doc: str = "") -> type:
-    """A subclass of ``base`` with the same signature that forces ``optim_bits`` and/or ``is_paged``.
+def variant(
+    base: type,
+    name: str,
+    *,
+    bits: int | None = None,
+    paged: bool = False,
+    doc: str = "",
+    drop: Iterable[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> type:
+    """A subclass of ``base`` that forces ``optim_bits`` and/or ``is_paged``.
 
-    Like bitsandbytes, a fixed-bits class accepts (and validates) ``optim_bits`` but uses its own.
+    Its signature is the base's, less the arguments named in ``drop`` (bitsandbytes' ``*8bit`` classes of
+    most optimizers have no ``optim_bits``, its ``Paged*`` classes of Lion and AdEMAMix no ``is_paged``) and
+    with the defaults in ``defaults`` replaced. Like bitsandbytes, a fixed-bits class that keeps
+    ``optim_bits`` in its signature accepts (and validates) it but uses its own.
     """
-    sig = inspect.signature(base.__init__)
+    base_sig = inspect.signature(base.__init__)
+    dropped = set(drop)
+    unknown = dropped.union(defaults or {}) - set(base_sig.parameters)
+    if unknown:
+        raise TypeError(f"qop: {base.__name__} has no argument(s) {sorted(unknown)}")
+    sig = base_sig.replace(parameters=[
+        p.replace(default=(defaults or {}).get(n, p.default))
+        for n, p in base_sig.parameters.items() if n not in dropped
+    ])
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         bound = sig.bind(self, *args, **kwargs)
@@ -34,3 +55,4 @@ def variant(base: type, name: str, *, bits: int | None = None, paged: bool = Fal
     cls = type(name, (base,), {"__init__": __init__, "__doc__": doc or f"{name}: {base.__doc__}",
                                "__module__": base.__module__})
     return cls
+

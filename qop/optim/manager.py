@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 #: Override keys that select how state is kept; all others must be hyper-parameters of the optimizer.
 STRUCTURAL_KEYS = frozenset({"optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged"})
@@ -35,7 +36,8 @@ class GlobalOptimManager:
 
     def initialize(self) -> None:
         """Forget every registration and override."""
-        self._config: weakref.WeakKeyDictionary[Tensor, dict[str, Any]] = weakref.WeakKeyDictionary()
+        # Keyed by identity: a WeakKeyDictionary compares colliding keys with ``==``, elementwise for tensors.
+        self._config: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._module_overrides: list[tuple[weakref.ref[torch.nn.Module], str, dict[str, Any]]] = []
 
     def register_parameters(self, params: Iterable[Tensor] | Iterable[dict[str, Any]]) -> None:

@@ -12,12 +12,20 @@ lives here, once:
   ``GlobalOptimManager`` overrides apply per parameter; ``step`` is a float32 tensor on the device;
 * one fused op call per (device, dtype, bits) bucket of a param group;
 * percentile clipping and AMP (``GradScaler`` hands ``grad_scale``/``found_inf``) stay on the device;
-* ``state_dict``/``load_state_dict`` round-trip exactly and accept bitsandbytes state dicts.
+* ``state_dict``/``load_state_dict`` round-trip exactly and accept bitsandbytes state dicts;
+* ``torch.compile``: a step traces as one graph with no graph break.  States and buckets are made by
+  :func:`_prepare`, which dynamo runs eagerly while tracing (``assume_constant_result``), so even the first
+  compiled step reads them as (static-address) inputs instead of creating them in the graph; nothing in a
+  step mutates an attribute of the optimizer (dynamo drops or refuses such writes), and hyper-parameters
+  that were *assigned* to a group rather than filled in place are copied into ``hp`` at the next step.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import sys
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,6 +43,9 @@ ENGINE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise
 #: bitsandbytes keeps its quantized tensors under this key of each parameter's state.
 BNB_QUANT_KEY = "__bnb_optimizer_quant_state__"
 _HISTORY = 100  # gradient norms remembered by percentile clipping
+#: OneCycleLR/CyclicLR keep their momentum bounds in each group; as device tensors they make OneCycleLR's
+#: annealed momentum a tensor, which the next step copies into ``hp`` with no recompile (see ``_sync_hp``).
+_MOMENTUM_BOUNDS = ("max_momentum", "base_momentum")
 _STATE_KEYS = ("state1", "state2", "state3")
 _ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
 
@@ -65,10 +76,23 @@ class _Bucket:
     absmax: list[list[Tensor]] = field(default_factory=list)
     steps: list[Tensor] = field(default_factory=list)
     codes: list[Tensor] = field(default_factory=list)
-    hp_override: dict[int, float] = field(default_factory=dict)
+    index: list[int] = field(default_factory=list)  # positions of ``params`` in the group's params
+    hp_slots: Tensor | None = None  # GlobalOptimManager overrides: hp slots and values, on the device
+    hp_values: Tensor | None = None
     histories: list[Tensor | None] = field(default_factory=list)
     percentiles: list[int] = field(default_factory=list)
     paged: list[Tensor] = field(default_factory=list)
+
+    def tensors(self) -> Iterable[Tensor]:
+        yield from itertools.chain(self.params, *self.states, *self.absmax, self.steps, self.codes,
+                                   (t for t in self.histories if t is not None))
+        if self.hp_slots is not None and self.hp_values is not None:
+            yield from (self.hp_slots, self.hp_values)
+
+
+#: Live optimizers by token: :func:`_prepare` takes the token, a constant that dynamo can pass to it.
+_LIVE: weakref.WeakValueDictionary[int, QopOptimizer] = weakref.WeakValueDictionary()
+_TOKENS = itertools.count()
 
 
 class QopOptimizer(torch.optim.Optimizer):
@@ -112,10 +136,34 @@ class QopOptimizer(torch.optim.Optimizer):
             is_paged=is_paged,
         )
         self.check_group(defaults)
-        self._plans: dict[tuple[int, tuple[bool, ...]], list[_Bucket]] = {}
-        self._codes: dict[torch.device, list[Tensor]] = {}
+        self._init_runtime()
         super().__init__(params, defaults)
         GlobalOptimManager.get_instance()._attach(self)
+
+    def _init_runtime(self) -> None:
+        """Caches that are not part of the optimizer's state (rebuilt after unpickling)."""
+        self._plans: dict[tuple[int, tuple[bool, ...]], list[_Bucket]] = {}
+        self._codes: dict[torch.device, list[Tensor]] = {}
+        self._hp_views: list[dict[str, Any]] = []  # per group: the views of ``hp`` that its keys hold
+        self._called = [False]  # a list, not an attribute, so that a compiled step can set it
+        self._token = next(_TOKENS)
+        _LIVE[self._token] = self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_runtime()
+        for group in self.param_groups:
+            self._bind_views(group, {k: group[k] for k in self.hp_keys if k in group})
+            self._add_codes(group["params"])
+
+    @property
+    def _opt_called(self) -> bool:
+        """Read by lr schedulers to check that ``step()`` ran before ``scheduler.step()``."""
+        return self._called[0]
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._called[0] = bool(value)
 
     # ------------------------------------------------------------------ per-optimizer customisation
     def flags(self, group: dict[str, Any]) -> Flag:
@@ -137,16 +185,11 @@ class QopOptimizer(torch.optim.Optimizer):
                 continue
             value = group[key]
             if isinstance(slot, tuple):
-                if isinstance(value, Tensor) or not isinstance(value, (tuple, list)) or len(value) != len(slot):
-                    raise ValueError(f"qop: {key} must be a tuple of {len(slot)} numbers, got {value!r}")
+                _check_tuple(key, value, len(slot))
                 for i, v in enumerate(value):
-                    b = _finite_number(f"{key}[{i}]", v)
-                    if not 0.0 <= b < 1.0:
-                        raise ValueError(f"qop: {key}[{i}] must be in [0, 1), got {b}")
+                    _check_hp(f"{key}[{i}]", _finite_number(f"{key}[{i}]", v), unit=True)
             else:
-                v = _finite_number(key, value)
-                if v < 0:
-                    raise ValueError(f"qop: {key} must be >= 0, got {v}")
+                _check_hp(key, _finite_number(key, value), unit=False)
         bits = group.get("optim_bits", 32)
         if bits not in (8, 32) or isinstance(bits, bool):
             raise ValueError(f"qop: optim_bits must be 8 or 32, got {bits!r}")
@@ -175,7 +218,6 @@ class QopOptimizer(torch.optim.Optimizer):
     def _bind_hp(self, group: dict[str, Any]) -> None:
         params = group["params"]
         device = params[0].device if params else torch.device("cpu")
-        hp = torch.zeros(HP_SIZE, dtype=torch.float32, device=device)
         values = [0.0] * HP_SIZE
         for key, slot in self.hp_keys.items():
             if key not in group:
@@ -185,12 +227,24 @@ class QopOptimizer(torch.optim.Optimizer):
                     values[s] = _finite_number(key, v)
             else:
                 values[slot] = _finite_number(key, group[key])
-        with torch.no_grad():
-            hp.copy_(torch.tensor(values, dtype=torch.float32))
+        group["hp"] = torch.tensor(values, dtype=torch.float32).to(device)
+        self._bind_views(group)
+        self._add_codes(params)
+
+    def _bind_views(self, group: dict[str, Any], values: dict[str, Any] | None = None) -> None:
+        """Make each hyper-parameter key of the group a 0-d view of ``group["hp"]`` (after copying ``values``)."""
+        hp = group["hp"]
+        views: dict[str, Any] = {}
         for key, slot in self.hp_keys.items():
-            if key in group:
-                group[key] = tuple(hp[s] for s in slot) if isinstance(slot, tuple) else hp[slot]
-        group["hp"] = hp
+            if key not in group:
+                continue
+            views[key] = tuple(hp[s] for s in slot) if isinstance(slot, tuple) else hp[slot]
+            if values is not None and key in values:
+                _store_hp(hp, key, slot, values[key], views[key])
+            group[key] = views[key]
+        self._hp_views.append(views)
+
+    def _add_codes(self, params: Iterable[Tensor]) -> None:
         # code books per device, made here (eagerly) so that a traced first step only looks them up
         for p in params:
             if p.device not in self._codes:
@@ -241,19 +295,52 @@ class QopOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            self._step_group(group, grad_scale, found_inf)
-        self._opt_called = True  # lr schedulers' "step before scheduler" bookkeeping
+        haves = tuple(tuple(p.grad is not None for p in group["params"]) for group in self.param_groups)
+        _prepare(self._token, haves)
+        for index, (group, have) in enumerate(zip(self.param_groups, haves)):
+            self._sync_hp(index, group)
+            self._step_group(group, self._plans[(index, have)], grad_scale, found_inf)
+        self._called[0] = True  # ``_opt_called``, read by lr schedulers
         return loss
 
     # Schedulers wrap ``opt.step`` in a tracking function that dynamo cannot trace; this marker makes them
     # leave our step alone (it records ``_opt_called`` itself), so a compiled step has no graph break.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
-    def _step_group(self, group: dict[str, Any], grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _sync_hp(self, index: int, group: dict[str, Any]) -> None:
+        """Copy hyper-parameters that were *assigned* to the group into ``hp`` in place; put the views back.
+
+        Schedulers fill ``group["lr"]`` in place, but OneCycleLR/CyclicLR assign ``group["betas"] = (m, ...)``
+        and users may write ``group["weight_decay"] = 0.1``.  A key still holding its view costs an identity
+        test (a guard when compiled).  An assigned tensor is copied on the device (no recompile when compiled);
+        an assigned Python number becomes a constant of the compiled graph, so changing it recompiles (dynamo
+        then makes it a graph input).  OneCycleLR's momentum bounds are turned into tensors on ``hp``'s
+        device so that the momentum it assigns at every step is a tensor.
+        """
+        hp = group["hp"]
+        for key, view in self._hp_views[index].items():
+            value = group[key]
+            if isinstance(view, tuple):
+                if isinstance(value, tuple) and len(value) == len(view) and all(
+                    v is w for v, w in zip(value, view)
+                ):
+                    continue
+            elif value is view:
+                continue
+            _store_hp(hp, key, self.hp_keys[key], value, view)
+            group[key] = view
+        for key in _MOMENTUM_BOUNDS:
+            value = group.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                group[key] = torch.full((), value, dtype=torch.float32, device=hp.device)
+
+    def _step_group(
+        self, group: dict[str, Any], plan: list[_Bucket], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
         flags = int(self.flags(group))
-        for b in self._plan(group):
-            grads = [p.grad for p in b.params]
+        params = group["params"]
+        for b in plan:
+            grads = [params[i].grad for i in b.index]
             for i, g in enumerate(grads):
                 if g.is_sparse:
                     raise RuntimeError(f"qop: sparse gradient for a parameter of shape {tuple(g.shape)}; "
@@ -265,8 +352,8 @@ class QopOptimizer(torch.optim.Optimizer):
             hp = group["hp"]
             if hp.device != b.device:
                 hp = hp.to(b.device)
-            if b.hp_override:
-                hp = _apply_override(hp, b.hp_override)
+            if b.hp_slots is not None:  # per-parameter overrides (GlobalOptimManager)
+                hp = hp.index_put((b.hp_slots,), b.hp_values)
             gscale = self._gscale(b, grads, grad_scale)
             fi = None if found_inf is None else found_inf.to(b.device)
             if b.bits == 8:
@@ -275,21 +362,20 @@ class QopOptimizer(torch.optim.Optimizer):
             else:
                 ops.step_32bit(int(self.rule), flags, b.params, grads, b.states, b.steps, hp, gscale, fi)
 
-    def _plan(self, group: dict[str, Any]) -> list[_Bucket]:
-        """The group's buckets for the current set of parameters with gradients (cached)."""
-        have = tuple(p.grad is not None for p in group["params"])
-        key = (id(group), have)
+    def _plan(self, index: int, have: tuple[bool, ...]) -> list[_Bucket]:
+        """Group ``index``'s buckets for the parameters flagged in ``have`` (cached; creates missing states)."""
+        key = (index, have)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._build_plan(group)
+            plan = self._plans[key] = self._build_plan(self.param_groups[index], have)
         return plan
 
-    def _build_plan(self, group: dict[str, Any]) -> list[_Bucket]:
+    def _build_plan(self, group: dict[str, Any], have: tuple[bool, ...]) -> list[_Bucket]:
         manager = GlobalOptimManager.get_instance()
         k = self.n_states(group)
         buckets: dict[tuple[Any, ...], _Bucket] = {}
-        for p in group["params"]:
-            if p.grad is None:
+        for index, (p, has_grad) in enumerate(zip(group["params"], have)):
+            if not has_grad:
                 continue
             if not self.state[p]:
                 self._init_state(group, p)
@@ -301,9 +387,13 @@ class QopOptimizer(torch.optim.Optimizer):
             b = buckets.get(bkey)
             if b is None:
                 codes = self._codes[p.device] if bits == 8 else []
-                b = buckets[bkey] = _Bucket(bits, p.device, codes=codes, hp_override=override,
-                                            states=[[] for _ in range(k)], absmax=[[] for _ in range(k)] if bits == 8 else [])
+                b = buckets[bkey] = _Bucket(bits, p.device, codes=codes, states=[[] for _ in range(k)],
+                                            absmax=[[] for _ in range(k)] if bits == 8 else [])
+                if override:
+                    b.hp_slots = torch.tensor(list(override), dtype=torch.long).to(p.device)
+                    b.hp_values = torch.tensor(list(override.values()), dtype=torch.float32).to(p.device)
             b.params.append(p)
+            b.index.append(index)
             b.steps.append(st["step"])
             for j in range(k):
                 b.states[j].append(st[_STATE_KEYS[j]])
@@ -313,7 +403,9 @@ class QopOptimizer(torch.optim.Optimizer):
             b.percentiles.append(self._percentile(group, p))
             if group["is_paged"] and p.device.type == "cuda":
                 b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
-        return list(buckets.values())
+        plan = list(buckets.values())
+        _mark_static(itertools.chain([group["hp"]], *(b.tensors() for b in plan)))
+        return plan
 
     def _gscale(self, b: _Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
         """Per-tensor gradient multipliers: percentile clipping and the inverse AMP scale, on the device."""
@@ -337,6 +429,9 @@ class QopOptimizer(torch.optim.Optimizer):
                 if key in g:
                     v = g[key]
                     g[key] = tuple(float(x) for x in v) if isinstance(slot, tuple) else float(v)
+            for key in _MOMENTUM_BOUNDS:
+                if isinstance(g.get(key), Tensor):
+                    g[key] = float(g[key])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -349,7 +444,9 @@ class QopOptimizer(torch.optim.Optimizer):
         state_dict = _from_bnb(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
-            raise ValueError(f"qop: state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}")
+            raise ValueError(
+                f"qop: state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}"
+            )
         id_map: dict[Any, Tensor] = {}
         for ours, theirs in zip(self.param_groups, groups):
             if len(ours["params"]) != len(theirs["params"]):
@@ -363,18 +460,20 @@ class QopOptimizer(torch.optim.Optimizer):
             new_state[p] = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items()}
             self._restore_state(p, new_state[p])
             self._convert_codes(p, new_state[p])
-        for ours, theirs in zip(self.param_groups, groups):
+        for index, (ours, theirs) in enumerate(zip(self.param_groups, groups)):
             hp = ours["hp"]
+            views = self._hp_views[index]
             for key, value in theirs.items():
                 if key in ("params", "hp"):
                     continue
                 slot = self.hp_keys.get(key)
-                if slot is None:
+                if slot is None or key not in views:
                     ours[key] = value
                     continue
                 with torch.no_grad():
                     for s, v in zip(slot, value) if isinstance(slot, tuple) else [(slot, value)]:
                         hp[s].fill_(_finite_number(key, v))
+                ours[key] = views[key]
         self.state.clear()
         self.state.update(new_state)
         self._plans.clear()
@@ -400,7 +499,7 @@ class QopOptimizer(torch.optim.Optimizer):
             if not isinstance(st, dict) or "step" not in st:
                 raise ValueError(f"qop: state_dict['state'][{key!r}] must be a dict with a 'step'")
             step = st["step"]
-            if isinstance(step, Tensor) and step.numel() != 1 or not isinstance(step, (Tensor, int, float)):
+            if (isinstance(step, Tensor) and step.numel() != 1) or not isinstance(step, (Tensor, int, float)):
                 raise ValueError(f"qop: state_dict['state'][{key!r}]['step'] must be a number")
             for j, name in enumerate(_STATE_KEYS):
                 if name not in st:
@@ -433,12 +532,66 @@ class QopOptimizer(torch.optim.Optimizer):
             st["gnorm_vec"] = st["gnorm_vec"].to(p.device, torch.float32)
 
 
-def _apply_override(hp: Tensor, override: dict[int, float]) -> Tensor:
-    if not override:
-        return hp
-    slots = torch.tensor(list(override), dtype=torch.long, device=hp.device)
-    values = torch.tensor(list(override.values()), dtype=torch.float32, device=hp.device)
-    return hp.index_put((slots,), values)
+def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
+    """Create the missing states and buckets of the optimizer ``token`` for the parameters flagged in ``haves``.
+
+    Under ``torch.compile`` dynamo runs this eagerly while tracing and records only its (constant) result, as
+    it does for ``torch.optim``'s ``_init_group``: even the first compiled step then reads its states as
+    inputs (so there is no recompile after it), and a compiled train step may pass ``haves`` computed from
+    gradients that its traced backward is about to produce.
+    """
+    opt = _LIVE[token]
+    for index, have in enumerate(haves):
+        opt._plan(index, have)
+    return 0
+
+
+_prepare._dynamo_marked_constant = True  # type: ignore[attr-defined]  # = @torch._dynamo.assume_constant_result
+
+
+def _mark_static(tensors: Iterable[Tensor]) -> None:
+    """Mark optimizer tensors as static inputs, so that CUDA graphs (``mode="reduce-overhead"``) use them in
+    place instead of copying them, and allow the step to mutate them.  A no-op until dynamo is imported, and
+    :func:`_prepare` runs again under tracing (plans are rebuilt by it when missing)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is None:
+        return
+    for t in tensors:
+        if getattr(t, "_dynamo_static_input_type", None) is None:
+            dynamo.mark_static_address(t, guard=True)
+
+
+def _check_tuple(key: str, value: Any, n: int) -> None:
+    if isinstance(value, Tensor) or not isinstance(value, (tuple, list)) or len(value) != n:
+        raise ValueError(f"qop: {key} must be a tuple of {n} numbers, got {value!r}")
+
+
+def _check_hp(name: str, value: float, unit: bool) -> None:
+    if unit and not 0.0 <= value < 1.0:
+        raise ValueError(f"qop: {name} must be in [0, 1), got {value}")
+    if not unit and value < 0:
+        raise ValueError(f"qop: {name} must be >= 0, got {value}")
+
+
+def _store_hp(hp: Tensor, key: str, slot: HPSlot, value: Any, view: Any) -> None:
+    """Write an assigned hyper-parameter (a number, a one-element tensor, or a tuple of them) into ``hp``."""
+    if isinstance(slot, tuple):
+        _check_tuple(key, value, len(slot))
+        items = [(f"{key}[{i}]", s, v, w) for i, (s, v, w) in enumerate(zip(slot, value, view))]
+    else:
+        items = [(key, slot, value, view)]
+    for name, s, v, w in items:
+        if v is w:
+            continue
+        if isinstance(v, Tensor):
+            if v.numel() != 1:
+                raise ValueError(f"qop: {name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
+            # fill_ reads a 0-d CPU value on the host and a device one on the device: no sync either way
+            hp[s].fill_(v.detach().reshape(()))
+            continue
+        if not torch.compiler.is_compiling():
+            _check_hp(name, _finite_number(name, v), unit=isinstance(slot, tuple))
+        hp[s].fill_(v)
 
 
 def _percentile_scale(grad: Tensor, history: Tensor, step: Tensor, k: int, pre: Tensor) -> Tensor:

@@ -1,1 +1,177 @@
-"""Triton GPU kernels (see kernels)."""
+"""Triton kernels of every ``qop`` op on CUDA, registered on import (``qop._register`` imports this
+package only when CUDA is available).
+
+Kernels: ``_quant.py`` (blockwise quantize / dequantize), ``_step.py`` (the fused step: every rule, 32-
+and 8-bit states, the two passes of Flag.UNORM_CLIP), ``_multi_tensor.py`` (device metadata of
+multi-tensor launches), ``_common.py`` (code-book search, exact float helpers, launch).
+
+Design
+======
+
+One schema, two registrations
+-----------------------------
+The ops are defined once, in ``qop/_schema.py``.  ``torch.library.triton_op`` would define the op a
+second time, so we do by hand what it does for an op it owns (torch/_library/triton.py):
+
+* the eager kernel is registered for the ``CUDA`` dispatch key (``Library.impl``); it calls the
+  Triton kernels directly, without the ``wrap_triton`` higher-order-op machinery;
+* a ``torch_dispatch`` rule for ``FunctionalTensorMode`` is attached to the existing op with
+  ``torch.library.register_torch_dispatch``.  AOTAutograd (torch.compile, opcheck's
+  ``test_aot_dispatch_*``) runs under that mode, so the rule decomposes the op there into
+  ``wrap_triton`` launches, which functionalization turns into ``triton_kernel_wrapper_functional``
+  nodes: inductor sees the user-defined kernels themselves, schedules them with the rest of the
+  graph, re-inplaces them and autotunes them with its own machinery.  As in ``triton_op``, export
+  keeps the op whole (``custom_triton_ops_decomposition_disabled``), tensor subclasses get
+  ``NotImplemented``, and non-CUDA tensors are left to the op (the rule is per op, not per device).
+  The fake kernels stay in ``meta/``.  Both hooks exist in torch 2.11 and 2.13.
+
+Multi-tensor launches and torch.compile
+---------------------------------------
+Eager calls update a whole list of tensors (mixed sizes) in ONE launch (two with UNORM_CLIP), apex
+``multi_tensor_apply`` style: a device table of addresses and sizes, and a chunk -> (tensor, offset)
+map with chunks a multiple of the 256-element block, so no 8-bit block straddles two programs or two
+tensors (``_multi_tensor.py``).  Inside a traced body that table cannot be built (fake tensors have
+no ``data_ptr()``), and it must not be: a kernel that writes through addresses read from memory
+hides its writes from inductor's mutation analysis (which follows stores back to *arguments*, not
+through loads), so functionalization would see no mutation and drop or reorder the update.  A
+separate opaque "metadata op" therefore does not help either.  So the decomposition launches the
+same kernel once per tensor (``MULTI=False``) with every tensor it writes passed as an argument;
+one kernel source, selected by a constexpr.  Under ``mode="reduce-overhead"`` (CUDA graphs) the
+per-tensor launches cost nothing extra.  Set ``QOP_TRITON_DECOMPOSE=0`` (or
+``qop.triton.DECOMPOSE = False`` before compiling) to keep the op opaque under torch.compile
+instead: inductor then calls the eager kernel (one launch per param group) through
+``auto_functionalized``, which it re-inplaces.
+
+CUDA graphs
+-----------
+Eager launches never synchronise.  Their metadata is cached per (device, chunk, addresses, sizes),
+so the steps of a training loop, and a graph captured after a warm-up step, reuse the same device
+buffers; per-tensor chunk counters and norm sums live there too and are reset by the kernel itself
+(the last program of a tensor, found with an atomic counter, advances ``steps`` and clears them), so
+a replay needs no memset.  Hyper-parameters, steps, ``gscale`` and ``found_inf`` are read from device
+memory.  A description missed during capture is copied from pinned memory that it keeps alive and is
+reserved to that graph.  Autotuning cannot be captured: during capture the config chosen by an
+earlier eager call (or the first config) is used.  Gradients that move between steps (set_to_none)
+just miss the cache and rebuild a small table; graphs need static gradients anyway.
+
+Autotuning
+----------
+``triton.autotune`` configs (tile size ``BLOCK``, ``num_warps``) keyed on the problem size class
+(bit length of the element count of the launch) and the constexprs.  The per-tensor variant lists
+what it writes in ``restore_value`` (inductor's supported subset).  The multi-tensor variant writes
+through the table, where ``restore_value`` cannot reach, so its timing runs are *dry runs*: a flag in
+device memory, set by the autotuner's pre-hook, makes the kernel store back the values it loaded
+(same traffic, nothing changed).  Under ``TRITON_INTERPRET=1`` nothing is timed: the first config is
+launched.
+
+Numerics
+--------
+Float32 math in the reference's order; division and sqrt are IEEE round-to-nearest (``div_rn``,
+``sqrt_rn``: Triton's ``/`` and ``sqrt`` are approximate), powers and logs are evaluated in float64
+and rounded once, bfloat16 outputs are rounded to nearest-even on the bits.  Nearest code: a
+branchless 8-step binary search over the 255 midpoints of the sorted code book, loaded once per
+program (``tl.gather``; ``QOP_TRITON_GATHER=0`` uses L1-cached global loads instead), counting the
+midpoints strictly below x (ties go to the lower code), exactly as the reference's searchsorted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+from . import _quant, _step
+from ._multi_tensor import clear_cache
+
+#: Decompose the ops into their Triton kernels under torch.compile (else keep them opaque).
+DECOMPOSE = os.environ.get("QOP_TRITON_DECOMPOSE", "1") != "0"
+
+__all__ = ["DECOMPOSE", "clear_cache"]
+
+
+def _export_keeps_custom_ops() -> bool:
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # pragma: no cover - older torch: export decomposes like compile
+        return False
+    return custom_triton_ops_decomposition_disabled()
+
+
+# ------------------------------------------------------------------------------------------- eager
+def _quantize_blockwise(A, code, blocksize):
+    return _quant.quantize_blockwise(A, code, blocksize)
+
+
+def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
+    return _quant.dequantize_blockwise(A, absmax, code, blocksize, dtype)
+
+
+def _step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf):
+    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf)
+
+
+def _step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
+               code1, code2, code3, gscale, found_inf):
+    _step.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
+                    code1, code2, code3, gscale, found_inf)
+
+
+# ----------------------------------------------------------------------------- traced (decomposition)
+def _quantize_blockwise_traced(A, code, blocksize):
+    return _quant.quantize_blockwise(A, code, blocksize, traced=True)
+
+
+def _dequantize_blockwise_traced(A, absmax, code, blocksize, dtype):
+    return _quant.dequantize_blockwise(A, absmax, code, blocksize, dtype, traced=True)
+
+
+def _step_32bit_traced(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf):
+    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf,
+                     multi=False)
+
+
+def _step_8bit_traced(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
+                      code1, code2, code3, gscale, found_inf):
+    _step.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
+                    code1, code2, code3, gscale, found_inf, multi=False)
+
+
+_OPS = {
+    "quantize_blockwise": (_quantize_blockwise, _quantize_blockwise_traced, "A"),
+    "dequantize_blockwise": (_dequantize_blockwise, _dequantize_blockwise_traced, "A"),
+    "step_32bit": (_step_32bit, _step_32bit_traced, "hp"),
+    "step_8bit": (_step_8bit, _step_8bit_traced, "hp"),
+}
+
+
+def _functional_decomposition(op_name: str, traced, device_arg: str):
+    """The FunctionalTensorMode rule of one op: what triton_op registers for the ops it defines."""
+    schema = torch.ops.qop[op_name].default._schema
+    device_index = [a.name for a in schema.arguments].index(device_arg)
+
+    def rule(mode, op, types, args, kwargs):
+        anchor = kwargs[device_arg] if device_arg in kwargs else args[device_index]
+        if not DECOMPOSE or anchor.device.type != "cuda" or _export_keeps_custom_ops():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, FakeTensor) for t in types):
+            return NotImplemented
+        with mode:
+            return traced(*args, **kwargs)
+
+    return rule
+
+
+def _register() -> torch.library.Library:
+    lib = torch.library.Library("qop", "IMPL")  # noqa: TOR901 - our own namespace
+    for name, (eager, traced, device_arg) in _OPS.items():
+        lib.impl(name, eager, "CUDA")
+        torch.library.register_torch_dispatch(
+            f"qop::{name}", FunctionalTensorMode, _functional_decomposition(name, traced, device_arg), lib=lib
+        )
+    return lib
+
+
+if torch.cuda.is_available():
+    _lib = _register()

@@ -1,0 +1,1006 @@
+// qop CPU kernels: blockwise 8-bit quantization and the fused multi-tensor optimizer steps.
+//
+// Semantics are those of qop/reference.py, operation for operation in float32 (same association
+// order, correctly rounded division and sqrt, no fused multiply-add contraction), so 32-bit results
+// match the reference to float rounding and quantization picks exactly the reference's code.
+//
+// Layout:
+//   * SIMD helpers: AVX2/FMA/F16C when the compiler targets them, a scalar twin of every operation;
+//     the per-element math is written once, generic over V = float or VF (8 lanes).
+//   * Quantizer: the nearest-code search as one table look-up and one compare (see below).
+//   * Rules: per-element math of each qop.Rule, a template switch; one step kernel template serves
+//     every rule, flag set, parameter dtype and state width.
+//   * Driver: (tensor, chunk of blocks) work items flattened over all tensors of the call and
+//     shared among the OpenMP threads by cost; UNORM_CLIP adds a first pass computing the norms.
+//   * Ops and their registration at the bottom.
+
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "checks.h"
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QOP_AVX2 1
+#include <immintrin.h>
+#endif
+
+#define QOP_INLINE inline __attribute__((always_inline))
+
+namespace qop {
+namespace {
+
+using bf16 = c10::BFloat16;
+using fp16 = c10::Half;
+
+QOP_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+QOP_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// ------------------------------------------------------------------------------------ scalar twins
+template <class V>
+struct Tag {
+  using type = V;
+};
+
+QOP_INLINE float vsqrt(float a) { return std::sqrt(a); }
+// torch.maximum: NaN when either input is NaN.
+QOP_INLINE float vmax(float a, float b) {
+  return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : (a > b ? a : b);
+}
+// torch.sign: 1, -1 or 0 (also 0 for NaN).
+QOP_INLINE float vsign(float a) { return static_cast<float>((0.0f < a) - (a < 0.0f)); }
+template <class V>
+QOP_INLINE V bcast(float x);
+template <>
+QOP_INLINE float bcast<float>(float x) {
+  return x;
+}
+
+QOP_INLINE float load(Tag<float>, const float* p) { return *p; }
+QOP_INLINE float load(Tag<float>, const bf16* p) { return static_cast<float>(*p); }
+QOP_INLINE float load(Tag<float>, const fp16* p) { return static_cast<float>(*p); }
+QOP_INLINE void store(float* p, float v) { *p = v; }
+QOP_INLINE void store(bf16* p, float v) { *p = bf16(v); }  // round to nearest even, NaN -> 0x7FC0
+QOP_INLINE void store(fp16* p, float v) { *p = fp16(v); }  // round to nearest even
+QOP_INLINE float dequant(Tag<float>, const float* code, const uint8_t* q, float absmax) { return code[*q] * absmax; }
+
+// -------------------------------------------------------------------------------------- AVX2 twins
+#ifdef QOP_AVX2
+struct VF {
+  __m256 v;
+};
+constexpr int64_t kLanes = 8;
+QOP_INLINE VF operator+(VF a, VF b) { return {_mm256_add_ps(a.v, b.v)}; }
+QOP_INLINE VF operator-(VF a, VF b) { return {_mm256_sub_ps(a.v, b.v)}; }
+QOP_INLINE VF operator*(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+QOP_INLINE VF operator/(VF a, VF b) { return {_mm256_div_ps(a.v, b.v)}; }
+QOP_INLINE VF vsqrt(VF a) { return {_mm256_sqrt_ps(a.v)}; }
+QOP_INLINE VF vmax(VF a, VF b) {
+  // max_ps returns b when either is NaN; or-ing the unordered mask turns those lanes into NaN.
+  return {_mm256_or_ps(_mm256_max_ps(a.v, b.v), _mm256_cmp_ps(a.v, b.v, _CMP_UNORD_Q))};
+}
+QOP_INLINE VF vsign(VF a) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  return {_mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(a.v, zero, _CMP_GT_OQ), one),
+                        _mm256_and_ps(_mm256_cmp_ps(a.v, zero, _CMP_LT_OQ), one))};
+}
+template <>
+QOP_INLINE VF bcast<VF>(float x) {
+  return {_mm256_set1_ps(x)};
+}
+
+QOP_INLINE VF load(Tag<VF>, const float* p) { return {_mm256_loadu_ps(p)}; }
+QOP_INLINE VF load(Tag<VF>, const bf16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+}
+QOP_INLINE VF load(Tag<VF>, const fp16* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+QOP_INLINE void store(float* p, VF v) { _mm256_storeu_ps(p, v.v); }
+QOP_INLINE void store(bf16* p, VF v) {
+  // c10::BFloat16's round_to_nearest_even, eight lanes at a time.
+  const __m256i u = _mm256_castps_si256(v.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+QOP_INLINE void store(fp16* p, VF v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+}
+QOP_INLINE VF dequant(Tag<VF>, const float* code, const uint8_t* q, float absmax) {
+  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+  return {_mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), _mm256_set1_ps(absmax))};
+}
+#endif  // QOP_AVX2
+
+// Runs body(Tag<V>{}, i) over [0, n): eight lanes at a time where AVX2 is available, then one by one.
+template <class Body>
+QOP_INLINE void for_lanes(int64_t n, Body&& body) {
+  int64_t i = 0;
+#ifdef QOP_AVX2
+  for (; i + kLanes <= n; i += kLanes) body(Tag<VF>{}, i);
+#endif
+  for (; i < n; ++i) body(Tag<float>{}, i);
+}
+
+// max |x| over n values, NaN if any is NaN (torch amax); integer max of the magnitude bits, which
+// orders non-negative floats and puts NaN above inf.
+template <class T>
+float absmax_of(const T* x, int64_t n) {
+  uint32_t m = 0;
+  int64_t i = 0;
+#ifdef QOP_AVX2
+  __m256i vm = _mm256_setzero_si256();
+  const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF);
+  for (; i + kLanes <= n; i += kLanes) {
+    vm = _mm256_max_epi32(vm, _mm256_and_si256(_mm256_castps_si256(load(Tag<VF>{}, x + i).v), mag));
+  }
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vm);
+  for (uint32_t l : lanes) m = std::max(m, l);
+#endif
+  for (; i < n; ++i) m = std::max(m, float_to_bits(load(Tag<float>{}, x + i)) & 0x7FFFFFFFu);
+  return bits_to_float(m);
+}
+
+// ======================================================================================= quantizer
+// The code of a normalized value y is the number of midpoints 0.5f*(code[i]+code[i+1]) strictly
+// below y (torch.searchsorted(mids, y, right=False)).  Instead of searching, each y is sent to a
+// bucket by the high bits of its float encoding: sign, exponent and the top 7 mantissa bits (the
+// "magnitude key" mk = bits 16..30), clamped so that all |y| < 2^-27 share one bucket and all
+// |y| >= 1 another.  Per bucket the table holds
+//   bits 16..23  base: the number of midpoints below every value of the bucket,
+//   bits  0..15  the low 16 bits of the one midpoint inside the bucket (0xFFFF when there is none),
+//                complemented on the negative side so that "y > mid" is an unsigned compare of the
+//                low 16 bits (y and mid share the high 16 bits),
+//   bit  24      slow: the bucket holds several midpoints, or one in a clamped bucket, or the code
+//                book is not sorted; those lanes take the exact binary search.
+// So index = base + (low16(y) > low16(mid)), one gather and one compare, exact for any code book.
+// For the dynamic maps no bucket is slow (their codes are at least 1/128 of a binade apart).
+constexpr int32_t kLo = 100 << 7;  // magnitude key of 2^-27: smaller magnitudes share bucket 0
+constexpr int32_t kHi = 127 << 7;  // magnitude key of 1.0: larger magnitudes share the last bucket
+constexpr int32_t kBucketsPerSign = kHi - kLo + 2;
+constexpr int32_t kSlow = 1 << 24;
+// Division by the absmax: x * (1/a) corrected by one FMA residual step (Markstein) equals the
+// correctly rounded x / a when a is in this range (the residual cannot underflow for any |x/a| above
+// the 2^-27 bucket edge); other absmax values take a true division.
+constexpr float kFastDivMin = 0x1p-64f;
+constexpr float kFastDivMax = 0x1p64f;
+
+struct Quantizer {
+  std::array<float, kCodeSize> code;
+  std::array<float, kCodeSize - 1> mids;
+  alignas(64) std::array<int32_t, 2 * kBucketsPerSign> lut;
+
+  explicit Quantizer(const std::array<float, kCodeSize>& values) : code(values) {
+    for (int i = 0; i < kCodeSize - 1; ++i) mids[i] = 0.5f * (code[i] + code[i + 1]);
+    bool sorted = true;
+    for (int i = 0; i + 1 < kCodeSize - 1; ++i) sorted = sorted && (mids[i] <= mids[i + 1]);
+    for (int s = 0; s < 2; ++s) {
+      for (int32_t c = 0; c < kBucketsPerSign; ++c) {
+        const uint32_t mk = static_cast<uint32_t>(kLo - 1 + c);
+        const float lo_mag = c == 0 ? 0.0f : bits_to_float(mk << 16);
+        const float hi_mag = c == kBucketsPerSign - 1 ? std::numeric_limits<float>::infinity()
+                                                       : bits_to_float((mk << 16) | 0xFFFFu);
+        // values of the bucket: [lo, hi]; the midpoints that decide between them lie in [lo, hi)
+        const float lo = s == 0 ? lo_mag : -hi_mag;
+        const float hi = s == 0 ? hi_mag : -lo_mag;
+        const int base = count_below(lo);
+        const int inside = count_below(hi) - base;
+        const bool exact_bucket = c > 0 && c < kBucketsPerSign - 1;  // one 16-bit prefix
+        int32_t entry;
+        if (!sorted) {
+          entry = kSlow;
+        } else if (inside == 0) {
+          entry = (base << 16) | 0xFFFF;
+        } else if (inside == 1 && exact_bucket) {
+          const uint32_t low = float_to_bits(mids[base]) & 0xFFFFu;
+          entry = (base << 16) | static_cast<int32_t>(s == 0 ? low : (low ^ 0xFFFFu));
+        } else {
+          entry = kSlow;
+        }
+        lut[s * kBucketsPerSign + c] = entry;
+      }
+    }
+  }
+
+  // Number of sorted midpoints strictly below y.
+  int count_below(float y) const {
+    return static_cast<int>(std::lower_bound(mids.begin(), mids.end(), y) - mids.begin());
+  }
+
+  // torch.searchsorted(mids, y, right=False), the same binary search (so NaN -> 255, and any order).
+  int search(float y) const {
+    int start = 0, end = kCodeSize - 1;
+    while (start < end) {
+      const int mid = start + ((end - start) >> 1);
+      if (!(mids[mid] >= y)) {
+        start = mid + 1;
+      } else {
+        end = mid;
+      }
+    }
+    return start;
+  }
+
+  int index(float y) const {
+    const uint32_t u = float_to_bits(y);
+    const int32_t neg = -static_cast<int32_t>(u >> 31);
+    const int32_t mk = std::min(std::max(static_cast<int32_t>((u >> 16) & 0x7FFFu), kLo - 1), kHi);
+    const int32_t e = lut[(mk - (kLo - 1)) + (neg & kBucketsPerSign)];
+    if ((e & kSlow) || y != y) return search(y);
+    const int32_t ykey = static_cast<int32_t>((u ^ static_cast<uint32_t>(neg)) & 0xFFFFu);
+    return ((e >> 16) & 0xFF) + (ykey > (e & 0xFFFF) ? 1 : 0);
+  }
+
+#ifdef QOP_AVX2
+  // Eight indices at once; `slow` gets the lanes that need search().
+  QOP_INLINE __m256i index8(__m256 y, int& slow) const {
+    const __m256i u = _mm256_castps_si256(y);
+    const __m256i neg = _mm256_srai_epi32(u, 31);
+    __m256i mk = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x7FFF));
+    mk = _mm256_min_epi32(_mm256_max_epi32(mk, _mm256_set1_epi32(kLo - 1)), _mm256_set1_epi32(kHi));
+    const __m256i key = _mm256_add_epi32(_mm256_sub_epi32(mk, _mm256_set1_epi32(kLo - 1)),
+                                         _mm256_and_si256(neg, _mm256_set1_epi32(kBucketsPerSign)));
+    const __m256i e = _mm256_i32gather_epi32(lut.data(), key, 4);
+    const __m256i ykey = _mm256_and_si256(_mm256_xor_si256(u, neg), _mm256_set1_epi32(0xFFFF));
+    const __m256i gt = _mm256_cmpgt_epi32(ykey, _mm256_and_si256(e, _mm256_set1_epi32(0xFFFF)));
+    const __m256i idx = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 16), _mm256_set1_epi32(0xFF)), gt);
+    const __m256 flag = _mm256_or_ps(_mm256_castsi256_ps(_mm256_slli_epi32(e, 7)), _mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+    slow = _mm256_movemask_ps(flag);
+    return idx;
+  }
+#endif
+};
+
+// Quantizers are cached by the content of their code book (a few distinct books per process).
+std::shared_ptr<const Quantizer> get_quantizer(const at::Tensor& code) {
+  std::array<float, kCodeSize> values;
+  const auto acc = code.accessor<float, 1>();
+  for (int i = 0; i < kCodeSize; ++i) values[i] = acc[i];
+  static std::mutex mutex;
+  static std::vector<std::shared_ptr<const Quantizer>> cache;
+  constexpr size_t kCacheSize = 16;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& q : cache) {
+    if (std::memcmp(q->code.data(), values.data(), sizeof values) == 0) return q;
+  }
+  auto q = std::make_shared<const Quantizer>(values);
+  if (cache.size() >= kCacheSize) cache.erase(cache.begin());
+  cache.push_back(q);
+  return q;
+}
+
+// Quantizes n values of x (one block) whose absmax is `absmax` into out: y = x / absmax (x / 1 when
+// absmax is 0 or NaN, as the reference), code = index of y.
+template <class T>
+void quantize_block(const Quantizer& Q, const T* x, int64_t n, float absmax, uint8_t* out) {
+  const float a = absmax > 0.0f ? absmax : 1.0f;
+  int64_t i = 0;
+#ifdef QOP_AVX2
+  const bool fast = a >= kFastDivMin && a <= kFastDivMax;
+  const __m256 va = _mm256_set1_ps(a), vr = _mm256_set1_ps(1.0f / a);
+  auto normalize = [&](int64_t j) {
+    const __m256 xv = load(Tag<VF>{}, x + j).v;
+    if (fast) {
+      const __m256 q0 = _mm256_mul_ps(xv, vr);
+      return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, va, xv), vr, q0);
+    }
+    return _mm256_div_ps(xv, va);
+  };
+  auto patch = [&](int64_t j, int slow) {
+    for (; slow; slow &= slow - 1) {
+      const int l = __builtin_ctz(static_cast<unsigned>(slow));
+      out[j + l] = static_cast<uint8_t>(Q.search(load(Tag<float>{}, x + j + l) / a));
+    }
+  };
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    int s0, s1, s2, s3;
+    const __m256i r0 = Q.index8(normalize(i), s0);
+    const __m256i r1 = Q.index8(normalize(i + 8), s1);
+    const __m256i r2 = Q.index8(normalize(i + 16), s2);
+    const __m256i r3 = Q.index8(normalize(i + 24), s3);
+    const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), ordered);
+    if (__builtin_expect(s0 | s1 | s2 | s3, 0)) {
+      patch(i, s0);
+      patch(i + 8, s1);
+      patch(i + 16, s2);
+      patch(i + 24, s3);
+    }
+  }
+  for (; i + kLanes <= n; i += kLanes) {
+    int s;
+    const __m256i r = Q.index8(normalize(i), s);
+    const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
+    const uint32_t lo = static_cast<uint32_t>(_mm256_cvtsi256_si32(b));
+    const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
+    std::memcpy(out + i, &lo, 4);
+    std::memcpy(out + i + 4, &hi, 4);
+    if (__builtin_expect(s, 0)) patch(i, s);
+  }
+#endif
+  for (; i < n; ++i) out[i] = static_cast<uint8_t>(Q.index(load(Tag<float>{}, x + i) / a));
+}
+
+// ========================================================================================== rules
+constexpr int kHasState = 32;  // internal flag: MOMENTUM with a momentum buffer (momentum != 0)
+
+// Per-tensor scalars, computed once per tensor in float32 exactly as the reference computes them.
+struct Consts {
+  float lrs = 0;    // lr_eff * update-norm scale
+  float decay = 1;  // decoupled weight decay factor 1 - lr*wd (rules that have one)
+  float wd = 0, b1 = 0, omb1 = 0, b2 = 0, omb2 = 0, b3 = 0, omb3 = 0, eps = 0;
+  float epsc2 = 0, c2c1 = 1, c1 = 1, c2 = 1;
+  float alpha = 0, omalpha = 0, damp1 = 1;
+  float gs = 1;  // gradient scale
+  float lr_eff = 0;
+  bool first = false;  // t == 1
+};
+
+template <class V>
+struct KV {
+  V lrs, decay, wd, b1, omb1, b2, omb2, b3, omb3, eps, epsc2, c2c1, c1, c2, alpha, omalpha, damp1, gs;
+  bool first;
+  explicit KV(const Consts& k)
+      : lrs(bcast<V>(k.lrs)), decay(bcast<V>(k.decay)), wd(bcast<V>(k.wd)), b1(bcast<V>(k.b1)),
+        omb1(bcast<V>(k.omb1)), b2(bcast<V>(k.b2)), omb2(bcast<V>(k.omb2)), b3(bcast<V>(k.b3)),
+        omb3(bcast<V>(k.omb3)), eps(bcast<V>(k.eps)), epsc2(bcast<V>(k.epsc2)), c2c1(bcast<V>(k.c2c1)),
+        c1(bcast<V>(k.c1)), c2(bcast<V>(k.c2)), alpha(bcast<V>(k.alpha)), omalpha(bcast<V>(k.omalpha)),
+        damp1(bcast<V>(k.damp1)), gs(bcast<V>(k.gs)), first(k.first) {}
+};
+
+template <int R, int F>
+constexpr int state_count() {
+  return R == ADAM ? ((F & AMSGRAD) ? 3 : 2) : R == ADEMAMIX ? 3 : R == MOMENTUM ? ((F & kHasState) ? 1 : 0) : 1;
+}
+
+// Rules whose parameter update is p * (1 - lr*wd) - lr_eff*u; the others use p - lr_eff*u (their
+// decay factor is exactly 1 in the reference, and p * 1 == p).
+template <int R, int F>
+constexpr bool has_decay() {
+  return (R == ADAM && !(F & L2_WEIGHT_DECAY)) || R == LION || R == ADEMAMIX;
+}
+
+// One rule on float32 values: updates the states s[] in place and returns the update direction u
+// (reference.rule_update, same operations in the same order).
+template <int R, int F, class V>
+QOP_INLINE V rule_update(const KV<V>& k, V p, V g, V* s) {
+  if constexpr (R == ADAM) {
+    if constexpr ((F & L2_WEIGHT_DECAY) != 0) g = g + k.wd * p;
+    const V m = k.b1 * s[0] + k.omb1 * g;
+    const V v = k.b2 * s[1] + k.omb2 * g * g;
+    s[0] = m;
+    s[1] = v;
+    V vd = v;
+    if constexpr ((F & AMSGRAD) != 0) {
+      vd = vmax(s[2], v);
+      s[2] = vd;
+    }
+    return k.c2c1 * m / (vsqrt(vd) + k.epsc2);
+  } else if constexpr (R == MOMENTUM) {
+    g = g + k.wd * p;
+    if constexpr ((F & kHasState) != 0) {
+      const V buf = k.first ? g : k.b1 * s[0] + k.damp1 * g;
+      s[0] = buf;
+      if constexpr ((F & NESTEROV) != 0) {
+        return g + k.b1 * buf;
+      } else {
+        return buf;
+      }
+    } else {
+      return g;
+    }
+  } else if constexpr (R == ADAGRAD) {
+    g = g + k.wd * p;
+    const V acc = s[0] + g * g;
+    s[0] = acc;
+    return g / (vsqrt(acc) + k.eps);
+  } else if constexpr (R == RMSPROP) {
+    g = g + k.wd * p;
+    const V acc = k.alpha * s[0] + k.omalpha * g * g;
+    s[0] = acc;
+    return g / (vsqrt(acc) + k.eps);
+  } else if constexpr (R == LION) {
+    const V u = vsign(k.b1 * s[0] + k.omb1 * g);
+    s[0] = k.b2 * s[0] + k.omb2 * g;
+    return u;
+  } else {
+    static_assert(R == ADEMAMIX, "unknown rule");
+    const V m1 = k.b1 * s[0] + k.omb1 * g;
+    const V nu = k.b2 * s[1] + k.omb2 * g * g;
+    const V m2 = k.b3 * s[2] + k.omb3 * g;
+    s[0] = m1;
+    s[1] = nu;
+    s[2] = m2;
+    return (m1 / k.c1 + k.alpha * m2) / (vsqrt(nu) / k.c2 + k.eps);
+  }
+}
+
+template <int R, int F, class V>
+QOP_INLINE V apply_update(const KV<V>& k, V p, V u) {
+  if constexpr (has_decay<R, F>()) {
+    return p * k.decay - k.lrs * u;
+  } else {
+    return p - k.lrs * u;
+  }
+}
+
+// ========================================================================================= driver
+// One tensor of a step call.
+struct Job {
+  void* p = nullptr;
+  const void* g = nullptr;
+  std::array<void*, 3> s{};       // float* (32-bit) or uint8_t* (8-bit) states
+  std::array<float*, 3> am{};     // absmax of the 8-bit states
+  int64_t n = 0;
+  Consts k;
+};
+
+// A work item: elements [begin, end) of one tensor (8-bit: whole blocks, end may be a partial one).
+struct Item {
+  int64_t job;
+  int64_t begin;
+  int64_t end;
+};
+
+struct StepCall {
+  std::vector<Job> jobs;
+  std::array<const Quantizer*, 3> quant{};
+  std::vector<Item> items;
+  std::vector<int64_t> cost;  // prefix sums of item costs, size items + 1
+};
+
+constexpr int64_t kChunk = 16 * kBlocksize;  // elements per work item
+constexpr int64_t kItemOverhead = 64;        // cost of an item beyond its elements (balancing only)
+constexpr int64_t kSerialCost = 1 << 15;     // below this total cost, no parallel region
+
+// Calls fn(item_index) for every item, the items split into contiguous runs of equal cost, one per
+// OpenMP thread (as many threads as at::get_num_threads()).
+template <class Fn>
+void parallel_items(const StepCall& call, Fn&& fn) {
+  const int64_t n_items = static_cast<int64_t>(call.items.size());
+  if (n_items == 0) return;
+  const int64_t total = call.cost.back();
+  const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n_items));
+  if (nt <= 1 || total < kSerialCost || omp_in_parallel()) {
+    for (int64_t i = 0; i < n_items; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
+    const auto first = std::lower_bound(call.cost.begin(), call.cost.end() - 1, lo) - call.cost.begin();
+    const auto last = std::lower_bound(call.cost.begin(), call.cost.end() - 1, hi) - call.cost.begin();
+    for (int64_t i = first; i < last; ++i) fn(i);
+  }
+}
+
+// 32-bit states: elements [b, e) of one tensor.  NORM: accumulate ||u||^2 and ||p||^2 only.
+template <int R, int F, class PT, bool NORM>
+void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
+  constexpr int K = state_count<R, F>();
+  PT* p = static_cast<PT*>(J.p) + b;
+  const PT* g = static_cast<const PT*>(J.g) + b;
+  std::array<float*, 3> st{};
+  for (int j = 0; j < K; ++j) st[j] = static_cast<float*>(J.s[j]) + b;
+  const int64_t n = e - b;
+  float uu = 0.0f, pp = 0.0f;
+#ifdef QOP_AVX2
+  const KV<VF> kv(J.k);
+  VF vuu = bcast<VF>(0.0f), vpp = bcast<VF>(0.0f);
+#endif
+  const KV<float> ks(J.k);
+  for_lanes(n, [&](auto tag, int64_t i) {
+    using V = typename decltype(tag)::type;
+    const KV<V>* kp;
+    if constexpr (std::is_same_v<V, float>) {
+      kp = &ks;
+    } else {
+#ifdef QOP_AVX2
+      kp = &kv;
+#endif
+    }
+    const KV<V>& k = *kp;
+    const V pv = load(tag, p + i);
+    const V gv = load(tag, g + i) * k.gs;
+    V s[3];
+    for (int j = 0; j < K; ++j) s[j] = load(tag, st[j] + i);
+    const V u = rule_update<R, F>(k, pv, gv, s);
+    if constexpr (NORM) {
+      if constexpr (std::is_same_v<V, float>) {
+        uu += u * u;
+        pp += pv * pv;
+      } else {
+#ifdef QOP_AVX2
+        vuu = vuu + u * u;
+        vpp = vpp + pv * pv;
+#endif
+      }
+    } else {
+      store(p + i, apply_update<R, F>(k, pv, u));
+      for (int j = 0; j < K; ++j) store(st[j] + i, s[j]);
+    }
+  });
+  if constexpr (NORM) {
+    double su = uu, sp = pp;
+#ifdef QOP_AVX2
+    alignas(32) float lu[8], lp[8];
+    _mm256_store_ps(lu, vuu.v);
+    _mm256_store_ps(lp, vpp.v);
+    for (int l = 0; l < 8; ++l) {
+      su += lu[l];
+      sp += lp[l];
+    }
+#endif
+    acc[0] = su;
+    acc[1] = sp;
+  }
+}
+
+// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize, rule,
+// write the parameter and the new float32 states to an L1 buffer, then requantize each state with
+// its fresh absmax.  NORM: accumulate ||u||^2 and ||p||^2 only, writing nothing.
+template <int R, int F, class PT, bool NORM>
+void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int64_t b, int64_t e, double* acc) {
+  constexpr int K = state_count<R, F>();
+  PT* p = static_cast<PT*>(J.p);
+  const PT* g = static_cast<const PT*>(J.g);
+  std::array<uint8_t*, 3> q{};
+  std::array<const float*, 3> code{};
+  for (int j = 0; j < K; ++j) {
+    q[j] = static_cast<uint8_t*>(J.s[j]);
+    code[j] = quant[j]->code.data();
+  }
+  alignas(64) float fresh[K > 0 ? K : 1][kBlocksize];
+  float uu = 0.0f, pp = 0.0f;
+#ifdef QOP_AVX2
+  const KV<VF> kv(J.k);
+  VF vuu = bcast<VF>(0.0f), vpp = bcast<VF>(0.0f);
+#endif
+  const KV<float> ks(J.k);
+  for (int64_t off = b; off < e; off += kBlocksize) {
+    const int64_t blk = off / kBlocksize;
+    const int64_t nb = std::min<int64_t>(kBlocksize, J.n - off);
+    std::array<float, 3> a{};
+    for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
+    for_lanes(nb, [&](auto tag, int64_t i) {
+      using V = typename decltype(tag)::type;
+      const KV<V>* kp;
+      if constexpr (std::is_same_v<V, float>) {
+        kp = &ks;
+      } else {
+#ifdef QOP_AVX2
+        kp = &kv;
+#endif
+      }
+      const KV<V>& k = *kp;
+      const int64_t x = off + i;
+      const V pv = load(tag, p + x);
+      const V gv = load(tag, g + x) * k.gs;
+      V s[3];
+      for (int j = 0; j < K; ++j) s[j] = dequant(tag, code[j], q[j] + x, a[j]);
+      const V u = rule_update<R, F>(k, pv, gv, s);
+      if constexpr (NORM) {
+        if constexpr (std::is_same_v<V, float>) {
+          uu += u * u;
+          pp += pv * pv;
+        } else {
+#ifdef QOP_AVX2
+          vuu = vuu + u * u;
+          vpp = vpp + pv * pv;
+#endif
+        }
+      } else {
+        store(p + x, apply_update<R, F>(k, pv, u));
+        for (int j = 0; j < K; ++j) store(fresh[j] + i, s[j]);
+      }
+    });
+    if constexpr (!NORM) {
+      for (int j = 0; j < K; ++j) {
+        const float m = absmax_of(fresh[j], nb);
+        J.am[j][blk] = m;
+        quantize_block(*quant[j], fresh[j], nb, m, q[j] + off);
+      }
+    }
+  }
+  if constexpr (NORM) {
+    double su = uu, sp = pp;
+#ifdef QOP_AVX2
+    alignas(32) float lu[8], lp[8];
+    _mm256_store_ps(lu, vuu.v);
+    _mm256_store_ps(lp, vpp.v);
+    for (int l = 0; l < 8; ++l) {
+      su += lu[l];
+      sp += lp[l];
+    }
+#endif
+    acc[0] = su;
+    acc[1] = sp;
+  }
+}
+
+template <int R, int F, class PT, bool Q8, bool NORM>
+void run_pass(const StepCall& call, std::vector<double>* partial) {
+  parallel_items(call, [&](int64_t i) {
+    const Item& it = call.items[i];
+    const Job& J = call.jobs[it.job];
+    double* acc = NORM ? partial->data() + 2 * i : nullptr;
+    if constexpr (Q8) {
+      chunk_8bit<R, F, PT, NORM>(J, call.quant, it.begin, it.end, acc);
+    } else {
+      chunk_32bit<R, F, PT, NORM>(J, it.begin, it.end, acc);
+    }
+  });
+}
+
+// reference.unorm_scale from the per-item partial sums, then lrs = lr_eff * scale.
+void apply_unorm_scales(StepCall& call, const std::vector<double>& partial, float max_unorm) {
+  std::vector<double> uu(call.jobs.size(), 0.0), pp(call.jobs.size(), 0.0);
+  for (size_t i = 0; i < call.items.size(); ++i) {  // in item order: deterministic for any thread count
+    uu[call.items[i].job] += partial[2 * i];
+    pp[call.items[i].job] += partial[2 * i + 1];
+  }
+  for (size_t t = 0; t < call.jobs.size(); ++t) {
+    const float unorm = static_cast<float>(std::sqrt(uu[t]));
+    const float limit = max_unorm * static_cast<float>(std::sqrt(pp[t]));
+    const bool clip = max_unorm > 0.0f && unorm > limit;
+    const float scale = clip ? limit / unorm : 1.0f;
+    call.jobs[t].k.lrs = call.jobs[t].k.lr_eff * scale;
+  }
+}
+
+template <int R, int F, class PT, bool Q8>
+void run_step(StepCall& call, bool unorm, float max_unorm) {
+  if (unorm) {
+    std::vector<double> partial(2 * call.items.size(), 0.0);
+    run_pass<R, F, PT, Q8, true>(call, &partial);
+    apply_unorm_scales(call, partial, max_unorm);
+  }
+  run_pass<R, F, PT, Q8, false>(call, nullptr);
+}
+
+// Turns the runtime flags into template flags, one bit at a time (only the bits a rule looks at).
+template <int R, class PT, bool Q8, int F, int... Bits>
+struct Dispatch;
+template <int R, class PT, bool Q8, int F>
+struct Dispatch<R, PT, Q8, F> {
+  static void run(int, StepCall& call, bool unorm, float max_unorm) { run_step<R, F, PT, Q8>(call, unorm, max_unorm); }
+};
+template <int R, class PT, bool Q8, int F, int B, int... Rest>
+struct Dispatch<R, PT, Q8, F, B, Rest...> {
+  static void run(int flags, StepCall& call, bool unorm, float max_unorm) {
+    if (flags & B) {
+      Dispatch<R, PT, Q8, F | B, Rest...>::run(flags, call, unorm, max_unorm);
+    } else {
+      Dispatch<R, PT, Q8, F, Rest...>::run(flags, call, unorm, max_unorm);
+    }
+  }
+};
+
+template <class PT, bool Q8>
+void dispatch_rule(int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
+  switch (rule) {
+    case ADAM:
+      return Dispatch<ADAM, PT, Q8, 0, AMSGRAD, L2_WEIGHT_DECAY>::run(flags, call, unorm, max_unorm);
+    case MOMENTUM:
+      return Dispatch<MOMENTUM, PT, Q8, 0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
+    case ADAGRAD:
+      return run_step<ADAGRAD, 0, PT, Q8>(call, unorm, max_unorm);
+    case RMSPROP:
+      return run_step<RMSPROP, 0, PT, Q8>(call, unorm, max_unorm);
+    case LION:
+      return run_step<LION, 0, PT, Q8>(call, unorm, max_unorm);
+    case ADEMAMIX:
+      return run_step<ADEMAMIX, 0, PT, Q8>(call, unorm, max_unorm);
+    default:
+      TORCH_CHECK_VALUE(false, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
+  }
+}
+
+template <bool Q8>
+void dispatch_dtype(at::ScalarType dtype, int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
+  switch (dtype) {
+    case at::kFloat:
+      return dispatch_rule<float, Q8>(rule, flags, call, unorm, max_unorm);
+    case at::kBFloat16:
+      return dispatch_rule<bf16, Q8>(rule, flags, call, unorm, max_unorm);
+    case at::kHalf:
+      return dispatch_rule<fp16, Q8>(rule, flags, call, unorm, max_unorm);
+    default:
+      TORCH_CHECK_VALUE(false, "qop: params must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+// torch.minimum / torch.maximum on scalars: NaN when either is NaN.
+float nan_min(float a, float b) {
+  return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : (a < b ? a : b);
+}
+
+// The per-tensor scalars of reference.rule_update for step t (float32, same operations).
+Consts make_consts(int rule, int flags, const float* h, float t, float gs) {
+  Consts k;
+  const float lr = h[LR], wd = h[WEIGHT_DECAY];
+  k.gs = gs;
+  k.wd = wd;
+  k.b1 = h[BETA1];
+  k.b2 = h[BETA2];
+  k.b3 = h[BETA3];
+  k.omb1 = 1.0f - k.b1;
+  k.omb2 = 1.0f - k.b2;
+  k.omb3 = 1.0f - k.b3;
+  k.eps = h[EPS];
+  k.lr_eff = lr;
+  k.decay = 1.0f - lr * wd;
+  k.first = t == 1.0f;
+  switch (rule) {
+    case ADAM:
+      if (!(flags & NO_BIAS_CORRECTION)) {
+        k.c1 = 1.0f - std::pow(k.b1, t);
+        k.c2 = std::sqrt(1.0f - std::pow(k.b2, t));
+      }
+      k.c2c1 = k.c2 / k.c1;
+      k.epsc2 = k.eps * k.c2;
+      break;
+    case MOMENTUM:
+      k.damp1 = 1.0f - h[DAMPENING];
+      break;
+    case ADAGRAD:
+      k.lr_eff = lr / (1.0f + (t - 1.0f) * h[LR_DECAY]);
+      break;
+    case RMSPROP:
+      k.alpha = h[ALPHA];
+      k.omalpha = 1.0f - k.alpha;
+      break;
+    case ADEMAMIX: {
+      const float alpha = h[ALPHA], t_alpha = h[T_ALPHA], t_beta3 = h[T_BETA3];
+      k.alpha = t_alpha > 0.0f ? nan_min(t * alpha / t_alpha, alpha) : alpha;
+      if (t_beta3 > 0.0f) {  // reference._beta3_schedule
+        const float frac = t / t_beta3;
+        const float lb1 = std::log(k.b1), lb3 = std::log(k.b3);
+        k.b3 = nan_min(std::exp(lb1 * lb3 / ((1.0f - frac) * lb3 + frac * lb1)), k.b3);
+        k.omb3 = 1.0f - k.b3;
+      }
+      k.c1 = 1.0f - std::pow(k.b1, t);
+      k.c2 = std::sqrt(1.0f - std::pow(k.b2, t));
+      break;
+    }
+    default:
+      break;
+  }
+  k.lrs = k.lr_eff;
+  return k;
+}
+
+// Shared body of both step ops: checks, found_inf, per-tensor scalars, steps, work items, kernels.
+void step_cpu(bool q8, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+              const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
+              at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
+              const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf) {
+  const int k = check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf,
+                           q8 ? at::kByte : at::kFloat, absmax, codes);
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // the whole call is a no-op
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+
+  std::array<float, HP_SIZE> h{};
+  const float* hp_data = hp.data_ptr<float>();
+  for (int i = 0; i < HP_SIZE; ++i) h[i] = hp_data[i * hp.stride(0)];
+  at::Tensor gs_tensor;
+  const float* gs = nullptr;
+  if (gscale.has_value()) {
+    gs_tensor = gscale->contiguous();
+    gs = gs_tensor.data_ptr<float>();
+  }
+
+  StepCall call;
+  call.jobs.resize(n);
+  std::shared_ptr<const Quantizer> held[3];
+  if (q8) {
+    for (int j = 0; j < k; ++j) {
+      held[j] = get_quantizer(*(*codes)[j]);
+      call.quant[j] = held[j].get();
+    }
+  }
+  const int64_t chunk = kChunk;
+  for (int64_t i = 0; i < n; ++i) {
+    Job& J = call.jobs[i];
+    J.p = params[i].data_ptr();
+    J.g = grads[i].data_ptr();
+    J.n = params[i].numel();
+    for (int j = 0; j < k; ++j) {
+      J.s[j] = states[j][i].data_ptr();
+      if (q8) J.am[j] = (*absmax)[j][i].data_ptr<float>();
+    }
+    // t = steps[i] + 1, then steps[i] += 1, one tensor after the other as the reference does.
+    float* step = steps[i].data_ptr<float>();
+    const float t = *step + 1.0f;
+    *step = t;
+    J.k = make_consts(static_cast<int>(rule), static_cast<int>(flags), h.data(), t, gs ? gs[i] : 1.0f);
+    for (int64_t b = 0; b < J.n; b += chunk) {
+      call.items.push_back({i, b, std::min(J.n, b + chunk)});
+    }
+  }
+  call.cost.resize(call.items.size() + 1);
+  call.cost[0] = 0;
+  for (size_t i = 0; i < call.items.size(); ++i) {
+    call.cost[i + 1] = call.cost[i] + (call.items[i].end - call.items[i].begin) + kItemOverhead;
+  }
+
+  int rflags = static_cast<int>(flags) & ~UNORM_CLIP;
+  if (rule == MOMENTUM && k == 1) rflags |= kHasState;
+  const bool unorm = (flags & UNORM_CLIP) != 0;
+  if (q8) {
+    dispatch_dtype<true>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, unorm, h[MAX_UNORM]);
+  } else {
+    dispatch_dtype<false>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, unorm, h[MAX_UNORM]);
+  }
+}
+
+// Parallel loop over [0, n) in ranges of `grain`, with torch's thread count.
+template <class Fn>
+void parallel_range(int64_t n, int64_t grain, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t parts = (n + grain - 1) / grain;
+  const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), parts));
+  if (nt <= 1 || omp_in_parallel()) {
+    fn(0, n);
+    return;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < parts; ++i) fn(i * grain, std::min(n, (i + 1) * grain));
+}
+
+template <class T>
+void quantize_kernel(const T* x, int64_t n, int64_t blocksize, const Quantizer& Q, uint8_t* out, float* absmax) {
+  const int64_t nb = n_blocks(n, blocksize);
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / blocksize);
+  parallel_range(nb, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t off = blk * blocksize, len = std::min(blocksize, n - off);
+      const float m = absmax_of(x + off, len);
+      absmax[blk] = m;
+      quantize_block(Q, x + off, len, m, out + off);
+    }
+  });
+}
+
+template <class T>
+void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize, const float* absmax, const float* code,
+                       T* out) {
+  const int64_t nb = n_blocks(n, blocksize);
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / blocksize);
+  parallel_range(nb, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t off = blk * blocksize, len = std::min(blocksize, n - off);
+      const float a = absmax[blk];
+      for_lanes(len, [&](auto tag, int64_t i) { store(out + off + i, dequant(tag, code, q + off + i, a)); });
+    }
+  });
+}
+
+}  // namespace
+
+// ============================================================================================ ops
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& code,
+                                                          int64_t blocksize) {
+  check_quantize(A, code, blocksize);
+  const int64_t n = A.numel();
+  at::Tensor out = at::empty(A.sizes(), A.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({n_blocks(n, blocksize)}, A.options().dtype(at::kFloat));
+  if (n == 0) return {out, absmax};
+  const auto Q = get_quantizer(code);
+  uint8_t* o = out.data_ptr<uint8_t>();
+  float* m = absmax.data_ptr<float>();
+  switch (A.scalar_type()) {
+    case at::kFloat:
+      quantize_kernel(A.const_data_ptr<float>(), n, blocksize, *Q, o, m);
+      break;
+    case at::kBFloat16:
+      quantize_kernel(A.const_data_ptr<bf16>(), n, blocksize, *Q, o, m);
+      break;
+    default:
+      quantize_kernel(A.const_data_ptr<fp16>(), n, blocksize, *Q, o, m);
+      break;
+  }
+  return {out, absmax};
+}
+
+at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
+                                   int64_t blocksize, at::ScalarType dtype) {
+  check_dequantize(A, absmax, code, blocksize, dtype);
+  const int64_t n = A.numel();
+  at::Tensor out = at::empty(A.sizes(), A.options().dtype(dtype));
+  if (n == 0) return out;
+  const at::Tensor am = absmax.contiguous();
+  std::array<float, kCodeSize> table;
+  const auto acc = code.accessor<float, 1>();
+  for (int i = 0; i < kCodeSize; ++i) table[i] = acc[i];
+  const uint8_t* q = A.const_data_ptr<uint8_t>();
+  const float* m = am.const_data_ptr<float>();
+  switch (dtype) {
+    case at::kFloat:
+      dequantize_kernel(q, n, blocksize, m, table.data(), out.data_ptr<float>());
+      break;
+    case at::kBFloat16:
+      dequantize_kernel(q, n, blocksize, m, table.data(), out.data_ptr<bf16>());
+      break;
+    default:
+      dequantize_kernel(q, n, blocksize, m, table.data(), out.data_ptr<fp16>());
+      break;
+  }
+  return out;
+}
+
+void step_32bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+                    at::TensorList state1, at::TensorList state2, at::TensorList state3, at::TensorList steps,
+                    const at::Tensor& hp, const std::optional<at::Tensor>& gscale,
+                    const std::optional<at::Tensor>& found_inf) {
+  step_cpu(false, rule, flags, params, grads, {state1, state2, state3}, nullptr, steps, hp, nullptr, gscale,
+           found_inf);
+}
+
+void step_8bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads, at::TensorList state1,
+                   at::TensorList state2, at::TensorList state3, at::TensorList absmax1, at::TensorList absmax2,
+                   at::TensorList absmax3, at::TensorList steps, const at::Tensor& hp, const at::Tensor& code1,
+                   const at::Tensor& code2, const at::Tensor& code3, const std::optional<at::Tensor>& gscale,
+                   const std::optional<at::Tensor>& found_inf) {
+  const std::array<at::TensorList, 3> absmax{absmax1, absmax2, absmax3};
+  const std::array<const at::Tensor*, 3> codes{&code1, &code2, &code3};
+  step_cpu(true, rule, flags, params, grads, {state1, state2, state3}, &absmax, steps, hp, &codes, gscale,
+           found_inf);
+}
+
+}  // namespace qop
+
+// An empty module: importing qop._C runs the static registration below (no pybind).
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      NULL,  // documentation
+      -1,    // per-interpreter state size
+      NULL,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+// The schemas are defined in Python (qop/_schema.py); this file only provides the CPU kernels.
+TORCH_LIBRARY_IMPL(qop, CPU, m) {
+  m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
+  m.impl("dequantize_blockwise", &qop::dequantize_blockwise_cpu);
+  m.impl("step_32bit", &qop::step_32bit_cpu);
+  m.impl("step_8bit", &qop::step_8bit_cpu);
+}

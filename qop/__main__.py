@@ -1,0 +1,127 @@
+"""``python -m qop demo | bench | doctor``: train a demo model, run the benchmark, check the installation."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+#: Dispatch keys whose kernels ``doctor`` reports for every qop op.
+DISPATCH_KEYS = ("CPU", "CUDA", "XPU", "MPS", "Meta", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optim.py"
+
+
+def _version(distribution: str) -> str:
+    """An installed distribution's version, read from its metadata (importing torchao alone takes seconds)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def kernel_origin(op: str, key: str) -> str:
+    """Who registered ``qop::op``'s kernel for ``key``: native C++, Triton, the Python reference, a fake, or none."""
+    import torch
+
+    name = f"qop::{op}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+        return "-"
+    for line in torch._C._dispatch_dump(name).splitlines():
+        if not line.startswith(f"{key}:"):
+            continue
+        where = line.split("registered at", 1)[-1].split("::", 1)[0]
+        if ".cpp:" in where or ".cu:" in where:
+            return "C++"
+        if "triton" in where:
+            return "triton"
+        if "_register.py" in where:
+            return "reference"
+        return "fake" if key == "Meta" else "python"
+    return "yes"
+
+
+def kernel_table() -> dict[str, dict[str, str]]:
+    """``{op: {dispatch key: origin}}`` for every op of the ``qop`` namespace."""
+    from . import _schema
+
+    return {op: {key: kernel_origin(op, key) for key in DISPATCH_KEYS} for op in _schema.SCHEMAS}
+
+
+def doctor(argv: Sequence[str] | None = None) -> int:
+    """Print versions, kernel registrations and threading: what a bug report needs."""
+    argparse.ArgumentParser(prog="python -m qop doctor", description="Report qop's installation.").parse_args(argv)
+    import platform
+
+    import torch
+
+    import qop
+
+    print(f"qop           {qop.__version__} ({Path(qop.__file__).parent})")
+    print(f"python        {platform.python_version()} ({sys.executable})")
+    print(f"platform      {platform.platform()}")
+    print(f"torch         {torch.__version__} (CUDA build: {torch.version.cuda}, HIP: {torch.version.hip})")
+    for module in ("triton", "bitsandbytes", "torchao", "matplotlib"):
+        print(f"{module:<13} {_version(module)}")
+    print(f"C++ CPU kernels loaded (qop.HAS_CPU_KERNELS): {qop.HAS_CPU_KERNELS}")
+    cuda = torch.cuda.is_available()
+    devices = f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name(0)})" if cuda else ""
+    print(f"CUDA available: {cuda}{devices}")
+    print(f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, logical CPUs: {os.cpu_count()}")
+    backend = [ln.strip() for ln in torch.__config__.parallel_info().splitlines() if "backend" in ln or "OpenMP" in ln]
+    print("parallel: " + "; ".join(backend))
+    print("\nregistered kernels (C++ | triton | reference | fake | -: none)")
+    table = kernel_table()
+    width = max(len(op) for op in table)
+    print(f"{'op':<{width}}  " + "  ".join(f"{k:<10}" for k in DISPATCH_KEYS))
+    for op, row in table.items():
+        print(f"{op:<{width}}  " + "  ".join(f"{row[k]:<10}" for k in DISPATCH_KEYS))
+    if not qop.HAS_CPU_KERNELS:
+        print("\nnote: CPU ops run the pure-PyTorch reference (slow); build the C++ kernels with "
+              "`pip install --no-build-isolation -e .` from a source checkout.")
+    return 0
+
+
+def bench(argv: Sequence[str]) -> int:
+    """Forward to ``benchmarks/bench_optim.py`` of the source tree this qop was imported from."""
+    if not BENCH_SCRIPT.is_file():
+        print(f"qop bench: {BENCH_SCRIPT} not found; the benchmark ships with the source tree, not the wheel. "
+              "Clone the repository and run `python -m qop bench` from it.", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("qop_bench_optim", BENCH_SCRIPT)
+    if spec is None or spec.loader is None:
+        print(f"qop bench: cannot load {BENCH_SCRIPT}", file=sys.stderr)
+        return 2
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return int(module.main(list(argv), prog="python -m qop bench"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``demo``, ``bench`` and ``doctor``; each takes its own options (``--help``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = {"demo": "train a small LM with qop Adam8bit beside torch AdamW",
+                "bench": "optimizer step benchmark (benchmarks/bench_optim.py)",
+                "doctor": "versions, kernels, threads"}
+    if not args or args[0] in ("-h", "--help") or args[0] not in commands:
+        print("usage: python -m qop {demo,bench,doctor} [options]\n")
+        for name, text in commands.items():
+            print(f"  {name:<7} {text}")
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    command, rest = args[0], args[1:]
+    if command == "demo":
+        from . import _demo
+
+        return _demo.main(rest)
+    if command == "bench":
+        return bench(rest)
+    return doctor(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

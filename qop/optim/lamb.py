@@ -1,0 +1,65 @@
+"""LAMB: the Adam rule plus the update-norm clip (trust ratio), in 8/32-bit forms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .._schema import HP, Flag, Rule
+from ._variants import variant
+from .optimizer import QopOptimizer
+
+
+class LAMB(QopOptimizer):
+    """LAMB: Adam's update ``u`` scaled down to ``max_unorm * ||p||`` when ``||u||`` is larger.
+
+    ``bias_correction=False`` drops Adam's bias corrections, ``adam_w_mode=False`` turns the decoupled weight
+    decay into L2 (``g += wd * p``), ``amsgrad=True`` keeps ``vmax`` as a third state. bitsandbytes accepts
+    these three but ignores them; qop honours them (their defaults agree with bitsandbytes). ``block_wise``
+    is accepted for compatibility: qop's 8-bit states are always block-wise.
+    """
+
+    rule = Rule.ADAM
+    hp_keys = {"lr": HP.LR, "betas": (HP.BETA1, HP.BETA2), "eps": HP.EPS, "weight_decay": HP.WEIGHT_DECAY,
+               "max_unorm": HP.MAX_UNORM}
+    state_signed = (True, False, False)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        bias_correction: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        adam_w_mode: bool = True,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = False,
+        max_unorm: float = 1.0,
+    ) -> None:
+        defaults = dict(lr=lr, bias_correction=bool(bias_correction), betas=betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=bool(amsgrad), adam_w_mode=bool(adam_w_mode),
+                        max_unorm=max_unorm)
+        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+                         percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
+
+    def flags(self, group: dict[str, Any]) -> Flag:
+        flags = Flag.UNORM_CLIP
+        if group["amsgrad"]:
+            flags |= Flag.AMSGRAD
+        if not group["bias_correction"]:
+            flags |= Flag.NO_BIAS_CORRECTION
+        if not group["adam_w_mode"]:
+            flags |= Flag.L2_WEIGHT_DECAY
+        return flags
+
+    def n_states(self, group: dict[str, Any]) -> int:
+        return 3 if group["amsgrad"] else 2
+
+
+LAMB8bit = variant(LAMB, "LAMB8bit", bits=8, drop=("optim_bits",), doc="8-bit LAMB.")
+LAMB32bit = variant(LAMB, "LAMB32bit", bits=32, drop=("optim_bits",), doc="32-bit LAMB.")

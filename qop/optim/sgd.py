@@ -1,0 +1,106 @@
+"""SGD with momentum and LARS (SGD plus the update-norm clip), in 8/32-bit forms."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .._schema import HP, Flag, Rule
+from ._args import check_range, number
+from ._variants import variant
+from .optimizer import QopOptimizer
+
+#: Group key recording whether the group keeps a momentum buffer (momentum != 0 when the group was added).
+MOMENTUM_BUFFER = "has_momentum_buffer"
+
+
+class SGD(QopOptimizer):
+    """SGD: ``g += wd * p``; ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` at the first step);
+    ``p -= lr * buf`` (``lr * (g + momentum * buf)`` with ``nesterov=True``), as ``torch.optim.SGD``.
+
+    ``momentum == 0`` (when the group is added) is plain SGD with no state. bitsandbytes rejects it and
+    ignores ``dampening`` and ``nesterov``; qop honours all three.
+    """
+
+    rule = Rule.MOMENTUM
+    hp_keys = {"lr": HP.LR, "momentum": HP.BETA1, "dampening": HP.DAMPENING, "weight_decay": HP.WEIGHT_DECAY}
+    state_signed = (True, True, True)
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=bool(nesterov))
+        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+                         percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Whether a group has state is structural (it decides the op's arguments), so it is fixed here from
+        # the Python value rather than read back from the device hyper-parameter at every step.
+        momentum = param_group.get("momentum", self.defaults["momentum"])
+        param_group[MOMENTUM_BUFFER] = number("momentum", momentum) != 0
+        super().add_param_group(param_group)
+
+    def flags(self, group: dict[str, Any]) -> Flag:
+        return Flag.NESTEROV if group["nesterov"] else Flag.NONE
+
+    def n_states(self, group: dict[str, Any]) -> int:
+        return 1 if group[MOMENTUM_BUFFER] else 0
+
+    def check_group(self, group: dict[str, Any]) -> None:
+        super().check_group(group)
+        check_range(group, "dampening", 0.0, 1.0)
+        if group.get("nesterov"):
+            momentum = number("momentum", group.get("momentum", 0))
+            dampening = number("dampening", group.get("dampening", 0))
+            if momentum <= 0 or dampening != 0:
+                raise ValueError("qop: nesterov=True requires momentum > 0 and dampening == 0, "
+                                 f"got momentum={momentum}, dampening={dampening}")
+
+
+class LARS(SGD):
+    """LARS: the SGD rule, with the update (``buf``) scaled down to ``max_unorm * ||p||`` when its norm is larger.
+
+    bitsandbytes rejects ``momentum == 0``; qop runs it (the update is then the gradient).
+    """
+
+    hp_keys = {**SGD.hp_keys, "max_unorm": HP.MAX_UNORM}
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        optim_bits: int = 32,
+        args: Any = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        max_unorm: float = 0.02,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=bool(nesterov), max_unorm=max_unorm)
+        QopOptimizer.__init__(self, params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
+                              percentile_clipping=percentile_clipping, args=args)
+
+    def flags(self, group: dict[str, Any]) -> Flag:
+        return super().flags(group) | Flag.UNORM_CLIP
+
+
+SGD8bit = variant(SGD, "SGD8bit", bits=8, drop=("optim_bits",), doc="8-bit SGD.")
+SGD32bit = variant(SGD, "SGD32bit", bits=32, drop=("optim_bits",), doc="32-bit SGD.")
+LARS8bit = variant(LARS, "LARS8bit", bits=8, drop=("optim_bits",), doc="8-bit LARS.")
+LARS32bit = variant(LARS, "LARS32bit", bits=32, drop=("optim_bits",), doc="32-bit LARS.")

@@ -1,0 +1,143 @@
+"""Helpers shared by the Triton kernels: code-book lookup, nearest-code search, exact float math, launch.
+
+Nothing here registers anything; ``qop/triton/__init__.py`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # TRITON_INTERPRET=1 makes @triton.jit return an InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - very old Triton
+    InterpretedFunction = ()  # type: ignore[assignment,misc]
+
+#: Entries of a dynamic map; 8 halvings of 256 find the nearest one.
+CODE_SIZE: tl.constexpr = tl.constexpr(256)
+#: Gather code-book entries from a register copy loaded once per program (tl.gather) rather than
+#: from global memory; set QOP_TRITON_GATHER=0 to fall back to L1-cached global loads.
+GATHER = os.environ.get("QOP_TRITON_GATHER", "1") != "0"
+
+
+# ------------------------------------------------------------------------------------------ jit math
+@triton.jit
+def _div(a, b):
+    """IEEE round-to-nearest division (Triton's ``/`` is approximate); broadcasts like ``/``."""
+    a, b = tl.broadcast(a, b)
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def _pow(base, t):
+    """``base ** t`` correctly rounded to float32 (log/exp in float64, as exact as torch's powf)."""
+    return tl.exp(t.to(tl.float64) * tl.log(base.to(tl.float64))).to(tl.float32)
+
+
+@triton.jit
+def _log(x):
+    return tl.log(x.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _exp(x):
+    return tl.exp(x.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to nearest-even in DTYPE, like torch's ``.to()``.
+
+    bfloat16 is rounded on the bits: the same as the GPU's cvt.rn, and also exact under the
+    interpreter, whose bfloat16 cast truncates.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x == x, rounded, x.to(tl.bfloat16))  # NaN stays NaN
+    else:
+        return x.to(DTYPE)
+
+
+# ------------------------------------------------------------------------------------- code books
+@triton.jit
+def _code_book(code_ptr):
+    """The 256 code values and their 255 midpoints (slot 255 unused), loaded once per program."""
+    r = tl.arange(0, CODE_SIZE)
+    code = tl.load(code_ptr + r)
+    upper = tl.load(code_ptr + r + 1, mask=r < CODE_SIZE - 1, other=0.0)
+    return code, 0.5 * (code + upper)
+
+
+@triton.jit
+def _lookup(table, table_ptr, idx, GATHER: tl.constexpr):
+    """``table[idx]`` for an int32 index tensor of any shape."""
+    if GATHER:
+        flat = tl.gather(table, tl.reshape(idx, (idx.numel,)), 0)
+        return tl.reshape(flat, idx.shape)
+    else:
+        return tl.load(table_ptr + idx)
+
+
+@triton.jit
+def _mid(mids, code_ptr, idx, GATHER: tl.constexpr):
+    """Midpoint ``0.5 * (code[idx] + code[idx + 1])``."""
+    if GATHER:
+        return _lookup(mids, code_ptr, idx, GATHER)
+    else:
+        return 0.5 * (tl.load(code_ptr + idx) + tl.load(code_ptr + idx + 1))
+
+
+@triton.jit
+def _nearest(x, mids, code_ptr, GATHER: tl.constexpr):
+    """Index of the code nearest to x: the number of midpoints strictly below x (ties go down).
+
+    Branchless binary search: 8 steps of 128, 64, ..., 1 over the sorted midpoints.
+    """
+    pos = tl.zeros(x.shape, tl.int32)
+    for k in tl.static_range(8):
+        step: tl.constexpr = 128 >> k
+        below = _mid(mids, code_ptr, pos + (step - 1), GATHER) < x
+        pos = tl.where(below, pos + step, pos)
+    return pos
+
+
+# ------------------------------------------------------------------------------------------ launch
+def is_interpreted(kernel: Any) -> bool:
+    """Whether ``kernel`` (a jit function or an autotuner around one) runs in the interpreter."""
+    while hasattr(kernel, "fn") and not isinstance(kernel, InterpretedFunction):
+        kernel = kernel.fn
+    return isinstance(kernel, InterpretedFunction)
+
+
+def capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_best: dict[tuple, triton.Config] = {}
+_best_lock = threading.Lock()
+
+
+def launch(tuner: Any, grid: tuple, key: tuple, device: torch.device, config: dict | None, **kwargs: Any) -> None:
+    """Launch an autotuned kernel eagerly.
+
+    ``config`` (``{"BLOCK": ..., "num_warps": ...}``) bypasses tuning.  Under the interpreter the
+    first config is used (there is nothing to time), and during CUDA-graph capture the config found
+    by an earlier eager call (or the first one) is used, since benchmarking cannot be captured.
+    """
+    if config is None and (is_interpreted(tuner) or capturing(device)):
+        with _best_lock:
+            best = _best.get(key)
+        config = (best or tuner.configs[0]).all_kwargs()
+    if config is not None:
+        tuner.fn[grid](**kwargs, **config)
+        return
+    tuner[grid](**kwargs)
+    with _best_lock:
+        _best[key] = tuner.best_config

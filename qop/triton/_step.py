@@ -1,0 +1,476 @@
+"""The fused optimizer step: one kernel for every rule, 32-bit and 8-bit states, one or many tensors.
+
+Each program owns one chunk of one tensor and walks it in tiles of ``BLOCK`` elements laid out as
+``[BLOCK // 256, 256]`` (one row per 8-bit block): load param and grad, dequantize the states, apply the
+rule in float32 (``_rule``, selected by the constexpr ``RULE``), write the param and requantize the
+states with a fresh absmax per row.  Hyper-parameters, the step count, the gradient scale and the
+found-inf flag are read from device memory; only the rule, the flags and the tile sizes are constexpr.
+
+``PASS`` 0 is the whole step.  Flag.UNORM_CLIP takes two launches: ``PASS`` 1 accumulates each tensor's
+``sum(u^2)`` and ``sum(p^2)`` with atomics, ``PASS`` 2 is the step with the clip factor applied.
+The last program of a tensor to finish (an atomic chunk counter) writes the new step count and
+resets the counter and the sums, so no other launch is needed and the buffers are ready for the next
+call (and the next CUDA-graph replay).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _checks
+from .._schema import BLOCKSIZE, HP, Flag, Rule
+from . import _multi_tensor as mt
+from ._common import (
+    GATHER, _code_book, _div, _exp, _log, _lookup, _nearest, _pow, _round_to, is_interpreted, launch,
+)
+
+_ADAM = tl.constexpr(int(Rule.ADAM))
+_MOMENTUM = tl.constexpr(int(Rule.MOMENTUM))
+_ADAGRAD = tl.constexpr(int(Rule.ADAGRAD))
+_RMSPROP = tl.constexpr(int(Rule.RMSPROP))
+_LION = tl.constexpr(int(Rule.LION))
+_ADEMAMIX = tl.constexpr(int(Rule.ADEMAMIX))
+
+_NESTEROV = tl.constexpr(int(Flag.NESTEROV))
+_AMSGRAD = tl.constexpr(int(Flag.AMSGRAD))
+_NO_BIAS_CORRECTION = tl.constexpr(int(Flag.NO_BIAS_CORRECTION))
+_L2_WEIGHT_DECAY = tl.constexpr(int(Flag.L2_WEIGHT_DECAY))
+
+_HP_LR = tl.constexpr(int(HP.LR))
+_HP_BETA1 = tl.constexpr(int(HP.BETA1))
+_HP_BETA2 = tl.constexpr(int(HP.BETA2))
+_HP_BETA3 = tl.constexpr(int(HP.BETA3))
+_HP_EPS = tl.constexpr(int(HP.EPS))
+_HP_WD = tl.constexpr(int(HP.WEIGHT_DECAY))
+_HP_ALPHA = tl.constexpr(int(HP.ALPHA))
+_HP_DAMPENING = tl.constexpr(int(HP.DAMPENING))
+_HP_LR_DECAY = tl.constexpr(int(HP.LR_DECAY))
+_HP_MAX_UNORM = tl.constexpr(int(HP.MAX_UNORM))
+_HP_T_ALPHA = tl.constexpr(int(HP.T_ALPHA))
+_HP_T_BETA3 = tl.constexpr(int(HP.T_BETA3))
+
+#: One row of a tile per 8-bit block, so each row's absmax is a row reduction.
+_ROW = tl.constexpr(BLOCKSIZE)
+_N_SLOTS = tl.constexpr(mt.N_SLOTS)
+_SLOT_P = tl.constexpr(mt.SLOT_P)
+_SLOT_G = tl.constexpr(mt.SLOT_G)
+_SLOT_S1 = tl.constexpr(mt.SLOT_S1)
+_SLOT_A1 = tl.constexpr(mt.SLOT_A1)
+_SLOT_STEP = tl.constexpr(mt.SLOT_STEP)
+_SLOT_NUMEL = tl.constexpr(mt.SLOT_NUMEL)
+
+
+# ------------------------------------------------------------------------------------- rule math
+@triton.jit
+def _schedule(t, lr, b1, b2, b3, wd, alpha, lr_decay, t_alpha, t_beta3, RULE: tl.constexpr, FLAGS: tl.constexpr):
+    """Per-tensor scalars of a step: bias corrections, effective lr, decay, AdEMAMix warm-ups."""
+    one = tl.full((), 1.0, tl.float32)
+    c1 = one
+    c2 = one
+    lr_eff = lr
+    decay = one
+    alpha_t = alpha
+    b3_t = b3
+    if (RULE == _ADAM and not (_NO_BIAS_CORRECTION & FLAGS)) or RULE == _ADEMAMIX:
+        c1 = 1.0 - _pow(b1, t)
+        c2 = tl.sqrt_rn(1.0 - _pow(b2, t))
+    if (RULE == _ADAM and not (_L2_WEIGHT_DECAY & FLAGS)) or RULE == _LION or RULE == _ADEMAMIX:
+        decay = 1.0 - lr * wd
+    if RULE == _ADAGRAD:
+        lr_eff = _div(lr, 1.0 + (t - 1.0) * lr_decay)
+    if RULE == _ADEMAMIX:
+        alpha_t = tl.where(t_alpha > 0, tl.minimum(_div(t * alpha, t_alpha), alpha), alpha)
+        # beta3 warm-up of the AdEMAMix paper, capped at beta3
+        frac = _div(t, t_beta3)
+        lb1 = _log(b1)
+        lb3 = _log(b3)
+        warm = tl.minimum(_exp(_div(lb1 * lb3, (1.0 - frac) * lb3 + frac * lb1)), b3)
+        b3_t = tl.where(t_beta3 > 0, warm, b3)
+    return c1, c2, lr_eff, decay, alpha_t, b3_t
+
+
+@triton.jit
+def _rule(p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3_t,
+          RULE: tl.constexpr, FLAGS: tl.constexpr, N_STATES: tl.constexpr):
+    """One rule on float32 tiles: returns the new states and the update direction u."""
+    if RULE == _ADAM:
+        if _L2_WEIGHT_DECAY & FLAGS:
+            g = g + wd * p
+        m1 = b1 * m1 + (1.0 - b1) * g
+        m2 = b2 * m2 + (1.0 - b2) * g * g
+        vd = m2
+        if _AMSGRAD & FLAGS:
+            m3 = tl.maximum(m3, m2)
+            vd = m3
+        u = _div(_div(c2, c1) * m1, tl.sqrt_rn(vd) + eps * c2)
+    elif RULE == _MOMENTUM:
+        g = g + wd * p
+        if N_STATES > 0:
+            m1 = tl.where(t == 1.0, g, b1 * m1 + (1.0 - damp) * g)
+            if _NESTEROV & FLAGS:
+                u = g + b1 * m1
+            else:
+                u = m1
+        else:
+            u = g
+    elif RULE == _ADAGRAD:
+        g = g + wd * p
+        m1 = m1 + g * g
+        u = _div(g, tl.sqrt_rn(m1) + eps)
+    elif RULE == _RMSPROP:
+        g = g + wd * p
+        m1 = alpha * m1 + (1.0 - alpha) * g * g
+        u = _div(g, tl.sqrt_rn(m1) + eps)
+    elif RULE == _LION:
+        x = b1 * m1 + (1.0 - b1) * g
+        u = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+        m1 = b2 * m1 + (1.0 - b2) * g
+    else:  # _ADEMAMIX: m1 fast EMA, m2 second moment, m3 slow EMA
+        m1 = b1 * m1 + (1.0 - b1) * g
+        m2 = b2 * m2 + (1.0 - b2) * g * g
+        m3 = b3_t * m3 + (1.0 - b3_t) * g
+        u = _div(_div(m1, c1) + alpha_t * m3, _div(tl.sqrt_rn(m2), c2) + eps)
+    return m1, m2, m3, u
+
+
+@triton.jit
+def _unorm_clip(sum_u2, sum_p2, max_unorm):
+    """``max_unorm * ||p|| / ||u||`` when ``||u||`` exceeds ``max_unorm * ||p||`` (and max_unorm > 0), else 1."""
+    unorm = tl.sqrt_rn(sum_u2)
+    limit = max_unorm * tl.sqrt_rn(sum_p2)
+    clip = tl.where(unorm > limit, _div(limit, unorm), 1.0)
+    return tl.where(max_unorm > 0, clip, 1.0)
+
+
+# ----------------------------------------------------------------------------------- state access
+@triton.jit
+def _load_state(s_ptr, a_ptr, code, code_ptr, offs, mask, blocks, block_mask, QUANT: tl.constexpr,
+                GATHER: tl.constexpr):
+    """A state tile in float32, plus what a dry run writes back (codes and absmax, or the values)."""
+    if QUANT:
+        q = tl.load(s_ptr + offs, mask=mask, other=0)
+        absmax = tl.load(a_ptr + blocks, mask=block_mask, other=0.0)
+        x = _lookup(code, code_ptr, q.to(tl.int32), GATHER) * absmax[:, None]
+        return x, q, absmax
+    else:
+        x = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        return x, x, x
+
+
+@triton.jit
+def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, code_ptr, offs, mask, blocks, block_mask, dry,
+                 QUANT: tl.constexpr, GATHER: tl.constexpr):
+    """Write a state tile; 8-bit: requantize each row (256-block) against a fresh absmax."""
+    if QUANT:
+        absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+        scale = tl.where(absmax > 0, absmax, 1.0)
+        q = _nearest(_div(x, scale[:, None]), mids, code_ptr, GATHER)
+        tl.store(s_ptr + offs, tl.where(dry, old_q.to(tl.int32), q).to(tl.uint8), mask=mask)
+        tl.store(a_ptr + blocks, tl.where(dry, old_absmax, absmax), mask=block_mask)
+    else:
+        tl.store(s_ptr + offs, tl.where(dry, old_q, x), mask=mask)
+
+
+@triton.jit
+def _slot(row_ptr, SLOT: tl.constexpr, like, ALIGNED: tl.constexpr):
+    """Address of slot SLOT of a table row, typed like the kernel argument ``like``."""
+    addr = tl.load(row_ptr + SLOT)
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(like.dtype.element_ty))
+
+
+# -------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _step_kernel(
+    p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, a1_ptr, a2_ptr, a3_ptr, step_ptr,
+    code1_ptr, code2_ptr, code3_ptr, hp_ptr, gscale_ptr, found_inf_ptr,
+    table_ptr, chunks_ptr, work_ptr, norms_ptr,
+    numel, tensor_index, size_class,
+    RULE: tl.constexpr, FLAGS: tl.constexpr, N_STATES: tl.constexpr, QUANT: tl.constexpr, PASS: tl.constexpr,
+    MULTI: tl.constexpr, HAS_GSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
+    GATHER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Step over one chunk.  MULTI: the chunk and its tensor come from the metadata tables and the
+    pointer arguments only carry element types; otherwise the pointers are the tensor's own and
+    program i owns elements [i*CHUNK, (i+1)*CHUNK).  ``size_class`` only keys the autotuner."""
+    pid = tl.program_id(0).to(tl.int64)
+    if MULTI:
+        ti = tl.load(chunks_ptr + 2 * pid)
+        start = tl.multiple_of(tl.load(chunks_ptr + 2 * pid + 1), CHUNK)
+        row = table_ptr + ti * _N_SLOTS
+        numel = tl.load(row + _SLOT_NUMEL)
+        if ALIGNED:
+            numel = tl.multiple_of(numel, 16)
+        p_ptr = _slot(row, _SLOT_P, p_ptr, ALIGNED)
+        g_ptr = _slot(row, _SLOT_G, g_ptr, ALIGNED)
+        s1_ptr = _slot(row, _SLOT_S1, s1_ptr, ALIGNED)
+        s2_ptr = _slot(row, _SLOT_S1 + 1, s2_ptr, ALIGNED)
+        s3_ptr = _slot(row, _SLOT_S1 + 2, s3_ptr, ALIGNED)
+        a1_ptr = _slot(row, _SLOT_A1, a1_ptr, ALIGNED)
+        a2_ptr = _slot(row, _SLOT_A1 + 1, a2_ptr, ALIGNED)
+        a3_ptr = _slot(row, _SLOT_A1 + 2, a3_ptr, ALIGNED)
+        step_ptr = _slot(row, _SLOT_STEP, step_ptr, False)
+    else:
+        ti = tensor_index
+        start = pid * CHUNK
+        numel = pid * 0 + numel  # a tensor even where Triton specializes numel == 1 to a constant
+    n_chunks = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)
+
+    old_step = tl.load(step_ptr)
+    t = old_step + 1.0
+    keep = True
+    if HAS_FOUND_INF:
+        keep = tl.load(found_inf_ptr).to(tl.float32) == 0.0
+    dry = tl.load(work_ptr) != 0  # autotuner timing run: write back what was read
+    gscale = 1.0
+    if HAS_GSCALE:
+        gscale = tl.load(gscale_ptr + ti)
+    end = tl.minimum(start + CHUNK, numel)
+    end = tl.where(keep, end, start)  # found_inf: touch nothing
+
+    lr = tl.load(hp_ptr + _HP_LR)
+    b1 = tl.load(hp_ptr + _HP_BETA1)
+    b2 = tl.load(hp_ptr + _HP_BETA2)
+    eps = tl.load(hp_ptr + _HP_EPS)
+    wd = tl.load(hp_ptr + _HP_WD)
+    alpha = tl.load(hp_ptr + _HP_ALPHA)
+    damp = tl.load(hp_ptr + _HP_DAMPENING)
+    c1, c2, lr_eff, decay, alpha_t, b3_t = _schedule(
+        t, lr, b1, b2, tl.load(hp_ptr + _HP_BETA3), wd, alpha, tl.load(hp_ptr + _HP_LR_DECAY),
+        tl.load(hp_ptr + _HP_T_ALPHA), tl.load(hp_ptr + _HP_T_BETA3), RULE, FLAGS)
+    clip = 1.0
+    if PASS == 2:
+        sum_u2 = tl.load(norms_ptr + 2 * ti)
+        sum_p2 = tl.load(norms_ptr + 2 * ti + 1)
+        clip = _unorm_clip(sum_u2, sum_p2, tl.load(hp_ptr + _HP_MAX_UNORM))
+
+    code1 = 0.0
+    mids1 = 0.0
+    code2 = 0.0
+    mids2 = 0.0
+    code3 = 0.0
+    mids3 = 0.0
+    if QUANT:
+        if N_STATES >= 1:
+            code1, mids1 = _code_book(code1_ptr)
+        if N_STATES >= 2:
+            code2, mids2 = _code_book(code2_ptr)
+        if N_STATES >= 3:
+            code3, mids3 = _code_book(code3_ptr)
+
+    NB: tl.constexpr = BLOCK // _ROW
+    rows = tl.arange(0, NB)
+    tile = rows[:, None] * _ROW + tl.arange(0, _ROW)[None, :]
+    acc_u2 = tl.zeros((NB, _ROW), tl.float32)
+    acc_p2 = tl.zeros((NB, _ROW), tl.float32)
+    for off in range(start, end, BLOCK):
+        offs = off + tile
+        mask = offs < end
+        blocks = off // _ROW + rows
+        block_mask = off + rows * _ROW < end
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gscale
+        m1 = 0.0
+        q1 = 0.0
+        am1 = 0.0
+        m2 = 0.0
+        q2 = 0.0
+        am2 = 0.0
+        m3 = 0.0
+        q3 = 0.0
+        am3 = 0.0
+        if N_STATES >= 1:
+            m1, q1, am1 = _load_state(s1_ptr, a1_ptr, code1, code1_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
+        if N_STATES >= 2:
+            m2, q2, am2 = _load_state(s2_ptr, a2_ptr, code2, code2_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
+        if N_STATES >= 3:
+            m3, q3, am3 = _load_state(s3_ptr, a3_ptr, code3, code3_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
+        m1, m2, m3, u = _rule(p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3_t,
+                              RULE, FLAGS, N_STATES)
+        if PASS == 1:
+            acc_u2 += tl.where(mask, u * u, 0.0)
+            acc_p2 += tl.where(mask, p * p, 0.0)
+        else:
+            new_p = p * decay - lr_eff * clip * u
+            tl.store(p_ptr + offs, _round_to(tl.where(dry, p, new_p), p_ptr.dtype.element_ty), mask=mask)
+            if N_STATES >= 1:
+                _store_state(s1_ptr, a1_ptr, m1, q1, am1, mids1, code1_ptr, offs, mask, blocks, block_mask, dry,
+                             QUANT, GATHER)
+            if N_STATES >= 2:
+                _store_state(s2_ptr, a2_ptr, m2, q2, am2, mids2, code2_ptr, offs, mask, blocks, block_mask, dry,
+                             QUANT, GATHER)
+            if N_STATES >= 3:
+                _store_state(s3_ptr, a3_ptr, m3, q3, am3, mids3, code3_ptr, offs, mask, blocks, block_mask, dry,
+                             QUANT, GATHER)
+
+    if PASS == 1:
+        tl.atomic_add(norms_ptr + 2 * ti, tl.where(dry, 0.0, tl.sum(acc_u2)))
+        tl.atomic_add(norms_ptr + 2 * ti + 1, tl.where(dry, 0.0, tl.sum(acc_p2)))
+    else:
+        # The last program of this tensor (every other one has read the step and the sums before
+        # its acq_rel increment) advances the step and resets the counter and the sums.
+        done = tl.atomic_add(work_ptr + 1 + ti, 1)
+        last = done == n_chunks - 1
+        advance = tl.where(dry, 0.0, tl.where(keep, 1.0, 0.0))
+        tl.store(step_ptr, old_step + advance, mask=last)
+        tl.store(work_ptr + 1 + ti, 0, mask=last)
+        if PASS == 2:
+            tl.store(norms_ptr + 2 * ti, tl.where(dry, sum_u2, 0.0), mask=last)
+            tl.store(norms_ptr + 2 * ti + 1, tl.where(dry, sum_p2, 0.0), mask=last)
+
+
+# --------------------------------------------------------------------------------------- autotuning
+#: First entry: the interpreter's and CUDA-graph capture's fallback.  Tiles of 512-4096 elements
+#: (2-16 blocks of 256) with 4 or 8 warps; the kernel is memory bound, so these only trade
+#: occupancy against loads in flight.
+CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 512}, num_warps=4),
+    triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 4096}, num_warps=8),
+]
+_KEY = ["size_class", "RULE", "FLAGS", "N_STATES", "QUANT", "PASS", "MULTI"]
+_MUTATED = ["p_ptr", "s1_ptr", "s2_ptr", "s3_ptr", "a1_ptr", "a2_ptr", "a3_ptr", "step_ptr", "work_ptr", "norms_ptr"]
+
+
+def _dry_run_on(kwargs, reset_only=False):
+    """Autotuner timing runs of a multi-tensor launch write back what they read (see ``dry``)."""
+    if not reset_only:
+        kwargs["work_ptr"][:1].fill_(1)
+
+
+def _dry_run_off(kwargs, exception=None):
+    kwargs["work_ptr"][:1].fill_(0)
+
+
+# Multi-tensor launches write through addresses read from a table, which ``restore_value`` cannot
+# snapshot; their timing runs are dry runs instead (same traffic, same bytes written back).
+_step_multi = triton.autotune(CONFIGS, key=_KEY, pre_hook=_dry_run_on, post_hook=_dry_run_off)(_step_kernel)
+# Per-tensor launches (the torch.compile decomposition) pass every tensor they write as an argument;
+# inductor supports ``restore_value`` (not hooks) and clones mutated arguments itself when tuning.
+_step_single = triton.autotune(CONFIGS, key=_KEY, restore_value=_MUTATED)(_step_kernel)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _n_states(rule: int, flags: int, state1: Sequence[Tensor]) -> int:
+    return _checks.n_states(rule, flags, len(state1) > 0)
+
+
+def _passes(flags: int) -> tuple[int, ...]:
+    return (1, 2) if flags & Flag.UNORM_CLIP else (0,)
+
+
+def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf,
+               chunk: int | None, config: dict | None) -> None:
+    """One launch (two with UNORM_CLIP) over all tensors, driven by cached device metadata."""
+    n = len(params)
+    if n == 0:
+        return
+    k = _n_states(rule, flags, states[0])
+    quant = absmax is not None
+    chunk = chunk or mt.CHUNK
+    rows = []
+    for i in range(n):
+        row: list[Tensor | None] = [params[i], grads[i], None, None, None, None, None, None, steps[i]]
+        for j in range(k):
+            row[mt.SLOT_S1 + j] = states[j][i]
+            if quant:
+                row[mt.SLOT_A1 + j] = absmax[j][i]
+        rows.append(row)
+    meta = mt.metadata(rows, chunk)
+    total = sum(p.numel() for p in params)
+    like = [states[j][0] if j < k else hp for j in range(3)]
+    like_absmax = [absmax[j][0] if quant and j < k else hp for j in range(3)]
+    args = _args(params[0], grads[0], like, like_absmax, steps[0], codes, hp, gscale, found_inf,
+                 meta.table, meta.chunks, meta.work, meta.norms, 0, 0, total)
+    for pass_ in _passes(flags):
+        consts = _consts(rule, flags, k, quant, pass_, True, gscale, found_inf, meta.aligned, chunk)
+        key = ("step", total.bit_length(), params[0].dtype, *consts.values())
+        launch(_step_multi, (meta.n_chunks,), key, params[0].device, config, **args, **consts)
+
+
+def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf,
+                chunk: int | None, config: dict | None) -> None:
+    """One launch per tensor with every tensor an explicit argument: what torch.compile traces."""
+    n = len(params)
+    if n == 0:
+        return
+    k = _n_states(rule, flags, states[0])
+    quant = absmax is not None
+    chunk = chunk or mt.CHUNK
+    work = torch.zeros(1 + n, dtype=torch.int32, device=hp.device)
+    norms = torch.zeros(n, 2, dtype=torch.float32, device=hp.device) if flags & Flag.UNORM_CLIP else hp
+    for i in range(n):
+        numel = params[i].numel()
+        st = [states[j][i] if j < k else hp for j in range(3)]
+        am = [absmax[j][i] if quant and j < k else hp for j in range(3)]
+        args = _args(params[i], grads[i], st, am, steps[i], codes, hp, gscale, found_inf, hp, hp, work, norms,
+                     numel, i, numel)
+        grid = (mt.n_programs(numel, chunk),)
+        for pass_ in _passes(flags):
+            consts = _consts(rule, flags, k, quant, pass_, False, gscale, found_inf, False, chunk)
+            if config is not None or is_interpreted(_step_single):
+                key = ("step1", _bit_length(numel), params[i].dtype, *consts.values())
+                launch(_step_single, grid, key, params[i].device, config, **args, **consts)
+            else:
+                torch.library.wrap_triton(_step_single)[grid](**args, **consts)
+
+
+def _bit_length(n) -> int:
+    return int(n).bit_length() if isinstance(n, int) else 0  # symbolic sizes: one tuning bucket
+
+
+def _args(p, g, states, absmax, step, codes, hp, gscale, found_inf, table, chunks, work, norms,
+          numel, tensor_index, size) -> dict:
+    codes = codes if codes is not None else (hp, hp, hp)
+    return dict(
+        p_ptr=p, g_ptr=g, s1_ptr=states[0], s2_ptr=states[1], s3_ptr=states[2],
+        a1_ptr=absmax[0], a2_ptr=absmax[1], a3_ptr=absmax[2], step_ptr=step,
+        code1_ptr=codes[0], code2_ptr=codes[1], code3_ptr=codes[2], hp_ptr=hp,
+        gscale_ptr=hp if gscale is None else gscale, found_inf_ptr=hp if found_inf is None else found_inf,
+        table_ptr=table, chunks_ptr=chunks, work_ptr=work, norms_ptr=norms,
+        numel=numel, tensor_index=tensor_index, size_class=_bit_length(size),
+    )
+
+
+def _consts(rule, flags, n_states, quant, pass_, multi, gscale, found_inf, aligned, chunk) -> dict:
+    return dict(
+        RULE=int(rule), FLAGS=int(flags), N_STATES=n_states, QUANT=quant, PASS=pass_, MULTI=multi,
+        HAS_GSCALE=gscale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
+        GATHER=GATHER, CHUNK=chunk,
+    )
+
+
+def _step(multi: bool, rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf,
+          chunk, config) -> None:
+    if config is not None and (config["BLOCK"] % BLOCKSIZE or config["BLOCK"] <= 0):
+        raise ValueError(f"qop: BLOCK must be a positive multiple of {BLOCKSIZE}, got {config['BLOCK']}")
+    run = _run_multi if multi else _run_single
+    run(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, chunk, config)
+
+
+def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, *,
+               multi: bool = True, chunk: int | None = None, config: dict | None = None) -> None:
+    """``qop::step_32bit`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors).
+
+    ``multi``: one launch for all tensors (eager) or one per tensor (the torch.compile decomposition);
+    ``chunk`` / ``config`` (``{"BLOCK": ..., "num_warps": ...}``) override the defaults, for tests.
+    """
+    states = (state1, state2, state3)
+    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.float32)
+    _step(multi, rule, flags, params, grads, states, None, steps, hp, None, gscale, found_inf, chunk, config)
+
+
+def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
+              code1, code2, code3, gscale, found_inf, *, multi: bool = True, chunk: int | None = None,
+              config: dict | None = None) -> None:
+    """``qop::step_8bit`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors); see :func:`step_32bit`."""
+    states, absmax, codes = (state1, state2, state3), (absmax1, absmax2, absmax3), (code1, code2, code3)
+    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.uint8, absmax, codes)
+    _step(multi, rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, chunk, config)

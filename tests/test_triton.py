@@ -1,0 +1,464 @@
+"""Triton kernels (qop/triton) against qop.reference.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors: the
+launchers are called directly with small shapes.  With CUDA the same tests run the compiled kernels
+on the GPU, and the ``gpu`` tests add opcheck, CUDA-graph capture and torch.compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+
+import torch
+
+CUDA = torch.cuda.is_available()
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+if not CUDA:
+    # Read by @triton.jit when our kernel modules are imported (below), even if another test module
+    # imported triton itself earlier.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import qop  # noqa: E402
+from qop import HP, Flag, Rule, reference  # noqa: E402
+from qop._schema import HP_SIZE  # noqa: E402
+from qop.triton import _common, _multi_tensor, _quant, _step  # noqa: E402
+
+if not CUDA and not _common.is_interpreted(_step._step_kernel):
+    # Our kernel modules were imported (compiled-mode) before this module set TRITON_INTERPRET:
+    # rebuild them as interpreted functions.  They register nothing, so reloading is safe.
+    for _module in (_common, _multi_tensor, _quant, _step):
+        importlib.reload(_module)
+if not CUDA:
+    assert _common.is_interpreted(_step._step_kernel)
+    if _saved_interpret is None:  # leave the environment as we found it for other test modules
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved_interpret
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    """Triton also consults the variable at launch (lazy imports), so set it again while we run."""
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# The interpreter evaluates both sides of tl.where (e.g. AdEMAMix's warm-up when it is off) in numpy.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+gpu = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+SIGNED, UNSIGNED = True, False
+#: Mixed sizes of one call: a single element, partial and just-over-full 8-bit blocks, several chunks.
+SIZES = [1, 255, 257, 700]
+#: Small chunks and tiles so that the interpreter sees several chunks per tensor and several tiles
+#: per chunk; the default config is exercised separately.
+SMALL = dict(chunk=512, config={"BLOCK": 256, "num_warps": 4})
+
+
+# --------------------------------------------------------------------------------------------- cases
+def make_hp(**values: float) -> torch.Tensor:
+    defaults = dict(LR=1e-2, BETA1=0.9, BETA2=0.999, BETA3=0.9999, EPS=1e-8, WEIGHT_DECAY=0.0, ALPHA=0.99,
+                    DAMPENING=0.0, LR_DECAY=0.0, MAX_UNORM=0.0, T_ALPHA=0.0, T_BETA3=0.0)
+    defaults.update(values)
+    hp = torch.zeros(HP_SIZE, dtype=torch.float32)
+    for name, value in defaults.items():
+        hp[HP[name]] = value
+    return hp.to(DEVICE)
+
+
+# (id, rule, flags, map of each state (signed?), hyper-parameters)
+CASES = [
+    ("adamw", Rule.ADAM, Flag.NONE, (SIGNED, UNSIGNED), dict(WEIGHT_DECAY=1e-2)),
+    ("adam-amsgrad", Rule.ADAM, Flag.AMSGRAD, (SIGNED, UNSIGNED, UNSIGNED), dict()),
+    ("lamb-l2-nobc", Rule.ADAM, Flag.L2_WEIGHT_DECAY | Flag.NO_BIAS_CORRECTION | Flag.UNORM_CLIP,
+     (SIGNED, UNSIGNED), dict(WEIGHT_DECAY=1e-2, MAX_UNORM=1e-3)),
+    ("lamb", Rule.ADAM, Flag.UNORM_CLIP, (SIGNED, UNSIGNED), dict(MAX_UNORM=1.0)),
+    ("sgd-momentum", Rule.MOMENTUM, Flag.NONE, (SIGNED,), dict(BETA1=0.9, DAMPENING=0.1, WEIGHT_DECAY=1e-2)),
+    ("sgd-nesterov", Rule.MOMENTUM, Flag.NESTEROV, (SIGNED,), dict(BETA1=0.9)),
+    ("sgd-plain", Rule.MOMENTUM, Flag.NONE, (), dict(BETA1=0.0, WEIGHT_DECAY=1e-2)),
+    ("lars", Rule.MOMENTUM, Flag.UNORM_CLIP, (SIGNED,), dict(BETA1=0.9, MAX_UNORM=2e-3)),
+    ("adagrad", Rule.ADAGRAD, Flag.NONE, (UNSIGNED,), dict(EPS=1e-10, LR_DECAY=0.1, WEIGHT_DECAY=1e-2)),
+    ("rmsprop", Rule.RMSPROP, Flag.NONE, (UNSIGNED,), dict(ALPHA=0.99, WEIGHT_DECAY=1e-2)),
+    ("lion", Rule.LION, Flag.NONE, (SIGNED,), dict(LR=1e-4, BETA2=0.99, WEIGHT_DECAY=1e-2)),
+    ("ademamix", Rule.ADEMAMIX, Flag.NONE, (SIGNED, UNSIGNED, SIGNED), dict(ALPHA=5.0, WEIGHT_DECAY=1e-2)),
+    ("ademamix-warmup", Rule.ADEMAMIX, Flag.NONE, (SIGNED, UNSIGNED, SIGNED),
+     dict(ALPHA=5.0, T_ALPHA=10.0, T_BETA3=10.0)),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+class Problem:
+    """One call's tensors; ``bits`` 32 or 8.  Generated states are random, not zero, so that the
+    first step already dequantizes real codes."""
+
+    def __init__(self, case, dtype, bits, sizes=SIZES, seed=0, gscale=False, found_inf=None):
+        _, self.rule, self.flags, maps, hp = case
+        self.bits = bits
+        g = torch.Generator().manual_seed(seed)
+        rand = lambda n: torch.randn(n, generator=g)  # noqa: E731
+        self.params = [rand(n).to(dtype).to(DEVICE) for n in sizes]
+        self.grads = [rand(n).to(dtype).to(DEVICE) for n in sizes]
+        self.codes = [qop.dynamic_map(s, DEVICE) for s in maps] or [qop.dynamic_map(True, DEVICE)]
+        self.states: list[list[torch.Tensor]] = [[], [], []]
+        self.absmax: list[list[torch.Tensor]] = [[], [], []]
+        for j, signed in enumerate(maps):
+            for n in sizes:
+                x = rand(n) * 0.01
+                x = x if signed else x.abs()
+                if bits == 32:
+                    self.states[j].append(x.to(DEVICE))
+                else:
+                    q, a = reference.quantize_blockwise(x.to(DEVICE), self.codes[j], qop.BLOCKSIZE)
+                    self.states[j].append(q)
+                    self.absmax[j].append(a)
+        self.steps = [torch.tensor(float(i % 3), device=DEVICE) for i in range(len(sizes))]
+        self.hp = make_hp(**hp)
+        self.gscale = (torch.rand(len(sizes), generator=g) + 0.5).to(DEVICE) if gscale else None
+        self.found_inf = None if found_inf is None else torch.tensor(found_inf, device=DEVICE)
+
+    def clone(self) -> Problem:
+        return copy.deepcopy(self)
+
+    def mutable(self) -> list[torch.Tensor]:
+        return [*self.params, *(t for s in self.states for t in s), *(t for a in self.absmax for t in a),
+                *self.steps]
+
+    def run(self, impl, **kw) -> None:
+        s1, s2, s3 = self.states
+        codes = (self.codes + [self.codes[0]] * 3)[:3]
+        if self.bits == 32:
+            impl.step_32bit(self.rule, int(self.flags), self.params, self.grads, s1, s2, s3, self.steps, self.hp,
+                            self.gscale, self.found_inf, **kw)
+        else:
+            a1, a2, a3 = self.absmax
+            impl.step_8bit(self.rule, int(self.flags), self.params, self.grads, s1, s2, s3, a1, a2, a3, self.steps,
+                           self.hp, *codes, self.gscale, self.found_inf, **kw)
+
+
+# ------------------------------------------------------------------------------------------ checks
+def _ordered(x: torch.Tensor) -> torch.Tensor:
+    """Integers ordered like the floats they encode, so that adjacent floats differ by 1."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[x.dtype]
+    i = x.view(bits).long()
+    return torch.where(i < 0, -(i & ((1 << (8 * x.element_size() - 1)) - 1)), i)
+
+
+def assert_params_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=2e-6, atol=1e-7)
+    else:  # float32 math rounded once: at most one unit in the last place apart
+        ulps = (_ordered(actual) - _ordered(expected)).abs().max().item() if actual.numel() else 0
+        assert ulps <= 1, f"{ulps} ulps apart"
+
+
+def assert_same_step(actual: Problem, expected: Problem) -> None:
+    for a, e in zip(actual.params, expected.params):
+        assert_params_close(a, e)
+    for a, e in zip(actual.steps, expected.steps):
+        assert a.item() == e.item()
+    for j in range(3):
+        for a, e in zip(actual.states[j], expected.states[j]):
+            if actual.bits == 32:
+                torch.testing.assert_close(a, e, rtol=2e-6, atol=1e-9)
+            elif a.numel():  # one code step at most, and rarely
+                diff = (a.int() - e.int()).abs()
+                assert diff.max().item() <= 1
+                assert (diff > 0).float().mean().item() < 0.02
+        for a, e in zip(actual.absmax[j], expected.absmax[j]):
+            torch.testing.assert_close(a, e, rtol=2e-6, atol=0)
+
+
+def check_against_reference(problem: Problem, n_steps: int = 2, **kw) -> None:
+    """Each step starts the kernel and the reference from the same tensors and compares one step."""
+    for _ in range(n_steps):
+        expected = problem.clone()
+        problem.run(_step, **kw)
+        expected.run(reference)
+        assert_same_step(problem, expected)
+
+
+# ------------------------------------------------------------------------------------- quantization
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, blocksize", [(1, 256), (255, 256), (257, 256), (1000, 256), (300, 64), (5000, 2048)])
+def test_quantize_dequantize(n, blocksize, dtype):
+    g = torch.Generator().manual_seed(n)
+    A = (torch.randn(n, generator=g) * 3).to(dtype).to(DEVICE)
+    if n > 256:
+        A[:blocksize] = 0  # a zero block: absmax 0, dequantizes to zeros
+    code = qop.dynamic_map(True, DEVICE)
+    q, absmax = _quant.quantize_blockwise(A, code, blocksize)
+    q_ref, absmax_ref = reference.quantize_blockwise(A, code, blocksize)
+    assert q.dtype == torch.uint8 and q.shape == A.shape
+    assert torch.equal(absmax, absmax_ref)
+    assert torch.equal(q, q_ref)
+    out = _quant.dequantize_blockwise(q, absmax, code, blocksize, dtype)
+    assert torch.equal(out, reference.dequantize_blockwise(q, absmax, code, blocksize, dtype))
+
+
+def test_quantize_ties_go_down_and_unsigned_map():
+    code = qop.dynamic_map(False, DEVICE)
+    mids = 0.5 * (code[:-1] + code[1:])
+    A = torch.cat([mids, code, torch.tensor([1.0], device=DEVICE)])  # exact midpoints and code values
+    A = A.reshape(-1)
+    q, absmax = _quant.quantize_blockwise(A, code, A.numel())
+    q_ref, _ = reference.quantize_blockwise(A, code, A.numel())
+    assert absmax.item() == 1.0
+    assert torch.equal(q, q_ref)
+    assert torch.equal(q[: mids.numel()].long(), torch.arange(mids.numel(), device=DEVICE))
+
+
+def test_quantize_empty():
+    code = qop.dynamic_map(True, DEVICE)
+    q, absmax = _quant.quantize_blockwise(torch.empty(0, device=DEVICE), code, 256)
+    assert q.numel() == 0 and absmax.numel() == 0
+    assert _quant.dequantize_blockwise(q, absmax, code, 256, torch.bfloat16).dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------- steps
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_32bit(case, dtype):
+    check_against_reference(Problem(case, dtype, 32), **SMALL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_8bit(case, dtype):
+    check_against_reference(Problem(case, dtype, 8), **SMALL)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_step_default_config(bits):
+    """The first autotune config and the default chunk (what the interpreter launches by default)."""
+    check_against_reference(Problem(CASES[0], torch.float32, bits, sizes=[3000, 5, 513]), n_steps=1)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_step_wide_tiles(bits):
+    """Tiles of several 8-bit blocks (rows), chunks of several tiles."""
+    check_against_reference(Problem(CASES[1], torch.float32, bits, sizes=[2500, 700]), n_steps=1,
+                            chunk=1024, config={"BLOCK": 512, "num_warps": 4})
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[8]], ids=["adamw", "lamb", "adagrad"])
+def test_step_gscale(case, bits):
+    check_against_reference(Problem(case, torch.float32, bits, gscale=True), n_steps=1, **SMALL)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["adamw", "lamb"])
+def test_step_found_inf(case, bits):
+    skipped = Problem(case, torch.bfloat16, bits, found_inf=1.0)
+    before = skipped.clone()
+    skipped.run(_step, **SMALL)
+    for a, b in zip(skipped.mutable(), before.mutable()):
+        assert torch.equal(a, b)
+    check_against_reference(Problem(case, torch.bfloat16, bits, found_inf=0.0), n_steps=1, **SMALL)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7]], ids=["amsgrad", "lamb", "lars"])
+def test_single_tensor_launches_match_multi(case, bits):
+    """The torch.compile decomposition (one launch per tensor) computes what the eager launch does."""
+    multi = Problem(case, torch.float32, bits, gscale=True)
+    single = multi.clone()
+    multi.run(_step, **SMALL)
+    single.run(_step, multi=False, **SMALL)
+    for a, b in zip(multi.mutable(), single.mutable()):
+        assert torch.equal(a, b)
+
+
+def test_empty_tensor_advances_step():
+    problem = Problem(CASES[0], torch.float32, 8, sizes=[0, 300])
+    expected = problem.clone()
+    problem.run(_step, **SMALL)
+    expected.run(reference)
+    assert_same_step(problem, expected)
+    assert problem.steps[0].item() == 1.0
+
+
+def test_empty_call_is_a_noop():
+    hp = make_hp()
+    _step.step_32bit(Rule.ADAM, 0, [], [], [], [], [], [], hp, None, None)
+
+
+# ----------------------------------------------------------------------------- multi-tensor metadata
+def test_metadata_cached_and_self_resetting():
+    problem = Problem(CASES[3], torch.float32, 8)  # LAMB: counters and norm sums both used
+    rows = [[p, g, s1, s2, None, a1, a2, None, st] for p, g, s1, s2, a1, a2, st in
+            zip(problem.params, problem.grads, *problem.states[:2], *problem.absmax[:2], problem.steps)]
+    problem.run(_step, **SMALL)
+    meta = _multi_tensor.metadata(rows, SMALL["chunk"])
+    assert _multi_tensor.metadata(rows, SMALL["chunk"]) is meta
+    owner, start = meta.chunks.cpu().unbind(1)
+    assert owner.tolist() == [0, 1, 2, 3, 3]
+    assert start.tolist() == [0, 0, 0, 0, 512]
+    assert meta.table[:, _multi_tensor.SLOT_NUMEL].tolist() == SIZES
+    assert not meta.aligned  # sizes 1, 255, ... are not multiples of 16
+    assert torch.count_nonzero(meta.work).item() == 0
+    assert torch.count_nonzero(meta.norms).item() == 0
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_dry_run_writes_back_what_it_read(bits):
+    """The autotuner's timing runs of multi-tensor launches must leave every tensor unchanged."""
+    problem = Problem(CASES[3], torch.float32, bits)
+    problem.run(_step, **SMALL)  # builds the metadata of these tensors
+    k = len(CASES[3][3])
+    rows = [[p, g, *[problem.states[j][i] for j in range(k)], None,
+             *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k), None, st]
+            for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))]
+    meta = _multi_tensor.metadata(rows, SMALL["chunk"])
+    before = problem.clone()
+    _step._dry_run_on({"work_ptr": meta.work})
+    try:
+        problem.run(_step, **SMALL)
+    finally:
+        _step._dry_run_off({"work_ptr": meta.work})
+    for a, b in zip(problem.mutable(), before.mutable()):
+        assert torch.equal(a, b)
+    assert torch.count_nonzero(meta.work).item() == 0
+    assert torch.count_nonzero(meta.norms).item() == 0
+
+
+def test_launcher_checks_arguments():
+    problem = Problem(CASES[0], torch.float32, 32)
+    with pytest.raises((ValueError, RuntimeError), match="grads"):
+        _step.step_32bit(Rule.ADAM, 0, problem.params, problem.grads[:-1], *problem.states, problem.steps,
+                         problem.hp, None, None)
+    with pytest.raises(ValueError, match="BLOCK"):
+        problem.run(_step, config={"BLOCK": 100, "num_warps": 4})
+
+
+# ------------------------------------------------------------------------------------------- paging
+def test_paged_falls_back_on_cpu():
+    from qop import paged
+
+    t = paged.paged_zeros((3, 5), dtype=torch.float32, device="cpu")
+    assert t.shape == (3, 5) and t.device.type == "cpu" and torch.count_nonzero(t).item() == 0
+    assert paged.paged_empty(7, device="cpu").dtype == torch.float32
+    assert not paged.is_paged(t)
+    paged.prefetch([t, torch.ones(2)])  # no-op
+
+
+# --------------------------------------------------------------------------------- GPU-only checks
+def _op_args(problem: Problem) -> tuple:
+    s1, s2, s3 = problem.states
+    if problem.bits == 32:
+        return (int(problem.rule), int(problem.flags), problem.params, problem.grads, s1, s2, s3, problem.steps,
+                problem.hp, problem.gscale, problem.found_inf)
+    codes = (problem.codes + [problem.codes[0]] * 3)[:3]
+    return (int(problem.rule), int(problem.flags), problem.params, problem.grads, s1, s2, s3, *problem.absmax,
+            problem.steps, problem.hp, *codes, problem.gscale, problem.found_inf)
+
+
+def _op(problem: Problem):
+    return torch.ops.qop.step_32bit.default if problem.bits == 32 else torch.ops.qop.step_8bit.default
+
+
+@gpu
+@requires_cuda
+def test_cuda_kernels_are_registered():
+    import qop.triton  # noqa: F401
+
+    for name in ("quantize_blockwise", "dequantize_blockwise", "step_32bit", "step_8bit"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qop::{name}", "CUDA")
+    problem = Problem(CASES[0], torch.bfloat16, 8)
+    expected = problem.clone()
+    _op(problem)(*_op_args(problem))
+    expected.run(reference)
+    assert_same_step(problem, expected)
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[11]], ids=["adamw", "sgd", "ademamix"])
+def test_opcheck_cuda(case, bits):
+    problem = Problem(case, torch.bfloat16, bits, sizes=[0, 1, 300], gscale=True, found_inf=0.0)
+    torch.library.opcheck(_op(problem), _op_args(problem))
+    code = qop.dynamic_map(True, DEVICE)
+    A = torch.randn(1000, device=DEVICE, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.qop.quantize_blockwise.default, (A, code, 256))
+    q, absmax = torch.ops.qop.quantize_blockwise(A, code, 256)
+    torch.library.opcheck(torch.ops.qop.dequantize_blockwise.default, (q, absmax, code, 256, torch.bfloat16))
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_graph_capture_and_replay(bits):
+    problem = Problem(CASES[3], torch.float32, bits, sizes=[1, 4096, 70000])  # LAMB: both passes
+    op, args = _op(problem), _op_args(problem)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(*args)  # warm-up: autotuning and metadata happen outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    start = problem.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(*args)
+    for t, s in zip(problem.mutable(), start.mutable()):  # capture ran nothing; reset anyway
+        t.copy_(s)
+    expected = start.clone()
+    expected.run(_step)  # eager
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(problem.mutable(), expected.mutable()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    graph.replay()  # counters and sums reset themselves: a second replay is a second step
+    torch.cuda.synchronize()
+    assert problem.steps[0].item() == start.steps[0].item() + 2
+
+
+@gpu
+@requires_cuda
+@pytest.mark.parametrize("decompose", [True, False])
+def test_compile_shows_kernels(decompose, monkeypatch):
+    import qop.triton
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(qop.triton, "DECOMPOSE", decompose)
+    torch._dynamo.reset()
+    problem = Problem(CASES[0], torch.bfloat16, 8, sizes=[1, 300, 5000])
+    expected = problem.clone()
+    expected.run(_step)
+    op, args = _op(problem), _op_args(problem)
+
+    def step():
+        op(*args)
+
+    _, (code, *_) = run_and_get_code(torch.compile(step, fullgraph=True))
+    if decompose:
+        assert "_step_kernel" in code and "qop.step_8bit" not in code
+    else:
+        assert "qop.step_8bit" in code
+    for a, b in zip(problem.mutable(), expected.mutable()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+
+
+@gpu
+@requires_cuda
+def test_paged_managed_memory():
+    from qop import paged
+
+    if not paged.HAS_PAGED:
+        pytest.skip("qop._C_cuda not built")
+    t = paged.paged_zeros((1024, 1024), dtype=torch.float32, device="cuda")
+    assert paged.is_paged(t) and t.is_cuda and torch.count_nonzero(t).item() == 0
+    paged.prefetch([t, torch.ones(3, device="cuda")])
+    t.add_(1)
+    assert t.sum().item() == 1024 * 1024
+    free, _ = torch.cuda.mem_get_info()
+    with pytest.raises(RuntimeError, match="free"):
+        paged.paged_empty((free // 4 + 2**28,), dtype=torch.float32, device="cuda")
