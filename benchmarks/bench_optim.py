@@ -287,6 +287,8 @@ class Result:
     state_bytes_per_param: float | None = None
     rss_delta_mib: float | None = None
     peak_rss_delta_mib: float | None = None
+    baseline_ms_median: float | None = None  # the paired AdamW(fused) steps taken between this row's steps
+    cpu_wait: float | None = None  # PSI CPU "some" stall time / wall time while timing: > 0.1 means contention
 
 
 @dataclass
@@ -298,6 +300,7 @@ class Settings:
     min_repeats: int = 3
     budget_s: float = 2.0
     device: str = "cpu"
+    paired: bool = True
 
 
 def _sync(device: str) -> None:
@@ -318,19 +321,53 @@ def make_params(w: Workload, device: str, seed: int = 0) -> tuple[list[Tensor], 
     return params, init
 
 
-def time_cell(spec: OptSpec, w: Workload, params: list[Tensor], init: list[Tensor], s: Settings) -> Result:
-    """Build ``spec`` on ``params``, warm it up and time single steps (median), within the time budget."""
+def cpu_wait_us() -> int | None:
+    """Microseconds some task spent waiting for a CPU (Linux PSI); rises when other work shares the cores."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some"):
+                    return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _step(opt: torch.optim.Optimizer, device: str) -> float:
+    """One timed optimizer step, in seconds."""
+    t0 = time.perf_counter()
+    opt.step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def time_cell(
+    spec: OptSpec,
+    w: Workload,
+    params: list[Tensor],
+    init: list[Tensor],
+    s: Settings,
+    baseline: torch.optim.Optimizer | None = None,
+) -> tuple[Result, torch.optim.Optimizer | None]:
+    """Build ``spec`` on ``params``, warm it up and time single steps (median), within the time budget.
+
+    With ``baseline`` (a warmed-up torch AdamW(fused) on the same parameters) every timed step is followed
+    by a timed baseline step, so the speed ratio compares steps taken under the same machine load.  Returns
+    the result and the warmed-up optimizer (None on error or skip; the caller keeps the baseline's).
+    """
     r = Result(w.name, spec.label, spec.provider, spec.family, spec.bits)
     for name, reason in spec.skip_workloads:
         if name == w.name:
             r.status, r.reason = "skipped", reason
-            return r
+            return r, None
     with torch.no_grad():
         for p, x in zip(params, init):
             p.copy_(x)
     _release_memory()
     base = rss_bytes()
     opt = None
+    times: list[float] = []
+    paired: list[float] = []
     try:
         with PeakRSS() as peak:
             opt = spec.build(params)
@@ -345,43 +382,52 @@ def time_cell(spec: OptSpec, w: Workload, params: list[Tensor], init: list[Tenso
         r.rss_delta_mib = (rss_bytes() - base) / 2**20
         r.state_bytes = optimizer_state_bytes(opt)
         r.state_bytes_per_param = r.state_bytes / w.n_params
-        times: list[float] = []
         spent = 0.0
+        wait0, wall0 = cpu_wait_us(), time.perf_counter()
         for _ in range(s.repeats):
-            t0 = time.perf_counter()
-            opt.step()
-            _sync(s.device)
-            dt = time.perf_counter() - t0
-            times.append(dt)
-            spent += dt
+            times.append(_step(opt, s.device))
+            spent += times[-1]
+            if baseline is not None:
+                paired.append(_step(baseline, s.device))
             if (spent >= s.budget_s and len(times) >= s.min_repeats) or spent >= 4 * s.budget_s:
                 break
+        wait1, wall1 = cpu_wait_us(), time.perf_counter()
+        if wait0 is not None and wait1 is not None:
+            r.cpu_wait = (wait1 - wait0) / 1e6 / (wall1 - wall0)
     except Exception as exc:  # one broken optimizer must not end the run
         r.status, r.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        return r
+        opt = None
+        return r, None
     finally:
-        del opt
         _release_memory()
     r.repeats = len(times)
     r.ms_median = statistics.median(times) * 1e3
     r.ms_min, r.ms_max = min(times) * 1e3, max(times) * 1e3
     r.mparam_s = w.n_params / (r.ms_median * 1e-3) / 1e6
-    return r
+    if paired:
+        r.baseline_ms_median = statistics.median(paired) * 1e3
+        r.x_fused = r.baseline_ms_median / r.ms_median
+    return r, opt
 
 
 def add_ratios(results: list[Result]) -> None:
-    """Speed ratios: to torch AdamW(fused) fp32 on the same workload, and qop's to bitsandbytes' same class."""
+    """Fill missing speed ratios (unpaired runs) and qop's ratio to bitsandbytes' class of the same name.
+
+    Ratios to bitsandbytes go through each row's own (paired) baseline: ``x_bnb = x_fused(qop) / x_fused(bnb)``,
+    so a change of machine load between the two rows cancels out.
+    """
     by_key = {(r.workload, r.label): r for r in results if r.status == "ok"}
     for r in results:
-        if r.status != "ok" or r.ms_median is None:
+        if r.status != "ok" or r.ms_median is None or r.x_fused is not None:
             continue
         base = by_key.get((r.workload, BASELINE))
         if base is not None and base.ms_median:
             r.x_fused = base.ms_median / r.ms_median
-        if r.provider == "qop":
+    for r in results:
+        if r.status == "ok" and r.provider == "qop" and r.x_fused:
             bnb = by_key.get((r.workload, "bnb " + r.label.split(" ", 1)[1]))
-            if bnb is not None and bnb.ms_median:
-                r.x_bnb = bnb.ms_median / r.ms_median
+            if bnb is not None and bnb.x_fused:
+                r.x_bnb = r.x_fused / bnb.x_fused
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -440,7 +486,8 @@ def metadata(args: argparse.Namespace, workloads: dict[str, Workload]) -> dict[s
         "qop_tree_dirty": bool(dirty),
         "qop_cpu_kernels": bool(qop.HAS_CPU_KERNELS),
         "qop_cpu_step_kernel": _cpu_kernel_source(),
-        "settings": {"warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget, "scale": args.scale},
+        "settings": {"warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget, "scale": args.scale,
+                     "paired": args.paired},
         "workloads": {n: {"description": w.description, "tensors": len(w.shapes), "params": w.n_params}
                       for n, w in workloads.items()},
     }
@@ -460,9 +507,15 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         f"torch threads {meta['torch_threads']}, device {meta['device']}",
         f"`{meta['command']}`",
         "",
+        "ms/step: median of the timed steps; x AdamW(fused): speed relative to torch.optim.AdamW(fused=True) fp32 "
+        + ("from baseline steps interleaved with this row's steps" if meta["settings"]["paired"] else
+           "timed in its own row") + "; x bnb: qop's speed relative to bitsandbytes' class of the same name; "
+        "CPU wait: share of the timed wall time some task waited for a CPU (PSI), above ~10% the machine was "
+        "shared and timings are noisy.",
+        "",
     ]
-    head = ("| optimizer | ms/step | Mparam/s | x AdamW(fused) | x bnb | state B/param | peak RSS +MiB | reps |\n"
-            "|---|--:|--:|--:|--:|--:|--:|--:|")
+    head = ("| optimizer | ms/step | min ms | Mparam/s | x AdamW(fused) | x bnb | state B/param | peak RSS +MiB "
+            "| reps | CPU wait |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for name, w in meta["workloads"].items():
         rows = [r for r in results if r.workload == name]
         if not rows:
@@ -471,12 +524,13 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
                   head]
         for r in rows:
             if r.status != "ok":
-                lines.append(f"| {r.label} | {r.status}: {r.reason.replace('|', '/')} |  |  |  |  |  |  |")
+                lines.append(f"| {r.label} | {r.status}: {r.reason.replace('|', '/')} |" + "  |" * 9)
                 continue
+            wait = "" if r.cpu_wait is None else f"{100 * r.cpu_wait:.0f}%"
             lines.append(
-                f"| {r.label} | {_fmt(r.ms_median, '.2f')} | {_fmt(r.mparam_s, '.0f')} | {_fmt(r.x_fused, '.2f')} | "
-                f"{_fmt(r.x_bnb, '.1f')} | {_fmt(r.state_bytes_per_param, '.2f')} | "
-                f"{_fmt(r.peak_rss_delta_mib, '.0f')} | {r.repeats} |")
+                f"| {r.label} | {_fmt(r.ms_median, '.2f')} | {_fmt(r.ms_min, '.2f')} | {_fmt(r.mparam_s, '.0f')} | "
+                f"{_fmt(r.x_fused, '.2f')} | {_fmt(r.x_bnb, '.1f')} | {_fmt(r.state_bytes_per_param, '.2f')} | "
+                f"{_fmt(r.peak_rss_delta_mib, '.0f')} | {r.repeats} | {wait} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -531,6 +585,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     p.add_argument("--scale", type=float, default=None, help="workload size factor (default 1, quick 1/16)")
     p.add_argument("--quick", action="store_true", help="small workloads and a short budget: a smoke run")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-paired", dest="paired", action="store_false",
+                   help="do not interleave a baseline AdamW(fused) step after each timed step (ratios then compare "
+                        "rows timed at different moments)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out"), help="directory for the .md/.json/.png")
     p.add_argument("--name", default="bench_optim", help="file stem of the outputs (default bench_optim)")
     p.add_argument("--plot", action="store_true", help="also write a bar chart PNG (needs matplotlib)")
@@ -561,20 +618,24 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     baseline = [s for s in specs if s.label == BASELINE]
     wanted = [s for s in specs if s.label != BASELINE and s.family in args.families and s.provider in args.providers
               and args.filter in s.label]
-    settings = Settings(args.warmup, args.repeats, min(3, args.repeats), args.budget, args.device)
+    settings = Settings(args.warmup, args.repeats, min(3, args.repeats), args.budget, args.device, args.paired)
     meta = metadata(args, workloads)
     results: list[Result] = []
     for w in workloads.values():
         params, init = make_params(w, args.device)
         print(f"[bench] {w.name}: {w.description}, {len(w.shapes)} tensors, {w.n_params / 1e6:.2f}M params",
               file=sys.stderr)
+        reference: torch.optim.Optimizer | None = None  # the warmed-up baseline, stepped between timed steps
         for spec in baseline + wanted:
-            r = time_cell(spec, w, params, init, settings)
+            r, opt = time_cell(spec, w, params, init, settings, reference)
+            if spec.label == BASELINE and settings.paired:
+                reference = opt
+            del opt
             results.append(r)
-            msg = (f"{r.ms_median:9.2f} ms  {r.mparam_s:8.1f} Mparam/s" if r.status == "ok"
-                   else f"{r.status}: {r.reason}")
+            msg = (f"{r.ms_median:9.2f} ms  {r.mparam_s:8.1f} Mparam/s  x{r.x_fused or 1:.2f} fused  "
+                   f"cpu-wait {100 * (r.cpu_wait or 0):3.0f}%" if r.status == "ok" else f"{r.status}: {r.reason}")
             print(f"[bench]   {spec.label:<24} {msg}", file=sys.stderr)
-        del params, init
+        del params, init, reference
         _release_memory()
     add_ratios(results)
     return results, meta

@@ -69,7 +69,6 @@ class Case:
     shapes: list[tuple[int, ...]] = field(default_factory=lambda: SHAPES)
     param_scale: float = 1.0
     accumulator: bool = False  # 1-state accumulator: signed map in bitsandbytes, unsigned in qop
-    lr: float = 1e-3
 
     @property
     def id(self) -> str:
@@ -78,19 +77,17 @@ class Case:
 
 def _cases() -> list[Case]:
     out = []
-    for fam, lr in (("Adam", 1e-3), ("AdamW", 1e-3), ("Lion", 1e-4), ("AdEMAMix", 1e-3)):
+    for fam in ("Adam", "AdamW", "Lion", "AdEMAMix"):
         for prefix in ("", "Paged"):
-            out += [Case(f"{prefix}{fam}", 32, lr=lr), Case(f"{prefix}{fam}8bit", 8, lr=lr),
-                    Case(f"{prefix}{fam}32bit", 32, lr=lr)]
+            out += [Case(f"{prefix}{fam}", 32), Case(f"{prefix}{fam}8bit", 8), Case(f"{prefix}{fam}32bit", 32)]
     sgd = {"lr": 0.01, "momentum": 0.9}
-    out += [Case("SGD", 32, sgd, lr=0.01), Case("SGD8bit", 8, sgd, lr=0.01), Case("SGD32bit", 32, sgd, lr=0.01)]
-    out += [Case("LARS", 32, sgd, lr=0.01), Case("LARS32bit", 32, sgd, lr=0.01),
-            Case("LARS8bit", 8, sgd, {"max_unorm": 0.0}, LARGE_SHAPES, lr=0.01)]
+    out += [Case("SGD", 32, sgd), Case("SGD8bit", 8, sgd), Case("SGD32bit", 32, sgd)]
+    out += [Case("LARS", 32, sgd), Case("LARS32bit", 32, sgd),
+            Case("LARS8bit", 8, sgd, {"max_unorm": 0.0}, LARGE_SHAPES)]
     out += [Case("LAMB", 32, param_scale=20.0), Case("LAMB32bit", 32, param_scale=20.0),
             Case("LAMB8bit", 8, qop_kwargs={"max_unorm": 0.0}, shapes=LARGE_SHAPES)]
-    for fam, lr in (("Adagrad", 1e-2), ("RMSprop", 1e-2)):
-        out += [Case(fam, 32, lr=lr), Case(f"{fam}8bit", 8, accumulator=True, lr=lr),
-                Case(f"{fam}32bit", 32, lr=lr)]
+    for fam in ("Adagrad", "RMSprop"):
+        out += [Case(fam, 32), Case(f"{fam}8bit", 8, accumulator=True), Case(f"{fam}32bit", 32)]
     return out
 
 

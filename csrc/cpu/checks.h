@@ -151,6 +151,7 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                       dtype, ": one call takes one dtype");
     TORCH_CHECK_VALUE(p.device() == device, "qop: params[", i, "] is on ", p.device(), " but params[0] is on ",
                       device);
+    TORCH_CHECK_VALUE(p.layout() == at::kStrided, "qop: params[", i, "] must be a dense tensor");
     TORCH_CHECK_VALUE(p.is_contiguous(), "qop: params[", i, "] must be contiguous");
     TORCH_CHECK_VALUE(g.layout() == at::kStrided, "qop: grads[", i,
                       "] is sparse; qop optimizers need dense gradients");
@@ -173,7 +174,8 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                         " elements but params[", i, "] has ", numel);
       TORCH_CHECK_VALUE(st.device() == device, "qop: state", j + 1, "[", i, "] is on ", st.device(),
                         " but params[", i, "] is on ", device);
-      TORCH_CHECK_VALUE(st.is_contiguous(), "qop: state", j + 1, "[", i, "] must be contiguous");
+      TORCH_CHECK_VALUE(st.layout() == at::kStrided && st.is_contiguous(), "qop: state", j + 1, "[", i,
+                        "] must be a dense contiguous tensor");
       if (absmax != nullptr) {
         const at::Tensor& am = (*absmax)[j][i];
         const int64_t nb = n_blocks(numel, kBlocksize);

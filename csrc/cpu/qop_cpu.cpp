@@ -135,11 +135,31 @@ QOP_INLINE void store(bf16* p, VF v) {
 QOP_INLINE void store(fp16* p, VF v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
 }
+// code[q] * absmax for eight codes.  Eight scalar loads rather than vpgatherdd, which is several
+// times slower per element on AMD Zen 2/3 and no faster elsewhere.
 QOP_INLINE VF dequant(Tag<VF>, const float* code, const uint8_t* q, float absmax) {
-  const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
-  return {_mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), _mm256_set1_ps(absmax))};
+  uint64_t w;
+  std::memcpy(&w, q, sizeof w);
+  const __m128 lo = _mm_setr_ps(code[w & 0xFF], code[(w >> 8) & 0xFF], code[(w >> 16) & 0xFF], code[(w >> 24) & 0xFF]);
+  const __m128 hi = _mm_setr_ps(code[(w >> 32) & 0xFF], code[(w >> 40) & 0xFF], code[(w >> 48) & 0xFF], code[w >> 56]);
+  return {_mm256_mul_ps(_mm256_set_m128(hi, lo), _mm256_set1_ps(absmax))};
 }
 #endif  // QOP_AVX2
+
+// Running max of |x| as magnitude bits (integer max orders non-negative floats and puts NaN above
+// inf, so the result is NaN when any value is NaN, like torch.amax).
+QOP_INLINE void absmax_update(uint32_t& m, float x) { m = std::max(m, float_to_bits(x) & 0x7FFFFFFFu); }
+#ifdef QOP_AVX2
+QOP_INLINE void absmax_update(__m256i& m, VF x) {
+  m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7FFFFFFF)));
+}
+QOP_INLINE uint32_t absmax_reduce(__m256i m) {
+  __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(h));
+}
+#endif
 
 // Runs body(Tag<V>{}, i) over [0, n): eight lanes at a time where AVX2 is available, then one by one.
 template <class Body>
@@ -151,84 +171,85 @@ QOP_INLINE void for_lanes(int64_t n, Body&& body) {
   for (; i < n; ++i) body(Tag<float>{}, i);
 }
 
-// max |x| over n values, NaN if any is NaN (torch amax); integer max of the magnitude bits, which
-// orders non-negative floats and puts NaN above inf.
+// max |x| over n values, NaN if any is NaN (torch amax).
 template <class T>
 float absmax_of(const T* x, int64_t n) {
   uint32_t m = 0;
-  int64_t i = 0;
 #ifdef QOP_AVX2
   __m256i vm = _mm256_setzero_si256();
-  const __m256i mag = _mm256_set1_epi32(0x7FFFFFFF);
-  for (; i + kLanes <= n; i += kLanes) {
-    vm = _mm256_max_epi32(vm, _mm256_and_si256(_mm256_castps_si256(load(Tag<VF>{}, x + i).v), mag));
-  }
-  alignas(32) uint32_t lanes[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vm);
-  for (uint32_t l : lanes) m = std::max(m, l);
 #endif
-  for (; i < n; ++i) m = std::max(m, float_to_bits(load(Tag<float>{}, x + i)) & 0x7FFFFFFFu);
+  for_lanes(n, [&](auto tag, int64_t i) {
+    if constexpr (std::is_same_v<typename decltype(tag)::type, float>) {
+      absmax_update(m, load(tag, x + i));
+    } else {
+#ifdef QOP_AVX2
+      absmax_update(vm, load(tag, x + i));
+#endif
+    }
+  });
+#ifdef QOP_AVX2
+  m = std::max(m, absmax_reduce(vm));
+#endif
   return bits_to_float(m);
 }
 
 // ======================================================================================= quantizer
 // The code of a normalized value y is the number of midpoints 0.5f*(code[i]+code[i+1]) strictly
-// below y (torch.searchsorted(mids, y, right=False)).  Instead of searching, each y is sent to a
-// bucket by the high bits of its float encoding: sign, exponent and the top 7 mantissa bits (the
-// "magnitude key" mk = bits 16..30), clamped so that all |y| < 2^-27 share one bucket and all
-// |y| >= 1 another.  Per bucket the table holds
+// below y (torch.searchsorted(mids, y, right=False)).  Instead of searching, y goes to a bucket named
+// by the high 16 bits of its float encoding (sign, exponent, top 7 mantissa bits).  All values of a
+// bucket share those bits, so a midpoint inside the bucket is fully described by its low 16 bits.
+// Each of the 65536 table entries holds
 //   bits 16..23  base: the number of midpoints below every value of the bucket,
-//   bits  0..15  the low 16 bits of the one midpoint inside the bucket (0xFFFF when there is none),
-//                complemented on the negative side so that "y > mid" is an unsigned compare of the
-//                low 16 bits (y and mid share the high 16 bits),
-//   bit  24      slow: the bucket holds several midpoints, or one in a clamped bucket, or the code
-//                book is not sorted; those lanes take the exact binary search.
-// So index = base + (low16(y) > low16(mid)), one gather and one compare, exact for any code book.
-// For the dynamic maps no bucket is slow (their codes are at least 1/128 of a binade apart).
-constexpr int32_t kLo = 100 << 7;  // magnitude key of 2^-27: smaller magnitudes share bucket 0
-constexpr int32_t kHi = 127 << 7;  // magnitude key of 1.0: larger magnitudes share the last bucket
-constexpr int32_t kBucketsPerSign = kHi - kLo + 2;
-constexpr int32_t kSlow = 1 << 24;
-// Division by the absmax: x * (1/a) corrected by one FMA residual step (Markstein) equals the
-// correctly rounded x / a when a is in this range (the residual cannot underflow for any |x/a| above
-// the 2^-27 bucket edge); other absmax values take a true division.
+//   bits  0..15  the low 16 bits of the one midpoint inside the bucket; with none, those of the
+//                bucket's value farthest from zero on the positive side (0xFFFF) and nearest to zero
+//                on the negative side (0x0000), so that the compare below is never true,
+//   bit  31      slow: several midpoints in the bucket, inf/NaN, an unsorted code book, or a bucket
+//                of tiny values near a midpoint where the fast division is not exact (see below);
+//                those lanes take the exact binary search.
+// With M = (high 16 bits of y) | (low 16 bits of the entry), index = base + (y > M): one look-up and
+// one float compare per value, exact for any code book.  The dynamic maps have no slow bucket: their
+// midpoints are at least 1/128 of a binade apart and none is below 2^-38.
+constexpr uint32_t kSlow = 0x80000000u;
+constexpr int kLutSize = 1 << 16;
+// Division by the absmax: x * (1/a) corrected by one FMA residual step (Markstein) is the correctly
+// rounded x / a when a is in [2^-64, 2^64] and |x / a| >= 2^-39 (the residual cannot underflow).
+// Other absmax values take a true division; buckets below kExactExponent are marked slow when a
+// midpoint lies there, so the fast quotient is only used where it is exact or cannot matter.
 constexpr float kFastDivMin = 0x1p-64f;
 constexpr float kFastDivMax = 0x1p64f;
+constexpr uint32_t kExactExponent = 127 - 38;  // biased exponent of 2^-38
 
 struct Quantizer {
   std::array<float, kCodeSize> code;
   std::array<float, kCodeSize - 1> mids;
-  alignas(64) std::array<int32_t, 2 * kBucketsPerSign> lut;
+  std::unique_ptr<int32_t[]> lut;
 
-  explicit Quantizer(const std::array<float, kCodeSize>& values) : code(values) {
+  explicit Quantizer(const std::array<float, kCodeSize>& values) : code(values), lut(new int32_t[kLutSize]) {
     for (int i = 0; i < kCodeSize - 1; ++i) mids[i] = 0.5f * (code[i] + code[i + 1]);
-    bool sorted = true;
-    for (int i = 0; i + 1 < kCodeSize - 1; ++i) sorted = sorted && (mids[i] <= mids[i + 1]);
-    for (int s = 0; s < 2; ++s) {
-      for (int32_t c = 0; c < kBucketsPerSign; ++c) {
-        const uint32_t mk = static_cast<uint32_t>(kLo - 1 + c);
-        const float lo_mag = c == 0 ? 0.0f : bits_to_float(mk << 16);
-        const float hi_mag = c == kBucketsPerSign - 1 ? std::numeric_limits<float>::infinity()
-                                                       : bits_to_float((mk << 16) | 0xFFFFu);
-        // values of the bucket: [lo, hi]; the midpoints that decide between them lie in [lo, hi)
-        const float lo = s == 0 ? lo_mag : -hi_mag;
-        const float hi = s == 0 ? hi_mag : -lo_mag;
-        const int base = count_below(lo);
-        const int inside = count_below(hi) - base;
-        const bool exact_bucket = c > 0 && c < kBucketsPerSign - 1;  // one 16-bit prefix
-        int32_t entry;
-        if (!sorted) {
-          entry = kSlow;
-        } else if (inside == 0) {
-          entry = (base << 16) | 0xFFFF;
-        } else if (inside == 1 && exact_bucket) {
-          const uint32_t low = float_to_bits(mids[base]) & 0xFFFFu;
-          entry = (base << 16) | static_cast<int32_t>(s == 0 ? low : (low ^ 0xFFFFu));
-        } else {
-          entry = kSlow;
-        }
-        lut[s * kBucketsPerSign + c] = entry;
+    bool sorted = true, tiny_mid = false;
+    for (int i = 0; i < kCodeSize - 1; ++i) {
+      if (i + 1 < kCodeSize - 1) sorted = sorted && (mids[i] <= mids[i + 1]);
+      tiny_mid = tiny_mid || ((float_to_bits(mids[i]) >> 23) & 0xFFu) < kExactExponent;
+    }
+    for (uint32_t k = 0; k < static_cast<uint32_t>(kLutSize); ++k) {
+      const bool neg = (k >> 15) != 0;
+      const uint32_t exponent = (k >> 7) & 0xFFu;
+      const float lo_mag = bits_to_float((k & 0x7FFFu) << 16);
+      const float hi_mag = bits_to_float(((k & 0x7FFFu) << 16) | 0xFFFFu);
+      // values of the bucket: [lo, hi]; the midpoints that decide between them lie in [lo, hi)
+      const float lo = neg ? -hi_mag : lo_mag;
+      const float hi = neg ? -lo_mag : hi_mag;
+      const int base = count_below(lo);
+      const int inside = count_below(hi) - base;
+      uint32_t entry;
+      if (!sorted || exponent == 0xFFu || (tiny_mid && exponent < kExactExponent) || inside > 1) {
+        entry = kSlow;
+      } else if (inside == 0) {
+        entry = (static_cast<uint32_t>(base) << 16) | (neg ? 0x0000u : 0xFFFFu);
+      } else {
+        entry = (static_cast<uint32_t>(base) << 16) | (float_to_bits(mids[base]) & 0xFFFFu);
       }
+      lut[k] = static_cast<int32_t>(entry);
     }
   }
 
@@ -251,32 +272,28 @@ struct Quantizer {
     return start;
   }
 
+  // Index of an exactly normalized value.
   int index(float y) const {
     const uint32_t u = float_to_bits(y);
-    const int32_t neg = -static_cast<int32_t>(u >> 31);
-    const int32_t mk = std::min(std::max(static_cast<int32_t>((u >> 16) & 0x7FFFu), kLo - 1), kHi);
-    const int32_t e = lut[(mk - (kLo - 1)) + (neg & kBucketsPerSign)];
-    if ((e & kSlow) || y != y) return search(y);
-    const int32_t ykey = static_cast<int32_t>((u ^ static_cast<uint32_t>(neg)) & 0xFFFFu);
-    return ((e >> 16) & 0xFF) + (ykey > (e & 0xFFFF) ? 1 : 0);
+    const uint32_t e = static_cast<uint32_t>(lut[u >> 16]);
+    if (e & kSlow) return search(y);
+    const float m = bits_to_float((u & 0xFFFF0000u) | (e & 0xFFFFu));
+    return static_cast<int>(e >> 16) + (y > m ? 1 : 0);
   }
 
 #ifdef QOP_AVX2
-  // Eight indices at once; `slow` gets the lanes that need search().
+  // Eight indices at once; `slow` gets the lanes that need an exact search.  The eight table reads are
+  // scalar loads: on AVX2 machines without fast gathers (AMD Zen 2/3) they beat vpgatherdd.
   QOP_INLINE __m256i index8(__m256 y, int& slow) const {
     const __m256i u = _mm256_castps_si256(y);
-    const __m256i neg = _mm256_srai_epi32(u, 31);
-    __m256i mk = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x7FFF));
-    mk = _mm256_min_epi32(_mm256_max_epi32(mk, _mm256_set1_epi32(kLo - 1)), _mm256_set1_epi32(kHi));
-    const __m256i key = _mm256_add_epi32(_mm256_sub_epi32(mk, _mm256_set1_epi32(kLo - 1)),
-                                         _mm256_and_si256(neg, _mm256_set1_epi32(kBucketsPerSign)));
-    const __m256i e = _mm256_i32gather_epi32(lut.data(), key, 4);
-    const __m256i ykey = _mm256_and_si256(_mm256_xor_si256(u, neg), _mm256_set1_epi32(0xFFFF));
-    const __m256i gt = _mm256_cmpgt_epi32(ykey, _mm256_and_si256(e, _mm256_set1_epi32(0xFFFF)));
-    const __m256i idx = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 16), _mm256_set1_epi32(0xFF)), gt);
-    const __m256 flag = _mm256_or_ps(_mm256_castsi256_ps(_mm256_slli_epi32(e, 7)), _mm256_cmp_ps(y, y, _CMP_UNORD_Q));
-    slow = _mm256_movemask_ps(flag);
-    return idx;
+    alignas(32) uint16_t h[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(h), u);
+    const int32_t* L = lut.get();
+    const __m256i e = _mm256_setr_epi32(L[h[1]], L[h[3]], L[h[5]], L[h[7]], L[h[9]], L[h[11]], L[h[13]], L[h[15]]);
+    const __m256 m = _mm256_castsi256_ps(_mm256_blend_epi16(u, e, 0x55));
+    const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(y, m, _CMP_GT_OQ));
+    slow = _mm256_movemask_ps(_mm256_castsi256_ps(e));
+    return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), gt);
   }
 #endif
 };
@@ -288,7 +305,7 @@ std::shared_ptr<const Quantizer> get_quantizer(const at::Tensor& code) {
   for (int i = 0; i < kCodeSize; ++i) values[i] = acc[i];
   static std::mutex mutex;
   static std::vector<std::shared_ptr<const Quantizer>> cache;
-  constexpr size_t kCacheSize = 16;
+  constexpr size_t kCacheSize = 8;
   std::lock_guard<std::mutex> lock(mutex);
   for (const auto& q : cache) {
     if (std::memcmp(q->code.data(), values.data(), sizeof values) == 0) return q;
@@ -299,57 +316,71 @@ std::shared_ptr<const Quantizer> get_quantizer(const at::Tensor& code) {
   return q;
 }
 
-// Quantizes n values of x (one block) whose absmax is `absmax` into out: y = x / absmax (x / 1 when
-// absmax is 0 or NaN, as the reference), code = index of y.
-template <class T>
-void quantize_block(const Quantizer& Q, const T* x, int64_t n, float absmax, uint8_t* out) {
-  const float a = absmax > 0.0f ? absmax : 1.0f;
+// Quantizes K blocks of n values at once (the states of one block of a step, interleaved so their
+// table reads overlap): block j is x[j] with absmax[j], normalized as the reference does
+// (y = x / absmax, or x / 1 when absmax is 0 or NaN), codes written to out[j].
+template <int K, class T>
+void quantize_blocks(const std::array<const Quantizer*, 3>& Q, const std::array<const T*, 3>& x, int64_t n,
+                     const std::array<float, 3>& absmax, const std::array<uint8_t*, 3>& out) {
+  std::array<float, 3> a{};
+  for (int j = 0; j < K; ++j) a[j] = absmax[j] > 0.0f ? absmax[j] : 1.0f;
   int64_t i = 0;
 #ifdef QOP_AVX2
-  const bool fast = a >= kFastDivMin && a <= kFastDivMax;
-  const __m256 va = _mm256_set1_ps(a), vr = _mm256_set1_ps(1.0f / a);
-  auto normalize = [&](int64_t j) {
-    const __m256 xv = load(Tag<VF>{}, x + j).v;
-    if (fast) {
-      const __m256 q0 = _mm256_mul_ps(xv, vr);
-      return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, va, xv), vr, q0);
+  std::array<bool, 3> fast{};
+  std::array<__m256, 3> va, vr;
+  for (int j = 0; j < K; ++j) {
+    fast[j] = a[j] >= kFastDivMin && a[j] <= kFastDivMax;
+    va[j] = _mm256_set1_ps(a[j]);
+    vr[j] = _mm256_set1_ps(1.0f / a[j]);
+  }
+  auto normalize = [&](int j, int64_t at) {
+    const __m256 xv = load(Tag<VF>{}, x[j] + at).v;
+    if (fast[j]) {
+      const __m256 q0 = _mm256_mul_ps(xv, vr[j]);
+      return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, va[j], xv), vr[j], q0);
     }
-    return _mm256_div_ps(xv, va);
+    return _mm256_div_ps(xv, va[j]);
   };
-  auto patch = [&](int64_t j, int slow) {
+  auto patch = [&](int j, int64_t at, int slow) {
     for (; slow; slow &= slow - 1) {
       const int l = __builtin_ctz(static_cast<unsigned>(slow));
-      out[j + l] = static_cast<uint8_t>(Q.search(load(Tag<float>{}, x + j + l) / a));
+      out[j][at + l] = static_cast<uint8_t>(Q[j]->search(load(Tag<float>{}, x[j] + at + l) / a[j]));
     }
   };
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    int s0, s1, s2, s3;
-    const __m256i r0 = Q.index8(normalize(i), s0);
-    const __m256i r1 = Q.index8(normalize(i + 8), s1);
-    const __m256i r2 = Q.index8(normalize(i + 16), s2);
-    const __m256i r3 = Q.index8(normalize(i + 24), s3);
-    const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3));
-    const __m256i ordered = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), ordered);
-    if (__builtin_expect(s0 | s1 | s2 | s3, 0)) {
-      patch(i, s0);
-      patch(i + 8, s1);
-      patch(i + 16, s2);
-      patch(i + 24, s3);
+    for (int j = 0; j < K; ++j) {
+      int s0, s1, s2, s3;
+      const __m256i r0 = Q[j]->index8(normalize(j, i), s0);
+      const __m256i r1 = Q[j]->index8(normalize(j, i + 8), s1);
+      const __m256i r2 = Q[j]->index8(normalize(j, i + 16), s2);
+      const __m256i r3 = Q[j]->index8(normalize(j, i + 24), s3);
+      const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j] + i), _mm256_permutevar8x32_epi32(b, order));
+      if (__builtin_expect(s0 | s1 | s2 | s3, 0)) {
+        patch(j, i, s0);
+        patch(j, i + 8, s1);
+        patch(j, i + 16, s2);
+        patch(j, i + 24, s3);
+      }
     }
   }
   for (; i + kLanes <= n; i += kLanes) {
-    int s;
-    const __m256i r = Q.index8(normalize(i), s);
-    const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
-    const uint32_t lo = static_cast<uint32_t>(_mm256_cvtsi256_si32(b));
-    const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
-    std::memcpy(out + i, &lo, 4);
-    std::memcpy(out + i + 4, &hi, 4);
-    if (__builtin_expect(s, 0)) patch(i, s);
+    for (int j = 0; j < K; ++j) {
+      int s;
+      const __m256i r = Q[j]->index8(normalize(j, i), s);
+      const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
+      const uint32_t lo = static_cast<uint32_t>(_mm256_cvtsi256_si32(b));
+      const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
+      std::memcpy(out[j] + i, &lo, 4);
+      std::memcpy(out[j] + i + 4, &hi, 4);
+      if (__builtin_expect(s, 0)) patch(j, i, s);
+    }
   }
 #endif
-  for (; i < n; ++i) out[i] = static_cast<uint8_t>(Q.index(load(Tag<float>{}, x + i) / a));
+  for (; i < n; ++i) {
+    for (int j = 0; j < K; ++j) out[j][i] = static_cast<uint8_t>(Q[j]->index(load(Tag<float>{}, x[j] + i) / a[j]));
+  }
 }
 
 // ========================================================================================== rules
@@ -506,53 +537,44 @@ void parallel_items(const StepCall& call, Fn&& fn) {
   }
 }
 
-// 32-bit states: elements [b, e) of one tensor.  NORM: accumulate ||u||^2 and ||p||^2 only.
-template <int R, int F, class PT, bool NORM>
-void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
-  constexpr int K = state_count<R, F>();
-  PT* p = static_cast<PT*>(J.p) + b;
-  const PT* g = static_cast<const PT*>(J.g) + b;
-  std::array<float*, 3> st{};
-  for (int j = 0; j < K; ++j) st[j] = static_cast<float*>(J.s[j]) + b;
-  const int64_t n = e - b;
+// The per-tensor scalars broadcast for both lane widths.
+struct KBoth {
+  KV<float> s;
+#ifdef QOP_AVX2
+  KV<VF> v;
+  explicit KBoth(const Consts& k) : s(k), v(k) {}
+#else
+  explicit KBoth(const Consts& k) : s(k) {}
+#endif
+  template <class V>
+  const KV<V>& get() const {
+    if constexpr (std::is_same_v<V, float>) {
+      return s;
+    } else {
+#ifdef QOP_AVX2
+      return v;
+#endif
+    }
+  }
+};
+
+// Sums of u^2 and p^2 for the update-norm clip, per lane width.
+struct NormAcc {
   float uu = 0.0f, pp = 0.0f;
 #ifdef QOP_AVX2
-  const KV<VF> kv(J.k);
-  VF vuu = bcast<VF>(0.0f), vpp = bcast<VF>(0.0f);
+  VF vuu{_mm256_setzero_ps()}, vpp{_mm256_setzero_ps()};
 #endif
-  const KV<float> ks(J.k);
-  for_lanes(n, [&](auto tag, int64_t i) {
-    using V = typename decltype(tag)::type;
-    const KV<V>* kp;
-    if constexpr (std::is_same_v<V, float>) {
-      kp = &ks;
-    } else {
+  QOP_INLINE void add(float u, float p) {
+    uu += u * u;
+    pp += p * p;
+  }
 #ifdef QOP_AVX2
-      kp = &kv;
+  QOP_INLINE void add(VF u, VF p) {
+    vuu = vuu + u * u;
+    vpp = vpp + p * p;
+  }
 #endif
-    }
-    const KV<V>& k = *kp;
-    const V pv = load(tag, p + i);
-    const V gv = load(tag, g + i) * k.gs;
-    V s[3];
-    for (int j = 0; j < K; ++j) s[j] = load(tag, st[j] + i);
-    const V u = rule_update<R, F>(k, pv, gv, s);
-    if constexpr (NORM) {
-      if constexpr (std::is_same_v<V, float>) {
-        uu += u * u;
-        pp += pv * pv;
-      } else {
-#ifdef QOP_AVX2
-        vuu = vuu + u * u;
-        vpp = vpp + pv * pv;
-#endif
-      }
-    } else {
-      store(p + i, apply_update<R, F>(k, pv, u));
-      for (int j = 0; j < K; ++j) store(st[j] + i, s[j]);
-    }
-  });
-  if constexpr (NORM) {
+  void write(double* acc) const {
     double su = uu, sp = pp;
 #ifdef QOP_AVX2
     alignas(32) float lu[8], lp[8];
@@ -566,11 +588,40 @@ void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
     acc[0] = su;
     acc[1] = sp;
   }
+};
+
+// 32-bit states: elements [b, e) of one tensor, in place.  NORM: accumulate ||u||^2 and ||p||^2 only.
+template <int R, int F, class PT, bool NORM>
+void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
+  constexpr int K = state_count<R, F>();
+  PT* p = static_cast<PT*>(J.p) + b;
+  const PT* g = static_cast<const PT*>(J.g) + b;
+  std::array<float*, 3> st{};
+  for (int j = 0; j < K; ++j) st[j] = static_cast<float*>(J.s[j]) + b;
+  const KBoth kb(J.k);
+  NormAcc norm;
+  for_lanes(e - b, [&](auto tag, int64_t i) {
+    using V = typename decltype(tag)::type;
+    const KV<V>& k = kb.get<V>();
+    const V pv = load(tag, p + i);
+    const V gv = load(tag, g + i) * k.gs;
+    V s[3];
+    for (int j = 0; j < K; ++j) s[j] = load(tag, st[j] + i);
+    const V u = rule_update<R, F>(k, pv, gv, s);
+    if constexpr (NORM) {
+      norm.add(u, pv);
+    } else {
+      store(p + i, apply_update<R, F>(k, pv, u));
+      for (int j = 0; j < K; ++j) store(st[j] + i, s[j]);
+    }
+  });
+  if constexpr (NORM) norm.write(acc);
 }
 
-// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize, rule,
-// write the parameter and the new float32 states to an L1 buffer, then requantize each state with
-// its fresh absmax.  NORM: accumulate ||u||^2 and ||p||^2 only, writing nothing.
+// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize the states,
+// apply the rule, write the parameter and the new float32 states (to an L1 buffer, tracking their
+// absmax), then requantize every state with its fresh absmax.  NORM: accumulate ||u||^2 and ||p||^2
+// only, writing nothing.
 template <int R, int F, class PT, bool NORM>
 void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int64_t b, int64_t e, double* acc) {
   constexpr int K = state_count<R, F>();
@@ -582,29 +633,22 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
     q[j] = static_cast<uint8_t*>(J.s[j]);
     code[j] = quant[j]->code.data();
   }
-  alignas(64) float fresh[K > 0 ? K : 1][kBlocksize];
-  float uu = 0.0f, pp = 0.0f;
-#ifdef QOP_AVX2
-  const KV<VF> kv(J.k);
-  VF vuu = bcast<VF>(0.0f), vpp = bcast<VF>(0.0f);
-#endif
-  const KV<float> ks(J.k);
+  alignas(64) float fresh[3][kBlocksize];
+  const KBoth kb(J.k);
+  NormAcc norm;
   for (int64_t off = b; off < e; off += kBlocksize) {
     const int64_t blk = off / kBlocksize;
     const int64_t nb = std::min<int64_t>(kBlocksize, J.n - off);
     std::array<float, 3> a{};
     for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
+    std::array<uint32_t, 3> mx{};
+#ifdef QOP_AVX2
+    std::array<__m256i, 3> vmx{};
+    for (int j = 0; j < K; ++j) vmx[j] = _mm256_setzero_si256();
+#endif
     for_lanes(nb, [&](auto tag, int64_t i) {
       using V = typename decltype(tag)::type;
-      const KV<V>* kp;
-      if constexpr (std::is_same_v<V, float>) {
-        kp = &ks;
-      } else {
-#ifdef QOP_AVX2
-        kp = &kv;
-#endif
-      }
-      const KV<V>& k = *kp;
+      const KV<V>& k = kb.get<V>();
       const int64_t x = off + i;
       const V pv = load(tag, p + x);
       const V gv = load(tag, g + x) * k.gs;
@@ -612,42 +656,36 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
       for (int j = 0; j < K; ++j) s[j] = dequant(tag, code[j], q[j] + x, a[j]);
       const V u = rule_update<R, F>(k, pv, gv, s);
       if constexpr (NORM) {
-        if constexpr (std::is_same_v<V, float>) {
-          uu += u * u;
-          pp += pv * pv;
-        } else {
-#ifdef QOP_AVX2
-          vuu = vuu + u * u;
-          vpp = vpp + pv * pv;
-#endif
-        }
+        norm.add(u, pv);
       } else {
         store(p + x, apply_update<R, F>(k, pv, u));
-        for (int j = 0; j < K; ++j) store(fresh[j] + i, s[j]);
+        for (int j = 0; j < K; ++j) {
+          store(fresh[j] + i, s[j]);
+          if constexpr (std::is_same_v<V, float>) {
+            absmax_update(mx[j], s[j]);
+          } else {
+#ifdef QOP_AVX2
+            absmax_update(vmx[j], s[j]);
+#endif
+          }
+        }
       }
     });
-    if constexpr (!NORM) {
+    if constexpr (!NORM && K > 0) {
+      std::array<float, 3> m{};
+      std::array<uint8_t*, 3> out{};
       for (int j = 0; j < K; ++j) {
-        const float m = absmax_of(fresh[j], nb);
-        J.am[j][blk] = m;
-        quantize_block(*quant[j], fresh[j], nb, m, q[j] + off);
-      }
-    }
-  }
-  if constexpr (NORM) {
-    double su = uu, sp = pp;
 #ifdef QOP_AVX2
-    alignas(32) float lu[8], lp[8];
-    _mm256_store_ps(lu, vuu.v);
-    _mm256_store_ps(lp, vpp.v);
-    for (int l = 0; l < 8; ++l) {
-      su += lu[l];
-      sp += lp[l];
-    }
+        mx[j] = std::max(mx[j], absmax_reduce(vmx[j]));
 #endif
-    acc[0] = su;
-    acc[1] = sp;
+        m[j] = bits_to_float(mx[j]);
+        J.am[j][blk] = m[j];
+        out[j] = q[j] + off;
+      }
+      quantize_blocks<K, float>(quant, {fresh[0], fresh[1], fresh[2]}, nb, m, out);
+    }
   }
+  if constexpr (NORM) norm.write(acc);
 }
 
 template <int R, int F, class PT, bool Q8, bool NORM>
@@ -890,7 +928,8 @@ void quantize_kernel(const T* x, int64_t n, int64_t blocksize, const Quantizer& 
       const int64_t off = blk * blocksize, len = std::min(blocksize, n - off);
       const float m = absmax_of(x + off, len);
       absmax[blk] = m;
-      quantize_block(Q, x + off, len, m, out + off);
+      quantize_blocks<1, T>({&Q, nullptr, nullptr}, {x + off, nullptr, nullptr}, len, {m, 0.0f, 0.0f},
+                            {out + off, nullptr, nullptr});
     }
   });
 }
@@ -1001,6 +1040,14 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY_IMPL(qop, CPU, m) {
   m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &qop::dequantize_blockwise_cpu);
+  m.impl("step_32bit", &qop::step_32bit_cpu);
+  m.impl("step_8bit", &qop::step_8bit_cpu);
+}
+
+// Sparse inputs reach the same kernels only so that their checks reject them with a message naming the
+// argument ("grads[0] is sparse ...") instead of the dispatcher's "no kernel for SparseCPU".
+TORCH_LIBRARY_IMPL(qop, SparseCPU, m) {
+  m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
   m.impl("step_32bit", &qop::step_32bit_cpu);
   m.impl("step_8bit", &qop::step_8bit_cpu);
 }

@@ -30,12 +30,6 @@ def check_range(group: dict[str, Any], name: str, lo: float, hi: float) -> None:
             raise ValueError(f"qop: {name} must be in [{lo}, {hi}], got {v}")
 
 
-def check_bool(group: dict[str, Any], name: str) -> None:
-    """``group[name]`` is a bool (or 0/1) when the group has ``name``."""
-    if name in group and not isinstance(group[name], bool) and group[name] not in (0, 1):
-        raise TypeError(f"qop: {name} must be a bool, got {group[name]!r}")
-
-
 def warmup_steps(name: str, value: Any) -> float:
     """AdEMAMix's ``t_alpha``/``t_beta3``: None (off) becomes 0; a given value must be > 0."""
     if value is None:

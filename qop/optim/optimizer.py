@@ -143,6 +143,7 @@ class QopOptimizer(torch.optim.Optimizer):
     def _init_runtime(self) -> None:
         """Caches that are not part of the optimizer's state (rebuilt after unpickling)."""
         self._plans: dict[tuple[int, tuple[bool, ...]], list[_Bucket]] = {}
+        self._static: set[tuple[int, tuple[bool, ...]]] = set()  # plans whose tensors are marked static
         self._codes: dict[torch.device, list[Tensor]] = {}
         self._hp_views: list[dict[str, Any]] = []  # per group: the views of ``hp`` that its keys hold
         self._called = [False]  # a list, not an attribute, so that a compiled step can set it
@@ -307,15 +308,32 @@ class QopOptimizer(torch.optim.Optimizer):
     # leave our step alone (it records ``_opt_called`` itself), so a compiled step has no graph break.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, which dynamo refuses to trace; this one ends a compiled
+        train step without a graph break."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                    continue
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                p.grad.zero_()
+
     def _sync_hp(self, index: int, group: dict[str, Any]) -> None:
         """Copy hyper-parameters that were *assigned* to the group into ``hp`` in place; put the views back.
 
         Schedulers fill ``group["lr"]`` in place, but OneCycleLR/CyclicLR assign ``group["betas"] = (m, ...)``
         and users may write ``group["weight_decay"] = 0.1``.  A key still holding its view costs an identity
         test (a guard when compiled).  An assigned tensor is copied on the device (no recompile when compiled);
-        an assigned Python number becomes a constant of the compiled graph, so changing it recompiles (dynamo
-        then makes it a graph input).  OneCycleLR's momentum bounds are turned into tensors on ``hp``'s
-        device so that the momentum it assigns at every step is a tensor.
+        an assigned Python number is a constant of the first compiled graph, so its first change recompiles
+        once (dynamo then makes it a graph input).  OneCycleLR's momentum bounds are turned into tensors on
+        ``hp``'s device so that the momentum it assigns at every step is a tensor.  A captured CUDA graph sees
+        in-place changes only.
         """
         hp = group["hp"]
         for key, view in self._hp_views[index].items():
@@ -338,9 +356,11 @@ class QopOptimizer(torch.optim.Optimizer):
         self, group: dict[str, Any], plan: list[_Bucket], grad_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
         flags = int(self.flags(group))
-        params = group["params"]
         for b in plan:
-            grads = [params[i].grad for i in b.index]
+            # the group's own params (not the bucket's references): in a compiled train step these are the
+            # tensors whose .grad the traced backward has just produced
+            params = [group["params"][i] for i in b.index]
+            grads = [p.grad for p in params]
             for i, g in enumerate(grads):
                 if g.is_sparse:
                     raise RuntimeError(f"qop: sparse gradient for a parameter of shape {tuple(g.shape)}; "
@@ -357,10 +377,10 @@ class QopOptimizer(torch.optim.Optimizer):
             gscale = self._gscale(b, grads, grad_scale)
             fi = None if found_inf is None else found_inf.to(b.device)
             if b.bits == 8:
-                ops.step_8bit(int(self.rule), flags, b.params, grads, b.states, b.absmax, b.steps, hp, b.codes,
+                ops.step_8bit(int(self.rule), flags, params, grads, b.states, b.absmax, b.steps, hp, b.codes,
                               gscale, fi)
             else:
-                ops.step_32bit(int(self.rule), flags, b.params, grads, b.states, b.steps, hp, gscale, fi)
+                ops.step_32bit(int(self.rule), flags, params, grads, b.states, b.steps, hp, gscale, fi)
 
     def _plan(self, index: int, have: tuple[bool, ...]) -> list[_Bucket]:
         """Group ``index``'s buckets for the parameters flagged in ``have`` (cached; creates missing states)."""
@@ -403,9 +423,7 @@ class QopOptimizer(torch.optim.Optimizer):
             b.percentiles.append(self._percentile(group, p))
             if group["is_paged"] and p.device.type == "cuda":
                 b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
-        plan = list(buckets.values())
-        _mark_static(itertools.chain([group["hp"]], *(b.tensors() for b in plan)))
-        return plan
+        return list(buckets.values())
 
     def _gscale(self, b: _Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
         """Per-tensor gradient multipliers: percentile clipping and the inverse AMP scale, on the device."""
@@ -477,6 +495,7 @@ class QopOptimizer(torch.optim.Optimizer):
         self.state.clear()
         self.state.update(new_state)
         self._plans.clear()
+        self._static.clear()
 
     def _convert_codes(self, p: Tensor, st: dict[str, Any]) -> None:
         """Requantize loaded 8-bit states whose code book (bitsandbytes' ``qmapN``) differs from ours."""
@@ -541,24 +560,27 @@ def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
     gradients that its traced backward is about to produce.
     """
     opt = _LIVE[token]
+    dynamo_loaded = "torch._dynamo" in sys.modules  # (torch.compiler.is_compiling() is False here in 2.11)
     for index, have in enumerate(haves):
-        opt._plan(index, have)
+        plan = opt._plan(index, have)
+        if dynamo_loaded and (index, have) not in opt._static:
+            _mark_static(itertools.chain([opt.param_groups[index]["hp"]], *(b.tensors() for b in plan)))
+            opt._static.add((index, have))
     return 0
 
 
-_prepare._dynamo_marked_constant = True  # type: ignore[attr-defined]  # = @torch._dynamo.assume_constant_result
+# what @torch._dynamo.assume_constant_result does, without importing dynamo with qop
+_prepare._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _mark_static(tensors: Iterable[Tensor]) -> None:
-    """Mark optimizer tensors as static inputs, so that CUDA graphs (``mode="reduce-overhead"``) use them in
-    place instead of copying them, and allow the step to mutate them.  A no-op until dynamo is imported, and
-    :func:`_prepare` runs again under tracing (plans are rebuilt by it when missing)."""
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is None:
-        return
+    """Mark the optimizer's tensors as static inputs, as dynamo does for ``torch.optim``'s: CUDA graphs
+    (``mode="reduce-overhead"``) then use them in place, and a graph may mutate them, instead of skipping."""
+    from torch._dynamo import mark_static_address
+
     for t in tensors:
         if getattr(t, "_dynamo_static_input_type", None) is None:
-            dynamo.mark_static_address(t, guard=True)
+            mark_static_address(t, guard=True)
 
 
 def _check_tuple(key: str, value: Any, n: int) -> None:
@@ -591,7 +613,9 @@ def _store_hp(hp: Tensor, key: str, slot: HPSlot, value: Any, view: Any) -> None
             continue
         if not torch.compiler.is_compiling():
             _check_hp(name, _finite_number(name, v), unit=isinstance(slot, tuple))
-        hp[s].fill_(v)
+        # not fill_(v): once dynamo makes a changing number a graph input, AOTAutograd turns it into a tensor
+        # for add_ but specializes it (recompiling at every change) for fill_
+        hp[s].zero_().add_(v)
 
 
 def _percentile_scale(grad: Tensor, history: Tensor, step: Tensor, k: int, pre: Tensor) -> Tensor:
@@ -600,7 +624,7 @@ def _percentile_scale(grad: Tensor, history: Tensor, step: Tensor, k: int, pre: 
     The history holds the last 100 norms (unfilled slots are +inf); the percentile is taken over the
     filled ones, so early steps are not clipped to zero.
     """
-    gnorm = torch.linalg.vector_norm(grad.float()) * pre
+    gnorm = torch.linalg.vector_norm(grad, dtype=torch.float32) * pre  # no float32 copy of a half grad
     t = step + 1
     slot = torch.remainder(t, _HISTORY).long().reshape(1)
     history.index_copy_(0, slot, gnorm.reshape(1))

@@ -102,7 +102,7 @@ def _nearest(x, mids, code_ptr, GATHER: tl.constexpr):
     """
     pos = tl.zeros(x.shape, tl.int32)
     for k in tl.static_range(8):
-        step: tl.constexpr = 128 >> k
+        step = tl.constexpr(128) >> k
         below = _mid(mids, code_ptr, pos + (step - 1), GATHER) < x
         pos = tl.where(below, pos + step, pos)
     return pos

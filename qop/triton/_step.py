@@ -179,10 +179,10 @@ def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, code_ptr, offs, mask,
 @triton.jit
 def _slot(row_ptr, SLOT: tl.constexpr, like, ALIGNED: tl.constexpr):
     """Address of slot SLOT of a table row, typed like the kernel argument ``like``."""
-    addr = tl.load(row_ptr + SLOT)
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(like.dtype.element_ty))
+    ptr = tl.load(row_ptr + SLOT).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:  # on the pointer: the hint does not survive the int -> pointer cast
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 # -------------------------------------------------------------------------------------------- kernel
@@ -326,14 +326,15 @@ def _step_kernel(
 
 
 # --------------------------------------------------------------------------------------- autotuning
-#: First entry: the interpreter's and CUDA-graph capture's fallback.  Tiles of 512-4096 elements
-#: (2-16 blocks of 256) with 4 or 8 warps; the kernel is memory bound, so these only trade
-#: occupancy against loads in flight.
+#: First entry: the interpreter's and CUDA-graph capture's fallback.  Tiles of 2-8 blocks of 256 with
+#: 4 or 8 warps (4-8 elements per thread, 16-byte vector loads); the kernel is memory bound, so these
+#: only trade occupancy against loads in flight.  16 elements per thread needs ~200 registers for
+#: three 8-bit states (sm_90, ptxas), so larger tiles are left out.
 CONFIGS = [
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 512}, num_warps=4),
+    triton.Config({"BLOCK": 1024}, num_warps=8),
     triton.Config({"BLOCK": 2048}, num_warps=8),
-    triton.Config({"BLOCK": 4096}, num_warps=8),
 ]
 _KEY = ["size_class", "RULE", "FLAGS", "N_STATES", "QUANT", "PASS", "MULTI"]
 _MUTATED = ["p_ptr", "s1_ptr", "s2_ptr", "s3_ptr", "a1_ptr", "a2_ptr", "a3_ptr", "step_ptr", "work_ptr", "norms_ptr"]
