@@ -275,6 +275,7 @@ class Result:
     bits: int
     status: str = "ok"  # ok | skipped | error
     reason: str = ""
+    ms: float | None = None  # the statistic (median or min, --stat) behind Mparam/s and the ratios
     ms_median: float | None = None
     ms_min: float | None = None
     ms_max: float | None = None
@@ -287,7 +288,7 @@ class Result:
     state_bytes_per_param: float | None = None
     rss_delta_mib: float | None = None
     peak_rss_delta_mib: float | None = None
-    baseline_ms_median: float | None = None  # the paired AdamW(fused) steps taken between this row's steps
+    baseline_ms: float | None = None  # same statistic of the AdamW(fused) steps interleaved with this row's
     cpu_wait: float | None = None  # PSI CPU "some" stall time / wall time while timing: > 0.1 means contention
 
 
@@ -301,6 +302,8 @@ class Settings:
     budget_s: float = 2.0
     device: str = "cpu"
     paired: bool = True
+    stat: str = "median"
+    wait_quiet_s: float = 0.0
 
 
 def _sync(device: str) -> None:
@@ -331,6 +334,21 @@ def cpu_wait_us() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def wait_until_quiet(timeout: float, threshold: float = 0.05, window: float = 0.5) -> float:
+    """Wait (up to ``timeout`` seconds) for a window in which tasks waited for a CPU < ``threshold`` of the time."""
+    deadline = time.perf_counter() + timeout
+    share = 1.0
+    while True:
+        w0, t0 = cpu_wait_us(), time.perf_counter()
+        if w0 is None:
+            return 0.0
+        time.sleep(window)
+        w1 = cpu_wait_us()
+        share = ((w1 or w0) - w0) / 1e6 / (time.perf_counter() - t0)
+        if share < threshold or time.perf_counter() >= deadline:
+            return share
 
 
 def _step(opt: torch.optim.Optimizer, device: str) -> float:
@@ -364,6 +382,8 @@ def time_cell(
         for p, x in zip(params, init):
             p.copy_(x)
     _release_memory()
+    if s.wait_quiet_s > 0:
+        wait_until_quiet(s.wait_quiet_s)
     base = rss_bytes()
     opt = None
     times: list[float] = []
@@ -401,12 +421,14 @@ def time_cell(
     finally:
         _release_memory()
     r.repeats = len(times)
+    stat = min if s.stat == "min" else statistics.median
     r.ms_median = statistics.median(times) * 1e3
     r.ms_min, r.ms_max = min(times) * 1e3, max(times) * 1e3
-    r.mparam_s = w.n_params / (r.ms_median * 1e-3) / 1e6
+    r.ms = stat(times) * 1e3
+    r.mparam_s = w.n_params / (r.ms * 1e-3) / 1e6
     if paired:
-        r.baseline_ms_median = statistics.median(paired) * 1e3
-        r.x_fused = r.baseline_ms_median / r.ms_median
+        r.baseline_ms = stat(paired) * 1e3
+        r.x_fused = r.baseline_ms / r.ms
     return r, opt
 
 
@@ -418,11 +440,11 @@ def add_ratios(results: list[Result]) -> None:
     """
     by_key = {(r.workload, r.label): r for r in results if r.status == "ok"}
     for r in results:
-        if r.status != "ok" or r.ms_median is None or r.x_fused is not None:
+        if r.status != "ok" or r.ms is None or r.x_fused is not None:
             continue
         base = by_key.get((r.workload, BASELINE))
-        if base is not None and base.ms_median:
-            r.x_fused = base.ms_median / r.ms_median
+        if base is not None and base.ms:
+            r.x_fused = base.ms / r.ms
     for r in results:
         if r.status == "ok" and r.provider == "qop" and r.x_fused:
             bnb = by_key.get((r.workload, "bnb " + r.label.split(" ", 1)[1]))
@@ -487,7 +509,7 @@ def metadata(args: argparse.Namespace, workloads: dict[str, Workload]) -> dict[s
         "qop_cpu_kernels": bool(qop.HAS_CPU_KERNELS),
         "qop_cpu_step_kernel": _cpu_kernel_source(),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget, "scale": args.scale,
-                     "paired": args.paired},
+                     "paired": args.paired, "stat": args.stat, "wait_quiet_s": args.wait_quiet},
         "workloads": {n: {"description": w.description, "tensors": len(w.shapes), "params": w.n_params}
                       for n, w in workloads.items()},
     }
@@ -507,14 +529,15 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         f"torch threads {meta['torch_threads']}, device {meta['device']}",
         f"`{meta['command']}`",
         "",
-        "ms/step: median of the timed steps; x AdamW(fused): speed relative to torch.optim.AdamW(fused=True) fp32 "
+        f"Mparam/s and ratios use the {meta['settings']['stat']} of the timed steps; "
+        "x AdamW(fused): speed relative to torch.optim.AdamW(fused=True) fp32 "
         + ("from baseline steps interleaved with this row's steps" if meta["settings"]["paired"] else
            "timed in its own row") + "; x bnb: qop's speed relative to bitsandbytes' class of the same name; "
         "CPU wait: share of the timed wall time some task waited for a CPU (PSI), above ~10% the machine was "
         "shared and timings are noisy.",
         "",
     ]
-    head = ("| optimizer | ms/step | min ms | Mparam/s | x AdamW(fused) | x bnb | state B/param | peak RSS +MiB "
+    head = ("| optimizer | median ms | min ms | Mparam/s | x AdamW(fused) | x bnb | state B/param | peak RSS +MiB "
             "| reps | CPU wait |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for name, w in meta["workloads"].items():
         rows = [r for r in results if r.workload == name]
@@ -585,6 +608,10 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     p.add_argument("--scale", type=float, default=None, help="workload size factor (default 1, quick 1/16)")
     p.add_argument("--quick", action="store_true", help="small workloads and a short budget: a smoke run")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="statistic of the timed steps behind Mparam/s and the ratios (min resists a shared machine)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each cell wait up to SECONDS for the CPUs to be idle (PSI CPU wait < 5%%)")
     p.add_argument("--no-paired", dest="paired", action="store_false",
                    help="do not interleave a baseline AdamW(fused) step after each timed step (ratios then compare "
                         "rows timed at different moments)")
@@ -618,7 +645,8 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     baseline = [s for s in specs if s.label == BASELINE]
     wanted = [s for s in specs if s.label != BASELINE and s.family in args.families and s.provider in args.providers
               and args.filter in s.label]
-    settings = Settings(args.warmup, args.repeats, min(3, args.repeats), args.budget, args.device, args.paired)
+    settings = Settings(args.warmup, args.repeats, min(3, args.repeats), args.budget, args.device, args.paired,
+                        args.stat, args.wait_quiet)
     meta = metadata(args, workloads)
     results: list[Result] = []
     for w in workloads.values():
@@ -632,7 +660,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
                 reference = opt
             del opt
             results.append(r)
-            msg = (f"{r.ms_median:9.2f} ms  {r.mparam_s:8.1f} Mparam/s  x{r.x_fused or 1:.2f} fused  "
+            msg = (f"{r.ms:9.2f} ms  {r.mparam_s:8.1f} Mparam/s  x{r.x_fused or 1:.2f} fused  "
                    f"cpu-wait {100 * (r.cpu_wait or 0):3.0f}%" if r.status == "ok" else f"{r.status}: {r.reason}")
             print(f"[bench]   {spec.label:<24} {msg}", file=sys.stderr)
         del params, init, reference

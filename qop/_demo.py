@@ -263,8 +263,8 @@ def plot(result: DemoResult, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line of ``python -m qop demo``."""
+def cli(argv: Sequence[str] | None = None) -> DemoResult:
+    """Parse ``python -m qop demo`` options, train, print the report (and save the plot); return the result."""
     parser = argparse.ArgumentParser(prog="python -m qop demo",
                                      description="Train a tiny LM with qop Adam8bit beside torch AdamW.")
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
@@ -275,12 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--plot", metavar="PATH", help="save both loss curves to this PNG")
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
+    if args.steps < 1 or args.log_every < 1:
+        parser.error("--steps and --log-every must be >= 1")
     torch.set_num_threads(args.threads)
     result = run(args.steps, batch=args.batch, lr=args.lr, seed=args.seed, log_every=args.log_every)
     print(report(result))
     if args.plot:
         plot(result, args.plot)
         print(f"loss curves saved to {args.plot}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m qop demo``."""
+    cli(argv)
     return 0

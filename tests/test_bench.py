@@ -41,7 +41,7 @@ def test_bench_quick_writes_table_and_json(tmp_path: Path) -> None:
                 "--out", str(tmp_path), "--name", "smoke")
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "smoke.md").read_text()
-    assert "| optimizer | ms/step | Mparam/s | x AdamW(fused) |" in table
+    assert "| optimizer | median ms | min ms | Mparam/s | x AdamW(fused) | x bnb | state B/param |" in table
     assert "### single:" in table and "### many:" in table
     assert "| torch AdamW(fused) |" in table and "| qop Adam8bit |" in table
     data = json.loads((tmp_path / "smoke.json").read_text())
@@ -82,13 +82,21 @@ def test_unknown_command_prints_usage() -> None:
 def test_demo_learns_with_8bit_states(keep_threads: None, capsys: pytest.CaptureFixture[str]) -> None:
     from qop import _demo
 
-    assert _demo.main(["--steps", "24", "--log-every", "8"]) == 0
+    result = _demo.cli(["--steps", "24", "--log-every", "8"])
     out = capsys.readouterr().out
     assert "torch AdamW" in out and "qop Adam8bit" in out and "B/param" in out
-    result = _demo.run(24, log_every=8, verbose=False)
     full, q8 = result.curves
     assert q8.state_bytes / result.n_params < 2.5
     assert full.state_bytes / result.n_params >= 8.0
     for curve in result.curves:
+        assert [s for s, _ in curve.points] == [1, 8, 16, 24]
         assert curve.points[-1][1] < curve.points[0][1], curve.points
         assert curve.final_loss < curve.points[0][1]
+
+
+def test_demo_plot(keep_threads: None, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from qop import _demo
+
+    _demo.cli(["--steps", "2", "--log-every", "1", "--plot", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -1,5 +1,7 @@
 """End to end: Adam8bit trains a real small model like torch.optim.AdamW and keeps ~2 bytes of state per param."""
 
+import functools
+
 import pytest
 import torch
 
@@ -40,9 +42,14 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(t, torch.Tensor) and k != "step")
 
 
+@functools.cache
+def _reference_run() -> tuple[list[float], torch.optim.Optimizer, torch.nn.Module]:
+    return _train(lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0))
+
+
 @pytest.mark.parametrize("cls", ["Adam8bit", "AdamW8bit"])
 def test_8bit_tracks_adamw_and_saves_memory(cls: str) -> None:
-    ref_losses, ref_opt, _ = _train(lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0))
+    ref_losses, ref_opt, _ = _reference_run()
     losses, opt, model = _train(lambda p: getattr(qop.optim, cls)(p, lr=2e-3, weight_decay=0.0))
     # it learns: the loss falls well below its start, as AdamW's does
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10

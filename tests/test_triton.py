@@ -102,7 +102,7 @@ class Problem:
         _, self.rule, self.flags, maps, hp = case
         self.bits = bits
         g = torch.Generator().manual_seed(seed)
-        rand = lambda n: torch.randn(n, generator=g)  # noqa: E731
+        rand = lambda n: torch.randn(n, generator=g)
         self.params = [rand(n).to(dtype).to(DEVICE) for n in sizes]
         self.grads = [rand(n).to(dtype).to(DEVICE) for n in sizes]
         self.codes = [qop.dynamic_map(s, DEVICE) for s in maps] or [qop.dynamic_map(True, DEVICE)]
@@ -235,16 +235,28 @@ def test_step_8bit(case, dtype):
 
 
 @pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=["adamw", "sgd-nesterov"])
+def test_step_float16(case, bits):
+    check_against_reference(Problem(case, torch.float16, bits), n_steps=1, **SMALL)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
 def test_step_default_config(bits):
     """The first autotune config and the default chunk (what the interpreter launches by default)."""
     check_against_reference(Problem(CASES[0], torch.float32, bits, sizes=[3000, 5, 513]), n_steps=1)
 
 
 @pytest.mark.parametrize("bits", [32, 8])
-def test_step_wide_tiles(bits):
-    """Tiles of several 8-bit blocks (rows), chunks of several tiles."""
-    check_against_reference(Problem(CASES[1], torch.float32, bits, sizes=[2500, 700]), n_steps=1,
-                            chunk=1024, config={"BLOCK": 512, "num_warps": 4})
+def test_step_wide_tiles_aligned(bits):
+    """Tiles of several 8-bit blocks (rows), chunks of several tiles; sizes that are multiples of 16
+    (and aligned storage) take the kernel's vectorization hints."""
+    problem = Problem(CASES[1], torch.bfloat16, bits, sizes=[2560, 768])
+    check_against_reference(problem, n_steps=1, chunk=1024, config={"BLOCK": 512, "num_warps": 4})
+    k = len(CASES[1][3])
+    rows = [[p, g, *[problem.states[j][i] for j in range(k)],
+             *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k), st]
+            for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))]
+    assert _multi_tensor.metadata(rows, 1024).aligned
 
 
 @pytest.mark.parametrize("bits", [32, 8])
@@ -338,6 +350,60 @@ def test_launcher_checks_arguments():
         problem.run(_step, config={"BLOCK": 100, "num_warps": 4})
 
 
+# ---------------------------------------------------------------------- compiled for a GPU, on a CPU
+_COMPILE_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qop.triton import _quant, _step
+
+def compile_(fn, sig, consts):
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs={})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+ptr = lambda *names, t="*fp32": {n: t for n in names}  # noqa: E731
+def step_sig(p, s):
+    return {**ptr("p_ptr", "g_ptr", t=p), **ptr("s1_ptr", "s2_ptr", "s3_ptr", t=s),
+            **ptr("a1_ptr", "a2_ptr", "a3_ptr", "step_ptr", "code1_ptr", "code2_ptr", "code3_ptr", "hp_ptr",
+                  "gscale_ptr", "found_inf_ptr"),
+            **ptr("table_ptr", "chunks_ptr", t="*i64"), "work_ptr": "*i32", "norms_ptr": "*fp32",
+            "numel": "i32", "tensor_index": "i32", "size_class": "i32"}
+
+base = dict(HAS_GSCALE=True, HAS_FOUND_INF=True, CHUNK=16384, BLOCK=1024)
+for rule, flags, k, quant, pass_, multi, gather in [
+        (6, 0, 3, True, 2, True, True), (1, 2, 3, True, 0, False, False), (1, 8, 2, False, 1, False, True),
+        (2, 0, 0, True, 0, True, True), (5, 0, 1, False, 0, True, True)]:
+    consts = dict(base, RULE=rule, FLAGS=flags, N_STATES=k, QUANT=quant, PASS=pass_, MULTI=multi, ALIGNED=multi,
+                  GATHER=gather)
+    compile_(_step._step_kernel, step_sig("*bf16", "*u8" if quant else "*fp32"), consts)
+compile_(_quant._quantize_kernel, {**ptr("a_ptr", t="*bf16"), **ptr("code_ptr", "absmax_ptr"), "q_ptr": "*u8",
+         "numel": "i32", "blocksize": "i32", "n_blocks": "i32", "size_class": "i32"},
+         dict(COLS=256, TILE=2048, GATHER=True))
+compile_(_quant._dequantize_kernel, {"q_ptr": "*u8", **ptr("absmax_ptr", "code_ptr"), "out_ptr": "*fp16",
+         "numel": "i32", "blocksize": "i32", "size_class": "i32"}, dict(BLOCK=1024, GATHER=True))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU tests compile and run the kernels for real")
+def test_kernels_compile_for_sm90():
+    """The interpreter is more lenient than the compiler: compile representative variants down to
+    sm_90 machine code (Triton's frontend, MLIR passes and its bundled ptxas need no GPU)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0 and ("ASTSource" in proc.stderr and "TypeError" in proc.stderr):
+        pytest.skip(f"this Triton's ASTSource API differs: {proc.stderr.splitlines()[-1]}")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
 # ------------------------------------------------------------------------------------------- paging
 def test_paged_falls_back_on_cpu():
     from qop import paged
@@ -423,8 +489,9 @@ def test_cuda_graph_capture_and_replay(bits):
 @requires_cuda
 @pytest.mark.parametrize("decompose", [True, False])
 def test_compile_shows_kernels(decompose, monkeypatch):
-    import qop.triton
     from torch._inductor.utils import run_and_get_code
+
+    import qop.triton
 
     monkeypatch.setattr(qop.triton, "DECOMPOSE", decompose)
     torch._dynamo.reset()

@@ -286,10 +286,12 @@ struct Quantizer {
   // scalar loads: on AVX2 machines without fast gathers (AMD Zen 2/3) they beat vpgatherdd.
   QOP_INLINE __m256i index8(__m256 y, int& slow) const {
     const __m256i u = _mm256_castps_si256(y);
-    alignas(32) uint16_t h[16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(h), u);
+    const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+    const uint64_t w0 = static_cast<uint64_t>(_mm_cvtsi128_si64(lo)), w1 = static_cast<uint64_t>(_mm_extract_epi64(lo, 1));
+    const uint64_t w2 = static_cast<uint64_t>(_mm_cvtsi128_si64(hi)), w3 = static_cast<uint64_t>(_mm_extract_epi64(hi, 1));
     const int32_t* L = lut.get();
-    const __m256i e = _mm256_setr_epi32(L[h[1]], L[h[3]], L[h[5]], L[h[7]], L[h[9]], L[h[11]], L[h[13]], L[h[15]]);
+    const __m256i e = _mm256_setr_epi32(L[(w0 >> 16) & 0xFFFF], L[w0 >> 48], L[(w1 >> 16) & 0xFFFF], L[w1 >> 48],
+                                        L[(w2 >> 16) & 0xFFFF], L[w2 >> 48], L[(w3 >> 16) & 0xFFFF], L[w3 >> 48]);
     const __m256 m = _mm256_castsi256_ps(_mm256_blend_epi16(u, e, 0x55));
     const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(y, m, _CMP_GT_OQ));
     slow = _mm256_movemask_ps(_mm256_castsi256_ps(e));
@@ -558,29 +560,32 @@ struct KBoth {
   }
 };
 
-// Sums of u^2 and p^2 for the update-norm clip, per lane width.
+// Sums of u^2 and p^2 for the update-norm clip, accumulated in double (the reference's
+// torch.linalg.vector_norm sums with float32 cascades; a plain float sum would drift on long tensors).
 struct NormAcc {
-  float uu = 0.0f, pp = 0.0f;
+  double uu = 0.0, pp = 0.0;
 #ifdef QOP_AVX2
-  VF vuu{_mm256_setzero_ps()}, vpp{_mm256_setzero_ps()};
+  __m256d vuu = _mm256_setzero_pd(), vpp = _mm256_setzero_pd();
 #endif
   QOP_INLINE void add(float u, float p) {
-    uu += u * u;
-    pp += p * p;
+    uu += static_cast<double>(u) * u;
+    pp += static_cast<double>(p) * p;
   }
 #ifdef QOP_AVX2
   QOP_INLINE void add(VF u, VF p) {
-    vuu = vuu + u * u;
-    vpp = vpp + p * p;
+    const __m256d ul = _mm256_cvtps_pd(_mm256_castps256_ps128(u.v)), uh = _mm256_cvtps_pd(_mm256_extractf128_ps(u.v, 1));
+    const __m256d pl = _mm256_cvtps_pd(_mm256_castps256_ps128(p.v)), ph = _mm256_cvtps_pd(_mm256_extractf128_ps(p.v, 1));
+    vuu = _mm256_add_pd(vuu, _mm256_add_pd(_mm256_mul_pd(ul, ul), _mm256_mul_pd(uh, uh)));
+    vpp = _mm256_add_pd(vpp, _mm256_add_pd(_mm256_mul_pd(pl, pl), _mm256_mul_pd(ph, ph)));
   }
 #endif
   void write(double* acc) const {
     double su = uu, sp = pp;
 #ifdef QOP_AVX2
-    alignas(32) float lu[8], lp[8];
-    _mm256_store_ps(lu, vuu.v);
-    _mm256_store_ps(lp, vpp.v);
-    for (int l = 0; l < 8; ++l) {
+    alignas(32) double lu[4], lp[4];
+    _mm256_store_pd(lu, vuu);
+    _mm256_store_pd(lp, vpp);
+    for (int l = 0; l < 4; ++l) {
       su += lu[l];
       sp += lp[l];
     }

@@ -123,9 +123,8 @@ bool is_managed(const at::Tensor& t) {
 
 }  // namespace qop_paged
 
-extern "C" {
 // An importable module with no Python API: `import qop._C_cuda` runs the registrations below.
-PyObject* PyInit__C_cuda(void) {
+PyMODINIT_FUNC PyInit__C_cuda(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C_cuda",  // name
@@ -138,7 +137,6 @@ PyObject* PyInit__C_cuda(void) {
       nullptr,    // no free
   };
   return PyModule_Create(&module_def);
-}
 }
 
 TORCH_LIBRARY(qop_paged, m) {

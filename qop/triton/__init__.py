@@ -23,7 +23,8 @@ second time, so we do by hand what it does for an op it owns (torch/_library/tri
   graph, re-inplaces them and autotunes them with its own machinery.  As in ``triton_op``, export
   keeps the op whole (``custom_triton_ops_decomposition_disabled``), tensor subclasses get
   ``NotImplemented``, and non-CUDA tensors are left to the op (the rule is per op, not per device).
-  The fake kernels stay in ``meta/``.  Both hooks exist in torch 2.11 and 2.13.
+  The fake kernels stay in ``meta/``.  Both hooks exist in torch 2.11 and 2.13 (from 2.6 on); where
+  they are missing the rule is not registered and the ops stay opaque under torch.compile.
 
 Multi-tensor launches and torch.compile
 ---------------------------------------
@@ -164,12 +165,14 @@ def _functional_decomposition(op_name: str, traced, device_arg: str):
 
 
 def _register() -> torch.library.Library:
-    lib = torch.library.Library("qop", "IMPL")  # noqa: TOR901 - our own namespace
+    lib = torch.library.Library("qop", "IMPL")
+    # Both hooks exist in torch >= 2.6; without them the ops simply stay opaque under torch.compile.
+    decompose = hasattr(torch.library, "register_torch_dispatch") and hasattr(torch.library, "wrap_triton")
     for name, (eager, traced, device_arg) in _OPS.items():
         lib.impl(name, eager, "CUDA")
-        torch.library.register_torch_dispatch(
-            f"qop::{name}", FunctionalTensorMode, _functional_decomposition(name, traced, device_arg), lib=lib
-        )
+        if decompose:
+            rule = _functional_decomposition(name, traced, device_arg)
+            torch.library.register_torch_dispatch(f"qop::{name}", FunctionalTensorMode, rule, lib=lib)
     return lib
 
 

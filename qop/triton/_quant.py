@@ -41,7 +41,7 @@ def _quantize_kernel(a_ptr, code_ptr, q_ptr, absmax_ptr, numel, blocksize, n_blo
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
 
     scale = tl.where(absmax > 0, absmax, 1.0)
-    code, mids = _code_book(code_ptr)
+    _, mids = _code_book(code_ptr)
     for c0 in range(0, blocksize, COLS):
         col = c0 + cols
         offs = first[:, None] + col[None, :]

@@ -26,7 +26,17 @@ from .. import _checks
 from .._schema import BLOCKSIZE, HP, Flag, Rule
 from . import _multi_tensor as mt
 from ._common import (
-    GATHER, _code_book, _div, _exp, _log, _lookup, _nearest, _pow, _round_to, is_interpreted, launch,
+    GATHER,
+    _code_book,
+    _div,
+    _exp,
+    _log,
+    _lookup,
+    _nearest,
+    _pow,
+    _round_to,
+    is_interpreted,
+    launch,
 )
 
 _ADAM = tl.constexpr(int(Rule.ADAM))

@@ -1,0 +1,534 @@
+"""The ops of the ``qop`` namespace against their contract, on the CPU.
+
+One spec table of sample inputs (``STEP_CASES`` x ``SHAPES`` x ``DTYPES``, plus the quantizer samples)
+drives:
+
+* ``torch.library.opcheck`` on every op under ``torch.ops.qop`` (schema/mutation, autograd registration,
+  fake tensors, AOT dispatch), each check on freshly built inputs since the step ops mutate theirs;
+* the C++ kernels against ``qop.reference`` over several steps (skipped when ``qop.HAS_CPU_KERNELS`` is
+  False, where the reference *is* the CPU kernel): 32-bit to float32 rounding (one ulp of bf16/fp16
+  parameters), 8-bit codes within one code index, quantize/dequantize exactly;
+* ``found_inf`` leaving everything bit-identical;
+* bad arguments raising ``ValueError`` that names the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import qop
+from qop import BLOCKSIZE, HP, Flag, Rule, reference
+from qop._schema import SCHEMAS
+
+needs_kernels = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
+
+SHAPES = [(0,), (1,), (255,), (256,), (257,), (1000,), (4097,), (33, 65)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+N_STEPS = 3
+
+# Which code book each state uses: signed for first moments and momentum, unsigned for second moments.
+SIGNED = {
+    Rule.ADAM: (True, False, False),
+    Rule.MOMENTUM: (True,),
+    Rule.ADAGRAD: (False,),
+    Rule.RMSPROP: (False,),
+    Rule.LION: (True,),
+    Rule.ADEMAMIX: (True, False, True),
+}
+
+BASE_HP = {
+    "LR": 1e-2,
+    "BETA1": 0.9,
+    "BETA2": 0.999,
+    "BETA3": 0.9999,
+    "EPS": 1e-8,
+    "WEIGHT_DECAY": 1e-2,
+    "ALPHA": 0.99,
+    "DAMPENING": 0.0,
+    "LR_DECAY": 0.0,
+    "MAX_UNORM": 0.0,
+    "T_ALPHA": 0.0,
+    "T_BETA3": 0.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+    name: str
+    rule: Rule
+    flags: int = 0
+    momentum_state: bool = True  # MOMENTUM only: False is plain SGD (no state)
+    hp: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def n_states(self) -> int:
+        if self.rule == Rule.ADAM:
+            return 3 if self.flags & Flag.AMSGRAD else 2
+        if self.rule == Rule.ADEMAMIX:
+            return 3
+        if self.rule == Rule.MOMENTUM:
+            return 1 if self.momentum_state else 0
+        return 1
+
+    def hp_tensor(self) -> Tensor:
+        values = dict(BASE_HP, **dict(self.hp))
+        h = torch.zeros(len(HP))
+        for key, value in values.items():
+            h[HP[key]] = value
+        return h
+
+    def __str__(self) -> str:
+        return self.name
+
+
+STEP_CASES = [
+    StepCase("adam", Rule.ADAM),
+    StepCase("adam_amsgrad", Rule.ADAM, Flag.AMSGRAD),
+    StepCase("adam_no_bias_correction", Rule.ADAM, Flag.NO_BIAS_CORRECTION),
+    StepCase("adam_l2", Rule.ADAM, Flag.L2_WEIGHT_DECAY),
+    StepCase("lamb", Rule.ADAM, Flag.UNORM_CLIP, hp=(("MAX_UNORM", 0.02),)),
+    StepCase("lamb_l2_nobc_amsgrad", Rule.ADAM,
+             Flag.UNORM_CLIP | Flag.L2_WEIGHT_DECAY | Flag.NO_BIAS_CORRECTION | Flag.AMSGRAD,
+             hp=(("MAX_UNORM", 1.0),)),
+    StepCase("sgd", Rule.MOMENTUM),
+    StepCase("sgd_nesterov", Rule.MOMENTUM, Flag.NESTEROV),
+    StepCase("sgd_dampening", Rule.MOMENTUM, hp=(("DAMPENING", 0.3),)),
+    StepCase("sgd_no_momentum", Rule.MOMENTUM, momentum_state=False, hp=(("BETA1", 0.0),)),
+    StepCase("lars", Rule.MOMENTUM, Flag.UNORM_CLIP, hp=(("MAX_UNORM", 0.02),)),
+    StepCase("adagrad", Rule.ADAGRAD, hp=(("LR_DECAY", 0.01),)),
+    StepCase("rmsprop", Rule.RMSPROP),
+    StepCase("lion", Rule.LION, hp=(("LR", 1e-3),)),
+    StepCase("ademamix", Rule.ADEMAMIX, hp=(("ALPHA", 5.0),)),
+    StepCase("ademamix_schedules", Rule.ADEMAMIX, hp=(("ALPHA", 5.0), ("T_ALPHA", 3.0), ("T_BETA3", 3.0))),
+]
+CASES = {c.name: c for c in STEP_CASES}
+
+
+# ------------------------------------------------------------------------------------ sample inputs
+@dataclasses.dataclass
+class StepInputs:
+    """Everything a step op takes; ``args()`` lays it out in schema order."""
+
+    case: StepCase
+    bits: int
+    params: list[Tensor]
+    states: list[list[Tensor]]
+    absmax: list[list[Tensor]]
+    steps: list[Tensor]
+    hp: Tensor
+    codes: list[Tensor]
+    gscale: Tensor | None = None
+    found_inf: Tensor | None = None
+
+    def clone(self) -> StepInputs:
+        def c(ts):
+            return [t.clone() for t in ts]
+
+        return dataclasses.replace(
+            self, params=c(self.params), states=[c(s) for s in self.states], absmax=[c(a) for a in self.absmax],
+            steps=c(self.steps), hp=self.hp.clone(),
+            gscale=None if self.gscale is None else self.gscale.clone(),
+            found_inf=None if self.found_inf is None else self.found_inf.clone())
+
+    def args(self, grads: list[Tensor]) -> tuple:
+        k = self.case.n_states
+        states = self.states + [[] for _ in range(3 - k)]
+        head = (int(self.case.rule), int(self.case.flags), self.params, grads, *states)
+        if self.bits == 32:
+            return (*head, self.steps, self.hp, self.gscale, self.found_inf)
+        absmax = self.absmax + [[] for _ in range(3 - k)]
+        return (*head, *absmax, self.steps, self.hp, *self.codes, self.gscale, self.found_inf)
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor the op may write."""
+        return [*self.params, *(t for s in self.states for t in s), *(t for a in self.absmax for t in a), *self.steps]
+
+
+def dynamic_map(signed: bool) -> Tensor:
+    return qop.dynamic_map(signed=signed)
+
+
+def make_inputs(case: StepCase, dtype: torch.dtype, bits: int, shapes=SHAPES, seed: int = 0,
+                gscale: bool = False, found_inf: float | None = None) -> StepInputs:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    signed = SIGNED[case.rule][: case.n_states]
+    raw = []
+    for sg in signed:
+        per_param = []
+        for s in shapes:
+            x = torch.randn(s, generator=gen) * 0.1 if sg else torch.rand(s, generator=gen) * 1e-2
+            if x.numel() >= 2 * BLOCKSIZE:  # one all-zero block: absmax 0
+                x.view(-1)[BLOCKSIZE: 2 * BLOCKSIZE] = 0
+            per_param.append(x)
+        raw.append(per_param)
+    codes = [dynamic_map(sg) for sg in signed] + [dynamic_map(True)] * (3 - len(signed))
+    states, absmax = raw, []
+    if bits == 8:
+        states, absmax = [], []
+        for j, per_param in enumerate(raw):
+            qa = [reference.quantize_blockwise(x, codes[j], BLOCKSIZE) for x in per_param]
+            states.append([q for q, _ in qa])
+            absmax.append([a for _, a in qa])
+    return StepInputs(
+        case=case, bits=bits, params=params, states=states, absmax=absmax,
+        steps=[torch.zeros(()) for _ in shapes], hp=case.hp_tensor(), codes=codes,
+        gscale=(torch.rand(len(shapes), generator=gen) + 0.5) if gscale else None,
+        found_inf=None if found_inf is None else torch.tensor(found_inf))
+
+
+def make_grads(params: list[Tensor], step: int) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    grads = []
+    for p in params:
+        g = (torch.randn(p.shape, generator=gen) * (1 + step)).to(p.dtype)
+        if g.numel() >= 2 * BLOCKSIZE:
+            g.view(-1)[BLOCKSIZE: 2 * BLOCKSIZE] = 0
+        grads.append(g)
+    return grads
+
+
+def step_op(bits: int):
+    return torch.ops.qop.step_32bit.default if bits == 32 else torch.ops.qop.step_8bit.default
+
+
+def step_reference(bits: int):
+    return reference.step_32bit if bits == 32 else reference.step_8bit
+
+
+# ------------------------------------------------------------------------------------------ opcheck
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _quantize_samples():
+    code = dynamic_map(True)
+    for i, (shape, dtype) in enumerate([((0,), torch.float32), ((257,), torch.bfloat16), ((33, 65), torch.float16),
+                                        ((4097,), torch.float32)]):
+        A = torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(dtype)
+        yield f"quantize_{dtype}_{shape}", torch.ops.qop.quantize_blockwise.default, (lambda A=A: (A.clone(), code, 256))
+
+
+def _dequantize_samples():
+    code = dynamic_map(False)
+    for shape, dtype, bs in [((0,), torch.float32, 256), ((1000,), torch.bfloat16, 256), ((33, 65), torch.float16, 64)]:
+        A = torch.rand(shape)
+        q, a = reference.quantize_blockwise(A, code, bs)
+        yield (f"dequantize_{dtype}_{shape}", torch.ops.qop.dequantize_blockwise.default,
+               (lambda q=q, a=a, bs=bs, dtype=dtype: (q.clone(), a.clone(), code, bs, dtype)))
+
+
+def _step_samples():
+    picks = [("adam", torch.float32), ("lamb_l2_nobc_amsgrad", torch.bfloat16), ("sgd_nesterov", torch.float16),
+             ("sgd_no_momentum", torch.float32), ("lars", torch.float32), ("adagrad", torch.bfloat16),
+             ("lion", torch.float16), ("ademamix_schedules", torch.float32)]
+    for i, (name, dtype) in enumerate(picks):
+        for bits in (32, 8):
+            case = CASES[name]
+
+            def build(case=case, dtype=dtype, bits=bits, i=i):
+                inp = make_inputs(case, dtype, bits, shapes=[(0,), (257,), (33, 65)], seed=i,
+                                  gscale=i % 2 == 0, found_inf=0.0 if i % 3 == 0 else None)
+                return inp.args(make_grads(inp.params, 0))
+
+            yield f"step_{bits}bit_{name}_{dtype}", step_op(bits), build
+
+
+OPCHECK_SAMPLES = [*_quantize_samples(), *_dequantize_samples(), *_step_samples()]
+
+
+def test_opcheck_covers_every_op():
+    covered = {op.name().split("::")[1] for _, op, _ in OPCHECK_SAMPLES}
+    assert covered == set(SCHEMAS)
+
+
+@pytest.mark.parametrize("name,op,build", OPCHECK_SAMPLES, ids=[s[0] for s in OPCHECK_SAMPLES])
+def test_opcheck(name, op, build):
+    for util in OPCHECK_UTILS:  # fresh inputs for each check: the step ops mutate theirs
+        torch.library.opcheck(op, build(), test_utils=util)
+
+
+# ------------------------------------------------------------------------------- kernel vs reference
+def ulp(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The spacing of ``dtype`` numbers at |x| (x in float32)."""
+    info = torch.finfo(dtype)
+    mag = x.abs().clamp_min(info.tiny)
+    return torch.exp2(torch.floor(torch.log2(mag))) * info.eps
+
+
+def assert_params_close(actual: Tensor, expected: Tensor, loose: bool = False) -> None:
+    if loose:  # an 8-bit code one index away at an earlier step moves the parameter by a bit more
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-3, atol=1e-3)
+    elif actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    else:
+        diff = (actual.float() - expected.float()).abs()
+        bound = ulp(torch.maximum(actual.float().abs(), expected.float().abs()), actual.dtype)
+        assert bool((diff <= bound).all()), f"max diff {diff.max()} beyond one {actual.dtype} ulp"
+
+
+def run_both(case: StepCase, dtype: torch.dtype, bits: int, shapes=SHAPES, gscale: bool = True):
+    base = make_inputs(case, dtype, bits, shapes=shapes, gscale=gscale)
+    ours, ref = base.clone(), base.clone()
+    codes_equal = True
+    for step in range(N_STEPS):
+        grads = make_grads(base.params, step)
+        step_op(bits)(*ours.args(grads))
+        step_reference(bits)(*ref.args(grads))
+        if bits == 8:
+            for j in range(case.n_states):
+                for qo, qr in zip(ours.states[j], ref.states[j]):
+                    d = (qo.int() - qr.int()).abs()
+                    assert d.numel() == 0 or int(d.max()) <= 1, f"state{j + 1} more than one code apart"
+                    codes_equal = codes_equal and not bool(d.any())
+    return ours, ref, codes_equal
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
+def test_step_matches_reference(case, dtype, bits):
+    ours, ref, codes_equal = run_both(case, dtype, bits)
+    for so, sr in zip(ours.steps, ref.steps):
+        assert torch.equal(so, sr) and float(so) == N_STEPS
+    for po, pr in zip(ours.params, ref.params):
+        assert_params_close(po, pr, loose=not codes_equal)
+    if bits == 32:
+        rtol = 1e-5 if dtype == torch.float32 else 1e-3
+        for j in range(case.n_states):
+            for so, sr in zip(ours.states[j], ref.states[j]):
+                torch.testing.assert_close(so, sr, rtol=rtol, atol=1e-6)
+    else:
+        exact = sum(int((qo == qr).sum()) for j in range(case.n_states)
+                    for qo, qr in zip(ours.states[j], ref.states[j]))
+        total = sum(q.numel() for s in ref.states for q in s)
+        assert exact >= 0.999 * total
+        for j in range(case.n_states):
+            for ao, ar in zip(ours.absmax[j], ref.absmax[j]):
+                torch.testing.assert_close(ao, ar, rtol=1e-5 if codes_equal else 1e-2, atol=1e-7)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", ["adam", "lamb", "lars", "sgd_no_momentum"])
+def test_parallel_matches_reference_and_thread_count(case, bits):
+    """A call large enough for the OpenMP path: same as the reference, bit-identical for 1 or 2 threads."""
+    shapes = [(300, 257), (70001,), (5,)]
+    ours, ref, codes_equal = run_both(CASES[case], torch.float32, bits, shapes=shapes)
+    for po, pr in zip(ours.params, ref.params):
+        assert_params_close(po, pr, loose=not codes_equal)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            inp = make_inputs(CASES[case], torch.float32, bits, shapes=shapes, gscale=True)
+            step_op(bits)(*inp.args(make_grads(inp.params, 0)))
+            results.append(inp.tensors())
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ found_inf
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", ["adam_amsgrad", "lamb", "sgd", "lion", "ademamix"])
+@pytest.mark.parametrize("value", [1.0, float("inf"), float("nan")], ids=["one", "inf", "nan"])
+def test_found_inf_changes_nothing(case, bits, value):
+    inp = make_inputs(CASES[case], torch.bfloat16, bits, gscale=True, found_inf=value)
+    before = [t.clone() for t in inp.tensors()]
+    step_op(bits)(*inp.args(make_grads(inp.params, 0)))
+    for a, b in zip(inp.tensors(), before):
+        assert a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_found_inf_zero_steps(bits):
+    inp = make_inputs(CASES["adam"], torch.float32, bits, found_inf=0.0)
+    before = [p.clone() for p in inp.params]
+    step_op(bits)(*inp.args(make_grads(inp.params, 0)))
+    assert all(float(s) == 1.0 for s in inp.steps)
+    assert not torch.equal(inp.params[-1], before[-1])
+
+
+# ----------------------------------------------------------------------------------------- quantizer
+def _quantizer_inputs():
+    gen = torch.Generator().manual_seed(3)
+    for signed in (True, False):
+        code = dynamic_map(signed)
+        mids = 0.5 * (code[:-1] + code[1:])
+        up, down = torch.tensor(2.0), torch.tensor(-2.0)
+        # every midpoint, its float neighbours and every code value, in blocks whose absmax is 1
+        edges = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down), code, torch.ones(1)])
+        yield f"midpoints_signed={signed}", edges if signed else edges.abs(), code
+        scales = 10.0 ** torch.randint(-12, 4, (8192,), generator=gen).float()
+        x = torch.randn(8192, generator=gen) * scales
+        x[:256] = 0
+        x[1000:1100] = 1e-30
+        yield f"random_signed={signed}", x if signed else x.abs(), code
+    sorted_book = torch.sort(torch.randn(256, generator=gen) * 10.0 ** torch.randint(-8, 1, (256,), generator=gen)).values
+    yield "sorted_random_book", torch.randn(5000, generator=gen), sorted_book
+    with_dups = torch.sort(torch.cat([torch.randn(200, generator=gen), torch.zeros(56)])).values
+    yield "duplicate_entries", torch.randn(5000, generator=gen), with_dups
+    yield "unsorted_book", torch.randn(5000, generator=gen), torch.randn(256, generator=gen)
+    special = torch.randn(3000, generator=gen)
+    special[5], special[300], special[700], special[1200] = float("nan"), float("inf"), -float("inf"), -0.0
+    yield "nan_inf", special, dynamic_map(True)
+
+
+QUANTIZER_INPUTS = list(_quantizer_inputs())
+
+
+@needs_kernels
+@pytest.mark.parametrize("blocksize", [256, 64, 100, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,x,code", QUANTIZER_INPUTS, ids=[s[0] for s in QUANTIZER_INPUTS])
+def test_quantize_matches_reference_exactly(name, x, code, dtype, blocksize):
+    A = x.to(dtype)
+    q, a = torch.ops.qop.quantize_blockwise(A, code, blocksize)
+    qr, ar = reference.quantize_blockwise(A, code, blocksize)
+    assert q.dtype == torch.uint8 and q.shape == A.shape
+    assert torch.equal(q, qr)
+    torch.testing.assert_close(a, ar, rtol=0, atol=0, equal_nan=True)
+    for out_dtype in DTYPES:
+        d = torch.ops.qop.dequantize_blockwise(q, a, code, blocksize, out_dtype)
+        dr = reference.dequantize_blockwise(q, a, code, blocksize, out_dtype)
+        torch.testing.assert_close(d, dr, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_quantize_roundtrip_shapes(shape):
+    code = dynamic_map(True)
+    A = torch.randn(shape)
+    q, a = torch.ops.qop.quantize_blockwise(A, code, BLOCKSIZE)
+    assert q.shape == A.shape and a.shape == (math.ceil(A.numel() / BLOCKSIZE),)
+    d = torch.ops.qop.dequantize_blockwise(q, a, code, BLOCKSIZE, torch.float32)
+    assert d.shape == A.shape
+    if A.numel():
+        err = (d - A).abs().view(-1)
+        bound = a.repeat_interleave(BLOCKSIZE)[: A.numel()] * 0.08  # half the widest gap of the signed map
+        assert bool((err <= bound).all())
+
+
+# ------------------------------------------------------------------------------------ argument errors
+def _valid(bits: int) -> StepInputs:
+    return make_inputs(CASES["adam"], torch.float32, bits, shapes=[(300,), (4, 8)])
+
+
+def _set(inp: StepInputs, **changes) -> StepInputs:
+    return dataclasses.replace(inp, **changes)
+
+
+def _step_errors():
+    """(name, bits, mutate(inp, grads) -> (inp, grads), message regex)."""
+    def p0(fn):
+        return lambda inp, grads: (_set(inp, params=[fn(inp.params[0]), *inp.params[1:]]), grads)
+
+    def g0(fn):
+        return lambda inp, grads: (inp, [fn(grads[0]), *grads[1:]])
+
+    def state0(fn):
+        def mutate(inp, grads):
+            states = [list(s) for s in inp.states]
+            states[0][0] = fn(states[0][0])
+            return _set(inp, states=states), grads
+        return mutate
+
+    cases = [
+        ("int_params", p0(lambda p: p.to(torch.int32)), r"params\[0\]"),
+        ("complex_params", p0(lambda p: p.to(torch.complex64)), r"params\[0\]"),
+        ("mixed_dtypes", lambda inp, grads: (_set(inp, params=[inp.params[0], inp.params[1].bfloat16()]),
+                                             [grads[0], grads[1].bfloat16()]), r"params\[1\]"),
+        ("non_contiguous_params", lambda inp, grads: (
+            _set(inp, params=[inp.params[0], inp.params[1].t().contiguous().t()]), grads), r"params\[1\]"),
+        ("sparse_grad", g0(lambda g: g.to_sparse()), r"grads\[0\]"),
+        ("grad_shape", g0(lambda g: g[:-1].clone()), r"grads\[0\]"),
+        ("grad_dtype", g0(lambda g: g.double()), r"grads\[0\]"),
+        ("grads_length", lambda inp, grads: (inp, grads[:1]), r"grads"),
+        ("steps_dtype", lambda inp, grads: (_set(inp, steps=[inp.steps[0].double(), inp.steps[1]]), grads), r"steps\[0\]"),
+        ("hp_size", lambda inp, grads: (_set(inp, hp=inp.hp[:5].clone()), grads), r"\bhp\b"),
+        ("hp_dtype", lambda inp, grads: (_set(inp, hp=inp.hp.double()), grads), r"\bhp\b"),
+        ("gscale_size", lambda inp, grads: (_set(inp, gscale=torch.ones(5)), grads), r"gscale"),
+        ("found_inf_shape", lambda inp, grads: (_set(inp, found_inf=torch.zeros(2)), grads), r"found_inf"),
+        ("found_inf_dtype", lambda inp, grads: (_set(inp, found_inf=torch.zeros((), dtype=torch.int32)), grads),
+         r"found_inf"),
+        ("state_count", lambda inp, grads: (_set(inp, states=[inp.states[0][:1], inp.states[1]]), grads), r"state1"),
+        ("state_numel", state0(lambda s: s[:-1].clone()), r"state1\[0\]"),
+        ("state_non_contiguous", state0(lambda s: torch.empty_like(s.repeat(2))[::2]), r"state1\[0\]"),
+    ]
+    out = []
+    for name, mutate, msg in cases:
+        for bits in (32, 8):
+            out.append((name, bits, mutate, msg))
+    out += [
+        ("state_dtype", 32, state0(lambda s: s.double()), r"state1\[0\]"),
+        ("state_dtype", 8, state0(lambda s: s.float()), r"state1\[0\]"),
+        ("absmax_length", 8, lambda inp, grads: (_set(inp, absmax=[[inp.absmax[0][0][:-1].clone(), inp.absmax[0][1]],
+                                                               inp.absmax[1]]), grads), r"absmax1\[0\]"),
+        ("absmax_dtype", 8, lambda inp, grads: (_set(inp, absmax=[inp.absmax[0], [inp.absmax[1][0].double(),
+                                                                               inp.absmax[1][1]]]), grads),
+         r"absmax2\[0\]"),
+        ("code_size", 8, lambda inp, grads: (_set(inp, codes=[inp.codes[0][:128].clone(), *inp.codes[1:]]), grads),
+         r"code1"),
+        ("code_dtype", 8, lambda inp, grads: (_set(inp, codes=[inp.codes[0], inp.codes[1].double(), inp.codes[2]]),
+                                              grads), r"code2"),
+    ]
+    return out
+
+
+STEP_ERRORS = _step_errors()
+
+
+@pytest.mark.parametrize("name,bits,mutate,msg", STEP_ERRORS, ids=[f"{e[0]}-{e[1]}bit" for e in STEP_ERRORS])
+def test_step_rejects_bad_arguments(name, bits, mutate, msg):
+    inp, grads = mutate(_valid(bits), make_grads(_valid(bits).params, 0))
+    with pytest.raises(ValueError, match=msg):
+        step_op(bits)(*inp.args(grads))
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("rule,flags,msg", [(0, 0, "rule"), (7, 0, "rule"), (1, 32, "flags"), (1, -1, "flags")])
+def test_step_rejects_bad_rule_and_flags(bits, rule, flags, msg):
+    inp = _valid(bits)
+    args = list(inp.args(make_grads(inp.params, 0)))
+    args[0], args[1] = rule, flags
+    with pytest.raises(ValueError, match=msg):
+        step_op(bits)(*args)
+
+
+def _quant_errors():
+    code = dynamic_map(True)
+    A = torch.randn(300)
+    q, a = reference.quantize_blockwise(A, code, 256)
+    qop_q = torch.ops.qop.quantize_blockwise
+    qop_d = torch.ops.qop.dequantize_blockwise
+    return [
+        ("quantize_int", lambda: qop_q(A.int(), code, 256), r"\bA\b"),
+        ("quantize_complex", lambda: qop_q(A.to(torch.complex64), code, 256), r"\bA\b"),
+        ("quantize_sparse", lambda: qop_q(A.to_sparse(), code, 256), r"\bA\b"),
+        ("quantize_non_contiguous", lambda: qop_q(torch.randn(20, 30).t(), code, 256), r"\bA\b"),
+        ("quantize_code_size", lambda: qop_q(A, code[:100].clone(), 256), r"\bcode\b"),
+        ("quantize_code_dtype", lambda: qop_q(A, code.double(), 256), r"\bcode\b"),
+        ("quantize_blocksize", lambda: qop_q(A, code, 0), r"blocksize"),
+        ("dequantize_codes_dtype", lambda: qop_d(A, a, code, 256, torch.float32), r"\bA\b"),
+        ("dequantize_absmax_length", lambda: qop_d(q, a[:1].clone(), code, 256, torch.float32), r"absmax"),
+        ("dequantize_absmax_dtype", lambda: qop_d(q, a.double(), code, 256, torch.float32), r"absmax"),
+        ("dequantize_code_size", lambda: qop_d(q, a, code[:10].clone(), 256, torch.float32), r"\bcode\b"),
+        ("dequantize_dtype", lambda: qop_d(q, a, code, 256, torch.int32), r"dtype"),
+        ("dequantize_blocksize", lambda: qop_d(q, a, code, -1, torch.float32), r"blocksize"),
+    ]
+
+
+QUANT_ERRORS = _quant_errors()
+
+
+@pytest.mark.parametrize("name,call,msg", QUANT_ERRORS, ids=[e[0] for e in QUANT_ERRORS])
+def test_quantize_rejects_bad_arguments(name, call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call()
