@@ -8,17 +8,37 @@ on the GPU, and the ``gpu`` tests add opcheck, CUDA-graph capture and torch.comp
 from __future__ import annotations
 
 import copy
-import importlib
 import os
+import subprocess
+import sys
 
 import torch
 
 CUDA = torch.cuda.is_available()
+_CHILD = os.environ.get("QOP_TRITON_INTERPRETER_CHILD") == "1"
+
+
+def _interpreter_possible() -> bool:
+    """Triton makes its own @jit library functions (tl.zeros, tl.cdiv, ...) interpreted or compiled
+    once, when it is first imported; interpreted kernels need the former."""
+    if "triton" not in sys.modules:
+        return True
+    try:
+        import triton.language.standard as standard
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    return isinstance(standard.zeros, InterpretedFunction)
+
+
+#: Another test module imported triton (e.g. through torch._inductor) before this one could set
+#: TRITON_INTERPRET: the interpreter tests then run in a fresh subprocess instead.
+IN_SUBPROCESS = not CUDA and not _interpreter_possible()
+if IN_SUBPROCESS and _CHILD:
+    raise RuntimeError("qop: triton was imported in compiled mode before tests/test_triton.py set TRITON_INTERPRET")
 _saved_interpret = os.environ.get("TRITON_INTERPRET")
-if not CUDA:
-    # Read by @triton.jit when our kernel modules are imported (below), even if another test module
-    # imported triton itself earlier.
-    os.environ["TRITON_INTERPRET"] = "1"
+if not CUDA and not IN_SUBPROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton and our kernel modules are imported below
 
 import pytest  # noqa: E402
 
@@ -29,12 +49,7 @@ from qop import HP, Flag, Rule, reference  # noqa: E402
 from qop._schema import HP_SIZE  # noqa: E402
 from qop.triton import _common, _multi_tensor, _quant, _step  # noqa: E402
 
-if not CUDA and not _common.is_interpreted(_step._step_kernel):
-    # Our kernel modules were imported (compiled-mode) before this module set TRITON_INTERPRET:
-    # rebuild them as interpreted functions.  They register nothing, so reloading is safe.
-    for _module in (_common, _multi_tensor, _quant, _step):
-        importlib.reload(_module)
-if not CUDA:
+if not CUDA and not IN_SUBPROCESS:
     assert _common.is_interpreted(_step._step_kernel)
     if _saved_interpret is None:  # leave the environment as we found it for other test modules
         os.environ.pop("TRITON_INTERPRET", None)
@@ -43,10 +58,24 @@ if not CUDA:
 
 
 @pytest.fixture(autouse=True)
-def _interpreter_env(monkeypatch):
+def _interpreter_env(request, monkeypatch):
     """Triton also consults the variable at launch (lazy imports), so set it again while we run."""
+    if IN_SUBPROCESS and request.node.originalname != "test_interpreter_suite_in_subprocess":
+        pytest.skip("runs in a subprocess: see test_interpreter_suite_in_subprocess")
     if not CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(not IN_SUBPROCESS, reason="the interpreter tests run in this process")
+def test_interpreter_suite_in_subprocess():
+    """Triton was imported in compiled mode before this module: run this file in a fresh interpreter."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", QOP_TRITON_INTERPRETER_CHILD="1")
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 # The interpreter evaluates both sides of tl.where (e.g. AdEMAMix's warm-up when it is off) in numpy.
@@ -350,6 +379,37 @@ def test_launcher_checks_arguments():
         problem.run(_step, config={"BLOCK": 100, "num_warps": 4})
 
 
+# --------------------------------------------------------------------------- torch.compile wiring
+@pytest.mark.skipif(CUDA, reason="with CUDA the rule is registered for real (see test_compile_shows_kernels)")
+def test_decomposition_rule_is_consulted_and_defers_off_cuda():
+    """The FunctionalTensorMode rule that qop.triton attaches to the existing op is what AOTAutograd
+    consults; for non-CUDA tensors it leaves the op whole (auto_functionalized, then the CPU kernel)."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    import qop.triton as qt
+
+    seen = []
+    rule = qt._functional_decomposition("step_32bit", qt._step_32bit_traced, "hp")
+
+    def spy(mode, op, types, args, kwargs):
+        seen.append(op)
+        return rule(mode, op, types, args, kwargs)
+
+    lib = torch.library.Library("qop", "IMPL")
+    try:
+        torch.library.register_torch_dispatch("qop::step_32bit", FunctionalTensorMode, spy, lib=lib)
+        problem = Problem(CASES[0], torch.float32, 32, sizes=[5, 300])
+        expected = problem.clone()
+        expected.run(reference)
+        args = _op_args(problem)
+        torch.compile(lambda: torch.ops.qop.step_32bit(*args), backend="aot_eager", fullgraph=True)()
+        assert seen and set(seen) == {torch.ops.qop.step_32bit.default}  # AOT traces it more than once
+        assert_same_step(problem, expected)
+    finally:
+        lib._destroy()
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------- compiled for a GPU, on a CPU
 _COMPILE_SCRIPT = r"""
 import sys
@@ -383,16 +443,45 @@ compile_(_quant._quantize_kernel, {**ptr("a_ptr", t="*bf16"), **ptr("code_ptr", 
 compile_(_quant._dequantize_kernel, {"q_ptr": "*u8", **ptr("absmax_ptr", "code_ptr"), "out_ptr": "*fp16",
          "numel": "i32", "blocksize": "i32", "size_class": "i32"}, dict(BLOCK=1024, GATHER=True))
 print("compiled")
+
+# The torch.compile decomposition, traced with fake CUDA tensors (Triton analyses the kernel for sm_90):
+# functionalization must see every tensor the per-tensor launches write.
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from triton.runtime import driver
+
+class TargetOnly:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+driver.set_active(TargetOnly())
+with FakeTensorMode():
+    new = lambda n, dt=torch.float32: torch.empty(n, device="cuda", dtype=dt)  # noqa: E731
+    bf16 = torch.bfloat16
+    t = dict(params=[new(5, bf16), new(300, bf16)], grads=[new(5, bf16), new(300, bf16)],
+             s1=[new(5, torch.uint8), new(300, torch.uint8)], s2=[new(5, torch.uint8), new(300, torch.uint8)],
+             a1=[new(1), new(2)], a2=[new(1), new(2)], steps=[new(()), new(())], hp=new(12), code=new(256),
+             gscale=new(2), found=new(()))
+
+def f(params, grads, s1, s2, a1, a2, steps, hp, code, gscale, found):
+    _step.step_8bit(1, 16, params, grads, s1, s2, [], a1, a2, [], steps, hp, code, code, code, gscale, found,
+                    multi=False)  # Adam with the update-norm clip: two passes per tensor
+
+gm = make_fx(torch.func.functionalize(f, remove="mutations_and_views"), tracing_mode="fake")(*t.values())
+launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+clones = [sorted(n.kwargs["tensors_to_clone"]) for n in launches]
+assert clones == [["norms_ptr"], sorted(["p_ptr", "s1_ptr", "s2_ptr", "a1_ptr", "a2_ptr", "step_ptr", "work_ptr",
+                                          "norms_ptr"])] * 2, clones
+print("traced")
 """
 
 
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile and run the kernels for real")
 def test_kernels_compile_for_sm90():
     """The interpreter is more lenient than the compiler: compile representative variants down to
-    sm_90 machine code (Triton's frontend, MLIR passes and its bundled ptxas need no GPU)."""
-    import subprocess
-    import sys
-
+    sm_90 machine code (Triton's frontend, MLIR passes and its bundled ptxas need no GPU), then trace
+    the torch.compile decomposition with fake CUDA tensors and check what it reports as written."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
@@ -401,7 +490,7 @@ def test_kernels_compile_for_sm90():
                           text=True, timeout=600)
     if proc.returncode != 0 and ("ASTSource" in proc.stderr and "TypeError" in proc.stderr):
         pytest.skip(f"this Triton's ASTSource API differs: {proc.stderr.splitlines()[-1]}")
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    assert proc.returncode == 0 and "traced" in proc.stdout, proc.stderr[-4000:]
 
 
 # ------------------------------------------------------------------------------------------- paging

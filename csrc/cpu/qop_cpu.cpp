@@ -135,8 +135,8 @@ QOP_INLINE void store(bf16* p, VF v) {
 QOP_INLINE void store(fp16* p, VF v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
 }
-// code[q] * absmax for eight codes.  Eight scalar loads rather than vpgatherdd, which is several
-// times slower per element on AMD Zen 2/3 and no faster elsewhere.
+// code[q] * absmax for eight codes.  Eight scalar loads rather than vpgatherdd: on AMD Zen 3 the
+// gather takes ~1.6 cycles per element against ~0.9 for this (and it is microcoded on Zen 2 as well).
 QOP_INLINE VF dequant(Tag<VF>, const float* code, const uint8_t* q, float absmax) {
   uint64_t w;
   std::memcpy(&w, q, sizeof w);
@@ -329,7 +329,7 @@ void quantize_blocks(const std::array<const Quantizer*, 3>& Q, const std::array<
   int64_t i = 0;
 #ifdef QOP_AVX2
   std::array<bool, 3> fast{};
-  std::array<__m256, 3> va, vr;
+  __m256 va[3], vr[3];
   for (int j = 0; j < K; ++j) {
     fast[j] = a[j] >= kFastDivMin && a[j] <= kFastDivMax;
     va[j] = _mm256_set1_ps(a[j]);
@@ -648,8 +648,8 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
     for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
     std::array<uint32_t, 3> mx{};
 #ifdef QOP_AVX2
-    std::array<__m256i, 3> vmx{};
-    for (int j = 0; j < K; ++j) vmx[j] = _mm256_setzero_si256();
+    __m256i vmx[3];
+    for (int j = 0; j < 3; ++j) vmx[j] = _mm256_setzero_si256();
 #endif
     for_lanes(nb, [&](auto tag, int64_t i) {
       using V = typename decltype(tag)::type;
@@ -1036,6 +1036,10 @@ PyObject* PyInit__C(void) {
       NULL,  // documentation
       -1,    // per-interpreter state size
       NULL,  // methods
+      NULL,  // slots
+      NULL,  // traverse
+      NULL,  // clear
+      NULL,  // free
   };
   return PyModule_Create(&module_def);
 }

@@ -84,7 +84,8 @@ class _Bucket:
     paged: list[Tensor] = field(default_factory=list)
 
     def tensors(self) -> Iterable[Tensor]:
-        yield from itertools.chain(self.params, *self.states, *self.absmax, self.steps, self.codes,
+        """The optimizer's own tensors (not the params, which dynamo marks static itself)."""
+        yield from itertools.chain(*self.states, *self.absmax, self.steps, self.codes,
                                    (t for t in self.histories if t is not None))
         if self.hp_slots is not None and self.hp_values is not None:
             yield from (self.hp_slots, self.hp_values)

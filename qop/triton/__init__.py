@@ -149,7 +149,7 @@ _OPS = {
 
 def _functional_decomposition(op_name: str, traced, device_arg: str):
     """The FunctionalTensorMode rule of one op: what triton_op registers for the ops it defines."""
-    schema = torch.ops.qop[op_name].default._schema
+    schema = getattr(torch.ops.qop, op_name).default._schema
     device_index = [a.name for a in schema.arguments].index(device_arg)
 
     def rule(mode, op, types, args, kwargs):

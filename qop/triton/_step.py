@@ -260,12 +260,9 @@ def _step_kernel(
         sum_p2 = tl.load(norms_ptr + 2 * ti + 1)
         clip = _unorm_clip(sum_u2, sum_p2, tl.load(hp_ptr + _HP_MAX_UNORM))
 
-    code1 = 0.0
-    mids1 = 0.0
-    code2 = 0.0
-    mids2 = 0.0
-    code3 = 0.0
-    mids3 = 0.0
+    code1, mids1 = 0.0, 0.0  # placeholders where a state is absent or 32-bit
+    code2, mids2 = 0.0, 0.0
+    code3, mids3 = 0.0, 0.0
     if QUANT:
         if N_STATES >= 1:
             code1, mids1 = _code_book(code1_ptr)
@@ -286,15 +283,9 @@ def _step_kernel(
         block_mask = off + rows * _ROW < end
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gscale
-        m1 = 0.0
-        q1 = 0.0
-        am1 = 0.0
-        m2 = 0.0
-        q2 = 0.0
-        am2 = 0.0
-        m3 = 0.0
-        q3 = 0.0
-        am3 = 0.0
+        m1, q1, am1 = 0.0, 0.0, 0.0  # placeholders where a state is absent
+        m2, q2, am2 = 0.0, 0.0, 0.0
+        m3, q3, am3 = 0.0, 0.0, 0.0
         if N_STATES >= 1:
             m1, q1, am1 = _load_state(s1_ptr, a1_ptr, code1, code1_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
         if N_STATES >= 2:
