@@ -304,6 +304,7 @@ class Settings:
     paired: bool = True
     stat: str = "median"
     wait_quiet_s: float = 0.0
+    retries: int = 2
 
 
 def _sync(device: str) -> None:
@@ -359,6 +360,26 @@ def _step(opt: torch.optim.Optimizer, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_steps(
+    opt: torch.optim.Optimizer, baseline: torch.optim.Optimizer | None, s: Settings
+) -> tuple[list[float], list[float], float | None]:
+    """Timed steps of ``opt`` (each followed by one of ``baseline``) until the budget; and the CPU-wait share."""
+    times: list[float] = []
+    paired: list[float] = []
+    spent = 0.0
+    wait0, wall0 = cpu_wait_us(), time.perf_counter()
+    for _ in range(s.repeats):
+        times.append(_step(opt, s.device))
+        spent += times[-1]
+        if baseline is not None:
+            paired.append(_step(baseline, s.device))
+        if (spent >= s.budget_s and len(times) >= s.min_repeats) or spent >= 4 * s.budget_s:
+            break
+    wait1, wall1 = cpu_wait_us(), time.perf_counter()
+    wait = None if wait0 is None or wait1 is None else (wait1 - wait0) / 1e6 / (wall1 - wall0)
+    return times, paired, wait
+
+
 def time_cell(
     spec: OptSpec,
     w: Workload,
@@ -402,18 +423,14 @@ def time_cell(
         r.rss_delta_mib = (rss_bytes() - base) / 2**20
         r.state_bytes = optimizer_state_bytes(opt)
         r.state_bytes_per_param = r.state_bytes / w.n_params
-        spent = 0.0
-        wait0, wall0 = cpu_wait_us(), time.perf_counter()
-        for _ in range(s.repeats):
-            times.append(_step(opt, s.device))
-            spent += times[-1]
-            if baseline is not None:
-                paired.append(_step(baseline, s.device))
-            if (spent >= s.budget_s and len(times) >= s.min_repeats) or spent >= 4 * s.budget_s:
+        for attempt in range(1 + s.retries):
+            t, b, wait = _timed_steps(opt, baseline, s)
+            if attempt == 0 or (wait or 0.0) < (r.cpu_wait or 0.0):
+                times, paired, r.cpu_wait = t, b, wait
+            # A shared machine stretches OpenMP steps unevenly: re-time cheap cells once the CPUs are free.
+            if r.cpu_wait is None or r.cpu_wait < 0.1 or statistics.median(times) > s.budget_s / 4:
                 break
-        wait1, wall1 = cpu_wait_us(), time.perf_counter()
-        if wait0 is not None and wait1 is not None:
-            r.cpu_wait = (wait1 - wait0) / 1e6 / (wall1 - wall0)
+            wait_until_quiet(max(s.wait_quiet_s, 5.0))
     except Exception as exc:  # one broken optimizer must not end the run
         r.status, r.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         opt = None
@@ -509,7 +526,8 @@ def metadata(args: argparse.Namespace, workloads: dict[str, Workload]) -> dict[s
         "qop_cpu_kernels": bool(qop.HAS_CPU_KERNELS),
         "qop_cpu_step_kernel": _cpu_kernel_source(),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget, "scale": args.scale,
-                     "paired": args.paired, "stat": args.stat, "wait_quiet_s": args.wait_quiet},
+                     "paired": args.paired, "stat": args.stat, "wait_quiet_s": args.wait_quiet,
+                     "retries": args.retries},
         "workloads": {n: {"description": w.description, "tensors": len(w.shapes), "params": w.n_params}
                       for n, w in workloads.items()},
     }
@@ -565,6 +583,7 @@ def plot(results: list[Result], meta: dict[str, Any], path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         print("[bench] --plot needs matplotlib (pip install matplotlib); no chart written", file=sys.stderr)
         return
@@ -576,11 +595,14 @@ def plot(results: list[Result], meta: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), height), squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = [r for r in results if r.workload == name and r.status == "ok" and r.x_fused]
-        ax.barh([r.label for r in rows], [r.x_fused for r in rows], color=[colors[r.provider] for r in rows])
+        bars = ax.barh([r.label for r in rows], [r.x_fused for r in rows], color=[colors[r.provider] for r in rows])
+        ax.bar_label(bars, labels=[f"{r.x_fused:.2f}x" for r in rows], padding=2, fontsize=7)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.invert_yaxis()
-        ax.set_title(f"{name} ({meta['workloads'][name]['params'] / 1e6:.1f}M params)")
+        ax.set_title(f"{name} ({meta['workloads'][name]['params'] / 1e6:.2f}M params)")
         ax.set_xlabel("speed vs torch AdamW(fused) fp32 (higher is faster)")
     fig.suptitle(f"{meta['cpu']}, {meta['torch_threads']} threads; qop CPU kernel: {meta['qop_cpu_step_kernel']}")
     fig.tight_layout()
@@ -612,6 +634,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
                    help="statistic of the timed steps behind Mparam/s and the ratios (min resists a shared machine)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each cell wait up to SECONDS for the CPUs to be idle (PSI CPU wait < 5%%)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="re-time a cheap cell up to N times while other work shares the CPUs (default 2, quick 0)")
     p.add_argument("--no-paired", dest="paired", action="store_false",
                    help="do not interleave a baseline AdamW(fused) step after each timed step (ratios then compare "
                         "rows timed at different moments)")
@@ -626,6 +650,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     args.repeats = args.repeats if args.repeats is not None else (5 if quick else 20)
     args.budget = args.budget if args.budget is not None else (0.3 if quick else 2.0)
     args.scale = args.scale if args.scale is not None else (1 / 16 if quick else 1.0)
+    args.retries = args.retries if args.retries is not None else (0 if quick else 2)
     for name, allowed in (("workloads", ("single", "transformer", "many")), ("families", tuple(FAMILIES)),
                           ("providers", PROVIDERS)):
         bad = [v for v in getattr(args, name) if v not in allowed]
@@ -646,7 +671,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     wanted = [s for s in specs if s.label != BASELINE and s.family in args.families and s.provider in args.providers
               and args.filter in s.label]
     settings = Settings(args.warmup, args.repeats, min(3, args.repeats), args.budget, args.device, args.paired,
-                        args.stat, args.wait_quiet)
+                        args.stat, args.wait_quiet, args.retries)
     meta = metadata(args, workloads)
     results: list[Result] = []
     for w in workloads.values():

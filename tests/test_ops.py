@@ -209,7 +209,8 @@ def _quantize_samples():
     code = dynamic_map(True)
     for i, (shape, dtype) in enumerate([((0,), torch.float32), ((257,), torch.bfloat16), ((33, 65), torch.float16)]):
         A = torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(dtype)
-        yield f"quantize_{dtype}_{shape}", torch.ops.qop.quantize_blockwise.default, (lambda A=A: (A.clone(), code, 256))
+        op = torch.ops.qop.quantize_blockwise.default
+        yield f"quantize_{dtype}_{shape}", op, (lambda A=A: (A.clone(), code, 256))
 
 
 def _dequantize_samples():
@@ -371,7 +372,8 @@ def _quantizer_inputs():
         x[:256] = 0
         x[1000:1100] = 1e-30
         yield f"random_signed={signed}", x if signed else x.abs(), code
-    sorted_book = torch.sort(torch.randn(256, generator=gen) * 10.0 ** torch.randint(-8, 1, (256,), generator=gen)).values
+    magnitudes = 10.0 ** torch.randint(-8, 1, (256,), generator=gen)
+    sorted_book = torch.sort(torch.randn(256, generator=gen) * magnitudes).values
     yield "sorted_random_book", torch.randn(5000, generator=gen), sorted_book
     with_dups = torch.sort(torch.cat([torch.randn(200, generator=gen), torch.zeros(56)])).values
     yield "duplicate_entries", torch.randn(5000, generator=gen), with_dups
@@ -450,7 +452,8 @@ def _step_errors():
         ("grad_shape", g0(lambda g: g[:-1].clone()), r"grads\[0\]"),
         ("grad_dtype", g0(lambda g: g.double()), r"grads\[0\]"),
         ("grads_length", lambda inp, grads: (inp, grads[:1]), r"grads"),
-        ("steps_dtype", lambda inp, grads: (_set(inp, steps=[inp.steps[0].double(), inp.steps[1]]), grads), r"steps\[0\]"),
+        ("steps_dtype", lambda inp, grads: (_set(inp, steps=[inp.steps[0].double(), inp.steps[1]]), grads),
+         r"steps\[0\]"),
         ("hp_size", lambda inp, grads: (_set(inp, hp=inp.hp[:5].clone()), grads), r"\bhp\b"),
         ("hp_dtype", lambda inp, grads: (_set(inp, hp=inp.hp.double()), grads), r"\bhp\b"),
         ("gscale_size", lambda inp, grads: (_set(inp, gscale=torch.ones(5)), grads), r"gscale"),

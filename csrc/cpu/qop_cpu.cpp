@@ -287,11 +287,14 @@ struct Quantizer {
   QOP_INLINE __m256i index8(__m256 y, int& slow) const {
     const __m256i u = _mm256_castps_si256(y);
     const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
-    const uint64_t w0 = static_cast<uint64_t>(_mm_cvtsi128_si64(lo)), w1 = static_cast<uint64_t>(_mm_extract_epi64(lo, 1));
-    const uint64_t w2 = static_cast<uint64_t>(_mm_cvtsi128_si64(hi)), w3 = static_cast<uint64_t>(_mm_extract_epi64(hi, 1));
+    const uint64_t w0 = static_cast<uint64_t>(_mm_cvtsi128_si64(lo));
+    const uint64_t w1 = static_cast<uint64_t>(_mm_extract_epi64(lo, 1));
+    const uint64_t w2 = static_cast<uint64_t>(_mm_cvtsi128_si64(hi));
+    const uint64_t w3 = static_cast<uint64_t>(_mm_extract_epi64(hi, 1));
     const int32_t* L = lut.get();
-    const __m256i e = _mm256_setr_epi32(L[(w0 >> 16) & 0xFFFF], L[w0 >> 48], L[(w1 >> 16) & 0xFFFF], L[w1 >> 48],
-                                        L[(w2 >> 16) & 0xFFFF], L[w2 >> 48], L[(w3 >> 16) & 0xFFFF], L[w3 >> 48]);
+    auto lo16 = [](uint64_t w) { return static_cast<uint32_t>(w) >> 16; };  // one shift, no mask
+    const __m256i e = _mm256_setr_epi32(L[lo16(w0)], L[w0 >> 48], L[lo16(w1)], L[w1 >> 48], L[lo16(w2)], L[w2 >> 48],
+                                        L[lo16(w3)], L[w3 >> 48]);
     const __m256 m = _mm256_castsi256_ps(_mm256_blend_epi16(u, e, 0x55));
     const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(y, m, _CMP_GT_OQ));
     slow = _mm256_movemask_ps(_mm256_castsi256_ps(e));
@@ -573,8 +576,10 @@ struct NormAcc {
   }
 #ifdef QOP_AVX2
   QOP_INLINE void add(VF u, VF p) {
-    const __m256d ul = _mm256_cvtps_pd(_mm256_castps256_ps128(u.v)), uh = _mm256_cvtps_pd(_mm256_extractf128_ps(u.v, 1));
-    const __m256d pl = _mm256_cvtps_pd(_mm256_castps256_ps128(p.v)), ph = _mm256_cvtps_pd(_mm256_extractf128_ps(p.v, 1));
+    const __m256d ul = _mm256_cvtps_pd(_mm256_castps256_ps128(u.v));
+    const __m256d uh = _mm256_cvtps_pd(_mm256_extractf128_ps(u.v, 1));
+    const __m256d pl = _mm256_cvtps_pd(_mm256_castps256_ps128(p.v));
+    const __m256d ph = _mm256_cvtps_pd(_mm256_extractf128_ps(p.v, 1));
     vuu = _mm256_add_pd(vuu, _mm256_add_pd(_mm256_mul_pd(ul, ul), _mm256_mul_pd(uh, uh)));
     vpp = _mm256_add_pd(vpp, _mm256_add_pd(_mm256_mul_pd(pl, pl), _mm256_mul_pd(ph, ph)));
   }

@@ -33,8 +33,9 @@ Eager calls update a whole list of tensors (mixed sizes) in ONE launch (two with
 map with chunks a multiple of the 256-element block, so no 8-bit block straddles two programs or two
 tensors (``_multi_tensor.py``).  Inside a traced body that table cannot be built (fake tensors have
 no ``data_ptr()``), and it must not be: a kernel that writes through addresses read from memory
-hides its writes from inductor's mutation analysis (which follows stores back to *arguments*, not
-through loads), so functionalization would see no mutation and drop or reorder the update.  A
+hides its writes from inductor's mutation analysis (``analyze_kernel_access`` in
+torch/_higher_order_ops/triton_kernel_wrap.py follows stores back to *arguments* and stops at
+loads), so functionalization would see no mutation and drop or reorder the update.  A
 separate opaque "metadata op" therefore does not help either.  So the decomposition launches the
 same kernel once per tensor (``MULTI=False``) with every tensor it writes passed as an argument;
 one kernel source, selected by a constexpr.  Under ``mode="reduce-overhead"`` (CUDA graphs) the

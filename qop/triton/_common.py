@@ -41,11 +41,13 @@ def _pow(base, t):
 
 @triton.jit
 def _log(x):
+    """Natural log correctly rounded to float32 (Triton's float32 log is approximate)."""
     return tl.log(x.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit
 def _exp(x):
+    """Exponential correctly rounded to float32 (Triton's float32 exp is approximate)."""
     return tl.exp(x.to(tl.float64)).to(tl.float32)
 
 
