@@ -305,6 +305,7 @@ class Settings:
     stat: str = "median"
     wait_quiet_s: float = 0.0
     retries: int = 2
+    clock: str = "wall"
 
 
 def _sync(device: str) -> None:
@@ -352,12 +353,13 @@ def wait_until_quiet(timeout: float, threshold: float = 0.05, window: float = 0.
             return share
 
 
-def _step(opt: torch.optim.Optimizer, device: str) -> float:
-    """One timed optimizer step, in seconds."""
-    t0 = time.perf_counter()
+def _step(opt: torch.optim.Optimizer, s: Settings) -> float:
+    """One timed optimizer step in seconds: wall time, or this process's CPU time (``--clock cpu``)."""
+    clock = time.process_time if s.clock == "cpu" else time.perf_counter
+    t0 = clock()
     opt.step()
-    _sync(device)
-    return time.perf_counter() - t0
+    _sync(s.device)
+    return clock() - t0
 
 
 def _timed_steps(
@@ -369,10 +371,10 @@ def _timed_steps(
     spent = 0.0
     wait0, wall0 = cpu_wait_us(), time.perf_counter()
     for _ in range(s.repeats):
-        times.append(_step(opt, s.device))
+        times.append(_step(opt, s))
         spent += times[-1]
         if baseline is not None:
-            paired.append(_step(baseline, s.device))
+            paired.append(_step(baseline, s))
         if (spent >= s.budget_s and len(times) >= s.min_repeats) or spent >= 4 * s.budget_s:
             break
     wait1, wall1 = cpu_wait_us(), time.perf_counter()
@@ -527,7 +529,7 @@ def metadata(args: argparse.Namespace, workloads: dict[str, Workload]) -> dict[s
         "qop_cpu_step_kernel": _cpu_kernel_source(),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget, "scale": args.scale,
                      "paired": args.paired, "stat": args.stat, "wait_quiet_s": args.wait_quiet,
-                     "retries": args.retries},
+                     "retries": args.retries, "clock": args.clock},
         "workloads": {n: {"description": w.description, "tensors": len(w.shapes), "params": w.n_params}
                       for n, w in workloads.items()},
     }
@@ -547,7 +549,8 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         f"torch threads {meta['torch_threads']}, device {meta['device']}",
         f"`{meta['command']}`",
         "",
-        f"Mparam/s and ratios use the {meta['settings']['stat']} of the timed steps; "
+        f"Mparam/s and ratios use the {meta['settings']['stat']} of the timed steps "
+        f"({meta['settings'].get('clock', 'wall')} clock); "
         "x AdamW(fused): speed relative to torch.optim.AdamW(fused=True) fp32 "
         + ("from baseline steps interleaved with this row's steps" if meta["settings"]["paired"] else
            "timed in its own row") + "; x bnb: qop's speed relative to bitsandbytes' class of the same name; "
@@ -634,6 +637,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
                    help="statistic of the timed steps behind Mparam/s and the ratios (min resists a shared machine)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each cell wait up to SECONDS for the CPUs to be idle (PSI CPU wait < 5%%)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="time steps by wall clock (default) or by this process's CPU time: with --threads 1 the "
+                        "latter is robust to other work sharing the CPUs")
     p.add_argument("--retries", type=int, default=None,
                    help="re-time a cheap cell up to N times while other work shares the CPUs (default 2, quick 0)")
     p.add_argument("--no-paired", dest="paired", action="store_false",
@@ -651,6 +657,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     args.budget = args.budget if args.budget is not None else (0.3 if quick else 2.0)
     args.scale = args.scale if args.scale is not None else (1 / 16 if quick else 1.0)
     args.retries = args.retries if args.retries is not None else (0 if quick else 2)
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu times host CPU work only; use the wall clock on a GPU")
     for name, allowed in (("workloads", ("single", "transformer", "many")), ("families", tuple(FAMILIES)),
                           ("providers", PROVIDERS)):
         bad = [v for v in getattr(args, name) if v not in allowed]
@@ -671,7 +679,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     wanted = [s for s in specs if s.label != BASELINE and s.family in args.families and s.provider in args.providers
               and args.filter in s.label]
     settings = Settings(args.warmup, args.repeats, min(3, args.repeats), args.budget, args.device, args.paired,
-                        args.stat, args.wait_quiet, args.retries)
+                        args.stat, args.wait_quiet, args.retries, args.clock)
     meta = metadata(args, workloads)
     results: list[Result] = []
     for w in workloads.values():

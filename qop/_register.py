@@ -6,6 +6,8 @@ registered per dispatch key only where neither exists, so the dispatcher always 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _checks, reference
@@ -48,16 +50,17 @@ def _has_kernel(name: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"qop::{name}", key)
 
 
-_lib = torch.library.Library("qop", "IMPL")  # noqa: TOR901 - our own namespace
+_lib = torch.library.Library("qop", "IMPL")
 
 
 def _register_triton() -> None:
+    """Register the Triton kernels for CUDA; any failure leaves CUDA on the reference, with a warning."""
     if not torch.cuda.is_available():
         return
     try:
         from . import triton as _triton  # noqa: F401  (registers the CUDA kernels on import)
-    except ImportError:
-        return
+    except Exception as exc:  # a missing or broken Triton must not break `import qop`
+        warnings.warn(f"qop: Triton GPU kernels unavailable ({exc!r}); CUDA ops use the reference", stacklevel=2)
 
 
 _register_triton()

@@ -8,7 +8,8 @@
 // them and falls back to ordinary tensors when this module is missing.
 //
 //   qop_paged::managed_empty(int[] size, ScalarType dtype, Device device) -> Tensor
-//   qop_paged::prefetch(Tensor[] tensors, bool to_host=False) -> ()
+//   qop_paged::prefetch(Tensor(a!)[] tensors, bool to_host=False) -> ()  (declared as writing its tensors
+//   so that a compiled graph keeps the call: it moves their pages)
 //   qop_paged::is_managed(Tensor t) -> bool
 
 #include <Python.h>
@@ -141,7 +142,7 @@ PyMODINIT_FUNC PyInit__C_cuda(void) {
 
 TORCH_LIBRARY(qop_paged, m) {
   m.def("managed_empty(int[] size, ScalarType dtype, Device device) -> Tensor");
-  m.def("prefetch(Tensor[] tensors, bool to_host=False) -> ()");
+  m.def("prefetch(Tensor(a!)[] tensors, bool to_host=False) -> ()");
   m.def("is_managed(Tensor t) -> bool");
 }
 
