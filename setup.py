@@ -11,9 +11,8 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +24,7 @@ def cpu_extension() -> CppExtension:
         "qop._C",
         sorted(glob.glob("csrc/cpu/*.cpp")),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-DPy_LIMITED_API=0x03090000", *isa],
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", *isa],
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
@@ -40,7 +39,7 @@ def cuda_extension():
     return CUDAExtension(
         "qop._C_cuda",
         sorted(glob.glob("csrc/cuda/*.cpp")),
-        extra_compile_args={"cxx": ["-O2", "-DPy_LIMITED_API=0x03090000"]},
+        extra_compile_args={"cxx": ["-O2"]},
         py_limited_api=True,
     )
 
@@ -55,5 +54,5 @@ setup(
     package_data={"qop": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -92,6 +92,9 @@ def check_step(
     if found_inf is not None:
         check(found_inf.numel() == 1 and found_inf.is_floating_point(),
               "found_inf must be a floating-point scalar tensor, got {} {}", found_inf.dtype, tuple(found_inf.shape))
+    if absmax is not None:
+        for j in range(k):
+            check(len(absmax[j]) == n, "absmax{} has {} tensors but params has {}", j + 1, len(absmax[j]), n)
     if n == 0:
         return
     device, dtype = params[0].device, params[0].dtype
@@ -103,6 +106,7 @@ def check_step(
         check(p.dtype in PARAM_DTYPES, "params[{}] must be float32, bfloat16 or float16, got {}", i, p.dtype)
         check(p.dtype == dtype, "params[{}] is {} but params[0] is {}: one call takes one dtype", i, p.dtype, dtype)
         check(p.device == device, "params[{}] is on {} but params[0] is on {}", i, p.device, device)
+        check(p.layout == torch.strided, "params[{}] must be a dense tensor", i)
         check(p.is_contiguous(), "params[{}] must be contiguous", i)
         check(g.layout == torch.strided, "grads[{}] is sparse; qop optimizers need dense gradients", i)
         check(g.device == device, "grads[{}] is on {} but params[{}] is on {}", i, g.device, i, device)
@@ -123,6 +127,7 @@ def check_step(
             if absmax is not None:
                 am = absmax[j][i]
                 nb = -(-numel // BLOCKSIZE)
+                check(am.is_contiguous(), "absmax{}[{}] must be contiguous", j + 1, i)
                 check(am.dtype == torch.float32 and am.numel() == nb and am.device == device,
                       "absmax{}[{}] must be float32 with {} entries on {}", j + 1, i, nb, device)
     if codes is not None:

@@ -13,6 +13,10 @@
 //   * Driver: (tensor, chunk of blocks) work items flattened over all tensors of the call and
 //     shared among the OpenMP threads by cost; UNORM_CLIP adds a first pass computing the norms.
 //   * Ops and their registration at the bottom.
+//
+// Cost (AVX2, AMD Zen 3, one thread): 32-bit Adam ~1.2 cycles per element (in cache; memory-bound
+// beyond), 8-bit Adam ~7: the four table reads per element (two dequantizations, two code searches)
+// are most of it, each ~1 cycle as scalar loads plus vector inserts; vpgatherdd is slower there.
 
 #include <Python.h>
 
