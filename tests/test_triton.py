@@ -75,6 +75,7 @@ def test_interpreter_suite_in_subprocess():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
                           cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]  # the child really ran the kernels
 
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
