@@ -12,7 +12,6 @@ import os
 import sys
 import warnings
 
-from . import _schema
 from ._maps import create_dynamic_map, dynamic_map
 from ._schema import BLOCKSIZE, HP, Flag, Rule
 
@@ -52,9 +51,8 @@ def _load_cpu_kernels() -> bool:
 _load_meta()
 HAS_CPU_KERNELS = _load_cpu_kernels()
 
-from . import _register  # noqa: E402  (needs the schema and the compiled kernels first)
-from . import ops  # noqa: E402
-from . import optim  # noqa: E402
+# registration needs the schema and the compiled kernels first
+from . import _register, ops, optim  # noqa: E402, F401
 
 __all__ = [
     "BLOCKSIZE",

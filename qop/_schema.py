@@ -26,7 +26,7 @@ NAMESPACE = "qop"
 #: Block size of the 8-bit optimizer states (elements per absmax), as in bitsandbytes.
 BLOCKSIZE = 256
 
-_lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - the namespace is ours
+_lib = torch.library.Library(NAMESPACE, "DEF")  # the namespace is ours
 
 
 class Rule(enum.IntEnum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import n_states
 from ._schema import BLOCKSIZE, HP, Flag, Rule
 
 
@@ -154,16 +155,6 @@ def _apply(
     return pf * decay - lr_eff * scale * u, new
 
 
-def _state_count(rule: int, flags: int, n_given: int) -> int:
-    if rule == Rule.ADAM:
-        return 3 if flags & Flag.AMSGRAD else 2
-    if rule == Rule.ADEMAMIX:
-        return 3
-    if rule == Rule.MOMENTUM:
-        return n_given  # 0 when momentum == 0
-    return 1
-
-
 def step_32bit(
     rule: int,
     flags: int,
@@ -180,7 +171,7 @@ def step_32bit(
     """Reference of ``qop::step_32bit``: float32 states, updated in place."""
     lists = [state1, state2, state3]
     for i, (p, g) in enumerate(zip(params, grads)):
-        k = _state_count(rule, flags, 1 if state1 else 0)
+        k = n_states(rule, flags, bool(state1))
         states = [lists[j][i].reshape(-1) for j in range(k)]
         new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i))
         keep = _keep(found_inf, p.device)
@@ -213,7 +204,7 @@ def step_8bit(
     codes = [code1, code2, code3]
     qs, ams = [state1, state2, state3], [absmax1, absmax2, absmax3]
     for i, (p, g) in enumerate(zip(params, grads)):
-        k = _state_count(rule, flags, 1 if state1 else 0)
+        k = n_states(rule, flags, bool(state1))
         states = [
             dequantize_blockwise(qs[j][i], ams[j][i], codes[j], BLOCKSIZE, torch.float32).reshape(-1)
             for j in range(k)

@@ -36,6 +36,7 @@ from torch import Tensor
 from .. import ops, paged
 from .._maps import dynamic_map
 from .._schema import BLOCKSIZE, HP, HP_SIZE, Flag, Rule
+from ._args import number
 from .manager import GlobalOptimManager
 
 #: Group keys that configure the engine (not the kernel): validated once, never read by kernels.
@@ -50,19 +51,6 @@ _STATE_KEYS = ("state1", "state2", "state3")
 _ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
 
 HPSlot = HP | tuple[HP, ...]
-
-
-def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"qop: {name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        value = value.detach().float().cpu().item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"qop: {name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"qop: {name} must be finite, got {value}")
-    return value
 
 
 @dataclass
@@ -189,9 +177,9 @@ class QopOptimizer(torch.optim.Optimizer):
             if isinstance(slot, tuple):
                 _check_tuple(key, value, len(slot))
                 for i, v in enumerate(value):
-                    _check_hp(f"{key}[{i}]", _finite_number(f"{key}[{i}]", v), unit=True)
+                    _check_hp(f"{key}[{i}]", number(f"{key}[{i}]", v), unit=True)
             else:
-                _check_hp(key, _finite_number(key, value), unit=False)
+                _check_hp(key, number(key, value), unit=False)
         bits = group.get("optim_bits", 32)
         if bits not in (8, 32) or isinstance(bits, bool):
             raise ValueError(f"qop: optim_bits must be 8 or 32, got {bits!r}")
@@ -226,9 +214,9 @@ class QopOptimizer(torch.optim.Optimizer):
                 continue
             if isinstance(slot, tuple):
                 for s, v in zip(slot, group[key]):
-                    values[s] = _finite_number(key, v)
+                    values[s] = number(key, v)
             else:
-                values[slot] = _finite_number(key, group[key])
+                values[slot] = number(key, group[key])
         group["hp"] = torch.tensor(values, dtype=torch.float32).to(device)
         self._bind_views(group)
         self._add_codes(params)
@@ -491,7 +479,7 @@ class QopOptimizer(torch.optim.Optimizer):
                     continue
                 with torch.no_grad():
                     for s, v in zip(slot, value) if isinstance(slot, tuple) else [(slot, value)]:
-                        hp[s].fill_(_finite_number(key, v))
+                        hp[s].fill_(number(key, v))
                 ours[key] = views[key]
         self.state.clear()
         self.state.update(new_state)
@@ -613,7 +601,7 @@ def _store_hp(hp: Tensor, key: str, slot: HPSlot, value: Any, view: Any) -> None
             hp[s].fill_(v.detach().reshape(()))
             continue
         if not torch.compiler.is_compiling():
-            _check_hp(name, _finite_number(name, v), unit=isinstance(slot, tuple))
+            _check_hp(name, number(name, v), unit=isinstance(slot, tuple))
         # not fill_(v): once dynamo makes a changing number a graph input, AOTAutograd turns it into a tensor
         # for add_ but specializes it (recompiling at every change) for fill_
         hp[s].zero_().add_(v)
