@@ -42,8 +42,6 @@ class Adagrad(QopOptimizer):
         super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
 
-    def n_states(self, group: dict[str, Any]) -> int:
-        return 1
 
     def initial_state(self, group: dict[str, Any], index: int) -> float:
         return number("initial_accumulator_value", group["initial_accumulator_value"])

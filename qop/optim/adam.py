@@ -43,8 +43,6 @@ class Adam(QopOptimizer):
     def flags(self, group: dict[str, Any]) -> Flag:
         return Flag.AMSGRAD if group["amsgrad"] else Flag.NONE
 
-    def n_states(self, group: dict[str, Any]) -> int:
-        return 3 if group["amsgrad"] else 2
 
 
 class AdamW(Adam):

@@ -71,8 +71,6 @@ class AdEMAMix(QopOptimizer):
             state_dict = {**state_dict, "state": state, "param_groups": groups}
         super().load_state_dict(state_dict)
 
-    def n_states(self, group: dict[str, Any]) -> int:
-        return 3
 
 
 def _split_bnb_state(st: dict[str, Any]) -> dict[str, Any]:

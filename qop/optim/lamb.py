@@ -57,8 +57,6 @@ class LAMB(QopOptimizer):
             flags |= Flag.L2_WEIGHT_DECAY
         return flags
 
-    def n_states(self, group: dict[str, Any]) -> int:
-        return 3 if group["amsgrad"] else 2
 
 
 LAMB8bit = variant(LAMB, "LAMB8bit", bits=8, drop=("optim_bits",), doc="8-bit LAMB.")

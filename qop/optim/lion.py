@@ -35,8 +35,6 @@ class Lion(QopOptimizer):
                          percentile_clipping=percentile_clipping, block_wise=block_wise, is_paged=is_paged,
                          args=args)
 
-    def n_states(self, group: dict[str, Any]) -> int:
-        return 1
 
 
 Lion8bit = variant(Lion, "Lion8bit", bits=8, drop=("optim_bits",), doc="8-bit Lion.")

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .. import ops, paged
+from .. import _checks, ops, paged
 from .._maps import dynamic_map
 from .._schema import BLOCKSIZE, HP, HP_SIZE, Flag, Rule
 from ._args import number
@@ -47,6 +47,8 @@ _HISTORY = 100  # gradient norms remembered by percentile clipping
 #: OneCycleLR/CyclicLR keep their momentum bounds in each group; as device tensors they make OneCycleLR's
 #: annealed momentum a tensor, which the next step copies into ``hp`` with no recompile (see ``_sync_hp``).
 _MOMENTUM_BOUNDS = ("max_momentum", "base_momentum")
+#: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
+MOMENTUM_BUFFER = "has_momentum_buffer"
 _STATE_KEYS = ("state1", "state2", "state3")
 _ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
 
@@ -161,8 +163,9 @@ class QopOptimizer(torch.optim.Optimizer):
         return Flag.NONE
 
     def n_states(self, group: dict[str, Any]) -> int:
-        """Number of state tensors per parameter."""
-        return 2
+        """Number of state tensors per parameter: the rule's, with this group's flags (one source of truth
+        shared with the kernels' checks); SGD/LARS keep no buffer when built with ``momentum == 0``."""
+        return _checks.n_states(self.rule, int(self.flags(group)), bool(group.get(MOMENTUM_BUFFER, True)))
 
     def initial_state(self, group: dict[str, Any], index: int) -> float:
         """Value a fresh state tensor starts at (Adagrad's ``initial_accumulator_value``)."""

@@ -42,8 +42,6 @@ class RMSprop(QopOptimizer):
         super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
                          percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
 
-    def n_states(self, group: dict[str, Any]) -> int:
-        return 1
 
     def check_group(self, group: dict[str, Any]) -> None:
         momentum = number("momentum", group.get("momentum", 0))

@@ -8,10 +8,7 @@ from typing import Any
 from .._schema import HP, Flag, Rule
 from ._args import check_range, number
 from ._variants import variant
-from .optimizer import QopOptimizer
-
-#: Group key recording whether the group keeps a momentum buffer (momentum != 0 when the group was added).
-MOMENTUM_BUFFER = "has_momentum_buffer"
+from .optimizer import MOMENTUM_BUFFER, QopOptimizer
 
 
 class SGD(QopOptimizer):
@@ -55,8 +52,6 @@ class SGD(QopOptimizer):
     def flags(self, group: dict[str, Any]) -> Flag:
         return Flag.NESTEROV if group["nesterov"] else Flag.NONE
 
-    def n_states(self, group: dict[str, Any]) -> int:
-        return 1 if group[MOMENTUM_BUFFER] else 0
 
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
