@@ -7,8 +7,8 @@ so slow baselines (bitsandbytes' CPU path) cannot stretch a run.  Speed is repor
 ratio to ``torch.optim.AdamW(fused=True)`` in float32 on the same workload; memory as optimizer-state
 bytes per parameter (from the state tensors) and the peak RSS growth while the state is built and used.
 
-    python benchmarks/bench_optim.py                      # everything, ~10 min on 2 cores
-    python -m qop bench --quick                           # small workloads, a few seconds a cell
+    python benchmarks/bench_optim.py                      # everything, ~25 min on 2 cores
+    python -m qop bench --quick                           # 1/16-size workloads, 2-5 min; filters shorten it
     python -m qop bench --workloads single --families adam --providers torch,qop,bnb --plot
 """
 
@@ -110,10 +110,9 @@ def make_workloads(scale: float = 1.0, seed: int = 0) -> dict[str, Workload]:
     count = max(1, round(2000 * scale))
     many = tuple((int(n),) for n in torch.randint(1024, 16 * 1024 + 1, (count,), generator=g))
     out = [
-        Workload("single", f"1 tensor of {single[0] / 1e6:.2f}M fp32", (single,)),
-        Workload("transformer", f"GPT-like d={d}, {layers} layers, vocab {vocab}: {len(tshapes)} tensors",
-                 tuple(tshapes)),
-        Workload("many", f"{count} tensors of 1K-16K elements", many),
+        Workload("single", "one fp32 tensor", (single,)),
+        Workload("transformer", f"GPT-like, d={d}, {layers} layers, vocab {vocab}", tuple(tshapes)),
+        Workload("many", "tensors of 1K-16K elements", many),
     ]
     return {w.name: w for w in out}
 
@@ -291,6 +290,7 @@ class Result:
     peak_rss_delta_mib: float | None = None
     baseline_ms: float | None = None  # same statistic of the AdamW(fused) steps interleaved with this row's
     cpu_wait: float | None = None  # PSI CPU "some" stall time / wall time while timing: > 0.1 means contention
+    cell_s: float | None = None  # wall time the whole cell took (build, warm-up, timing, clean-up)
 
 
 @dataclass
@@ -691,7 +691,9 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
               file=sys.stderr)
         reference: torch.optim.Optimizer | None = None  # the warmed-up baseline, stepped between timed steps
         for spec in baseline + wanted:
+            t0 = time.perf_counter()
             r, opt = time_cell(spec, w, params, init, settings, reference)
+            r.cell_s = time.perf_counter() - t0
             if spec.label == BASELINE and settings.paired:
                 reference = opt
             del opt
