@@ -285,26 +285,53 @@ struct Quantizer {
     return static_cast<int>(e >> 16) + (y > m ? 1 : 0);
   }
 
+  // Codes of n normalized values y[0..n) into out.  Vector path: per value, its bucket number (the
+  // high 16 bits of its encoding) is read from memory as a 16-bit load (cheaper than extracting lanes
+  // of a vector on AVX2), the entry as a scalar load (no vpgatherdd: slower on AMD Zen 2/3), then one
+  // vector blend + compare per eight values.  Slow entries are rare (none for the dynamic maps): their
+  // presence is tracked for the whole range and those values are redone by the exact search at the end.
+  void encode(const float* y, int64_t n, uint8_t* out) const {
+    int64_t i = 0;
 #ifdef QOP_AVX2
-  // Eight indices at once; `slow` gets the lanes that need an exact search.  The eight table reads are
-  // scalar loads: on AVX2 machines without fast gathers (AMD Zen 2/3) they beat vpgatherdd.
-  QOP_INLINE __m256i index8(__m256 y, int& slow) const {
-    const __m256i u = _mm256_castps_si256(y);
-    const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
-    const uint64_t w0 = static_cast<uint64_t>(_mm_cvtsi128_si64(lo));
-    const uint64_t w1 = static_cast<uint64_t>(_mm_extract_epi64(lo, 1));
-    const uint64_t w2 = static_cast<uint64_t>(_mm_cvtsi128_si64(hi));
-    const uint64_t w3 = static_cast<uint64_t>(_mm_extract_epi64(hi, 1));
     const int32_t* L = lut.get();
-    auto lo16 = [](uint64_t w) { return static_cast<uint32_t>(w) >> 16; };  // one shift, no mask
-    const __m256i e = _mm256_setr_epi32(L[lo16(w0)], L[w0 >> 48], L[lo16(w1)], L[w1 >> 48], L[lo16(w2)], L[w2 >> 48],
-                                        L[lo16(w3)], L[w3 >> 48]);
-    const __m256 m = _mm256_castsi256_ps(_mm256_blend_epi16(u, e, 0x55));
-    const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(y, m, _CMP_GT_OQ));
-    slow = _mm256_movemask_ps(_mm256_castsi256_ps(e));
-    return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), gt);
-  }
+    const char* bytes = reinterpret_cast<const char*>(y);
+    auto bucket = [bytes](int64_t k) {
+      uint16_t h;
+      std::memcpy(&h, bytes + 4 * k + 2, sizeof h);
+      return h;
+    };
+    __m256i slow = _mm256_setzero_si256();
+    auto index8 = [&](int64_t k) {
+      const __m256 yv = _mm256_loadu_ps(y + k);
+      const __m256i e = _mm256_setr_epi32(L[bucket(k)], L[bucket(k + 1)], L[bucket(k + 2)], L[bucket(k + 3)],
+                                          L[bucket(k + 4)], L[bucket(k + 5)], L[bucket(k + 6)], L[bucket(k + 7)]);
+      slow = _mm256_or_si256(slow, e);
+      const __m256 m = _mm256_castsi256_ps(_mm256_blend_epi16(_mm256_castps_si256(yv), e, 0x55));
+      const __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(yv, m, _CMP_GT_OQ));
+      return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), gt);
+    };
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+      const __m256i r0 = index8(i), r1 = index8(i + 8), r2 = index8(i + 16), r3 = index8(i + 24);
+      const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(b, order));
+    }
+    for (; i + kLanes <= n; i += kLanes) {
+      const __m256i r = index8(i);
+      const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
+      const uint32_t lo = static_cast<uint32_t>(_mm256_cvtsi256_si32(b));
+      const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
+      std::memcpy(out + i, &lo, 4);
+      std::memcpy(out + i + 4, &hi, 4);
+    }
+    if (__builtin_expect(_mm256_movemask_ps(_mm256_castsi256_ps(slow)) != 0, 0)) {
+      for (int64_t k = 0; k < i; ++k) {
+        if (static_cast<uint32_t>(L[bucket(k)]) & kSlow) out[k] = static_cast<uint8_t>(search(y[k]));
+      }
+    }
 #endif
+    for (; i < n; ++i) out[i] = static_cast<uint8_t>(index(y[i]));
+  }
 };
 
 // Quantizers are cached by the content of their code book (a few distinct books per process).
@@ -325,71 +352,37 @@ std::shared_ptr<const Quantizer> get_quantizer(const at::Tensor& code) {
   return q;
 }
 
-// Quantizes K blocks of n values at once (the states of one block of a step, interleaved so their
-// table reads overlap): block j is x[j] with absmax[j], normalized as the reference does
-// (y = x / absmax, or x / 1 when absmax is 0 or NaN), codes written to out[j].
-template <int K, class T>
-void quantize_blocks(const std::array<const Quantizer*, 3>& Q, const std::array<const T*, 3>& x, int64_t n,
-                     const std::array<float, 3>& absmax, const std::array<uint8_t*, 3>& out) {
-  std::array<float, 3> a{};
-  for (int j = 0; j < K; ++j) a[j] = absmax[j] > 0.0f ? absmax[j] : 1.0f;
+// y[0..n) = x[0..n) / a, the reference's normalization of a block with absmax `absmax` (a = absmax,
+// or 1 when it is 0 or NaN); y may be x.  x * (1/a) with one FMA residual correction is the correctly
+// rounded quotient for finite x and a in [kFastDivMin, kFastDivMax] (see above); every x is finite
+// when absmax is a number.  A NaN absmax (the block may also hold infinities) or one out of that
+// range takes a true division.
+template <class T>
+void normalize(const T* x, int64_t n, float absmax, float* y) {
+  const float a = absmax > 0.0f ? absmax : 1.0f;
   int64_t i = 0;
 #ifdef QOP_AVX2
-  std::array<bool, 3> fast{};
-  __m256 va[3], vr[3];
-  for (int j = 0; j < K; ++j) {
-    fast[j] = a[j] >= kFastDivMin && a[j] <= kFastDivMax;
-    va[j] = _mm256_set1_ps(a[j]);
-    vr[j] = _mm256_set1_ps(1.0f / a[j]);
-  }
-  auto normalize = [&](int j, int64_t at) {
-    const __m256 xv = load(Tag<VF>{}, x[j] + at).v;
-    if (fast[j]) {
-      const __m256 q0 = _mm256_mul_ps(xv, vr[j]);
-      return _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, va[j], xv), vr[j], q0);
+  const __m256 va = _mm256_set1_ps(a);
+  if (absmax >= kFastDivMin && absmax <= kFastDivMax) {
+    const __m256 vr = _mm256_set1_ps(1.0f / a);
+    for (; i + kLanes <= n; i += kLanes) {
+      const __m256 xv = load(Tag<VF>{}, x + i).v;
+      const __m256 q0 = _mm256_mul_ps(xv, vr);
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, va, xv), vr, q0));
     }
-    return _mm256_div_ps(xv, va[j]);
-  };
-  auto patch = [&](int j, int64_t at, int slow) {
-    for (; slow; slow &= slow - 1) {
-      const int l = __builtin_ctz(static_cast<unsigned>(slow));
-      out[j][at + l] = static_cast<uint8_t>(Q[j]->search(load(Tag<float>{}, x[j] + at + l) / a[j]));
-    }
-  };
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    for (int j = 0; j < K; ++j) {
-      int s0, s1, s2, s3;
-      const __m256i r0 = Q[j]->index8(normalize(j, i), s0);
-      const __m256i r1 = Q[j]->index8(normalize(j, i + 8), s1);
-      const __m256i r2 = Q[j]->index8(normalize(j, i + 16), s2);
-      const __m256i r3 = Q[j]->index8(normalize(j, i + 24), s3);
-      const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r0, r1), _mm256_packs_epi32(r2, r3));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j] + i), _mm256_permutevar8x32_epi32(b, order));
-      if (__builtin_expect(s0 | s1 | s2 | s3, 0)) {
-        patch(j, i, s0);
-        patch(j, i + 8, s1);
-        patch(j, i + 16, s2);
-        patch(j, i + 24, s3);
-      }
-    }
-  }
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < K; ++j) {
-      int s;
-      const __m256i r = Q[j]->index8(normalize(j, i), s);
-      const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(r, r), _mm256_setzero_si256());
-      const uint32_t lo = static_cast<uint32_t>(_mm256_cvtsi256_si32(b));
-      const uint32_t hi = static_cast<uint32_t>(_mm256_extract_epi32(b, 4));
-      std::memcpy(out[j] + i, &lo, 4);
-      std::memcpy(out[j] + i + 4, &hi, 4);
-      if (__builtin_expect(s, 0)) patch(j, i, s);
-    }
+  } else {
+    for (; i + kLanes <= n; i += kLanes) _mm256_storeu_ps(y + i, _mm256_div_ps(load(Tag<VF>{}, x + i).v, va));
   }
 #endif
-  for (; i < n; ++i) {
-    for (int j = 0; j < K; ++j) out[j][i] = static_cast<uint8_t>(Q[j]->index(load(Tag<float>{}, x[j] + i) / a[j]));
-  }
+  for (; i < n; ++i) y[i] = load(Tag<float>{}, x + i) / a;
+}
+
+// Codes of one block of n values x with absmax `absmax` into out; scratch holds n floats (may be x
+// when x is a float buffer the caller owns).
+template <class T>
+void quantize_block(const Quantizer& Q, const T* x, int64_t n, float absmax, float* scratch, uint8_t* out) {
+  normalize(x, n, absmax, scratch);
+  Q.encode(scratch, n, out);
 }
 
 // ========================================================================================== rules
@@ -632,9 +625,9 @@ void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
   if constexpr (NORM) norm.write(acc);
 }
 
-// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize the states,
-// apply the rule, write the parameter and the new float32 states (to an L1 buffer, tracking their
-// absmax), then requantize every state with its fresh absmax.  NORM: accumulate ||u||^2 and ||p||^2
+// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize the states
+// into an L1 buffer, apply the rule, write the parameter and the new float32 states (back to the
+// buffer, tracking their absmax), then requantize every state with its fresh absmax.  NORM: accumulate ||u||^2 and ||p||^2
 // only, writing nothing.
 template <int R, int F, class PT, bool NORM>
 void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int64_t b, int64_t e, double* acc) {
@@ -660,6 +653,11 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
     __m256i vmx[3];
     for (int j = 0; j < 3; ++j) vmx[j] = _mm256_setzero_si256();
 #endif
+    // Dequantize first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
+    // then overlap across many more elements than one fused loop can keep in flight.
+    for_lanes(nb, [&](auto tag, int64_t i) {
+      for (int j = 0; j < K; ++j) store(fresh[j] + i, dequant(tag, code[j], q[j] + off + i, a[j]));
+    });
     for_lanes(nb, [&](auto tag, int64_t i) {
       using V = typename decltype(tag)::type;
       const KV<V>& k = kb.get<V>();
@@ -667,7 +665,7 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
       const V pv = load(tag, p + x);
       const V gv = load(tag, g + x) * k.gs;
       V s[3];
-      for (int j = 0; j < K; ++j) s[j] = dequant(tag, code[j], q[j] + x, a[j]);
+      for (int j = 0; j < K; ++j) s[j] = load(tag, fresh[j] + i);
       const V u = rule_update<R, F>(k, pv, gv, s);
       if constexpr (NORM) {
         norm.add(u, pv);
@@ -696,7 +694,7 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
         J.am[j][blk] = m[j];
         out[j] = q[j] + off;
       }
-      quantize_blocks<K, float>(quant, {fresh[0], fresh[1], fresh[2]}, nb, m, out);
+      for (int j = 0; j < K; ++j) quantize_block(*quant[j], fresh[j], nb, m[j], fresh[j], out[j]);
     }
   }
   if constexpr (NORM) norm.write(acc);
@@ -938,12 +936,15 @@ void quantize_kernel(const T* x, int64_t n, int64_t blocksize, const Quantizer& 
   const int64_t nb = n_blocks(n, blocksize);
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / blocksize);
   parallel_range(nb, grain, [&](int64_t b0, int64_t b1) {
+    alignas(64) float scratch[kBlocksize];
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t off = blk * blocksize, len = std::min(blocksize, n - off);
       const float m = absmax_of(x + off, len);
       absmax[blk] = m;
-      quantize_blocks<1, T>({&Q, nullptr, nullptr}, {x + off, nullptr, nullptr}, len, {m, 0.0f, 0.0f},
-                            {out + off, nullptr, nullptr});
+      for (int64_t at = 0; at < len; at += kBlocksize) {
+        const int64_t piece = std::min<int64_t>(kBlocksize, len - at);
+        quantize_block(Q, x + off + at, piece, m, scratch, out + off + at);
+      }
     }
   });
 }
