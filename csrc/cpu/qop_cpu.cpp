@@ -14,9 +14,11 @@
 //     shared among the OpenMP threads by cost; UNORM_CLIP adds a first pass computing the norms.
 //   * Ops and their registration at the bottom.
 //
-// Cost (AVX2, AMD Zen 3, one thread): 32-bit Adam ~1.2 cycles per element (in cache; memory-bound
-// beyond), 8-bit Adam ~7: the four table reads per element (two dequantizations, two code searches)
-// are most of it, each ~1 cycle as scalar loads plus vector inserts; vpgatherdd is slower there.
+// Cost (AVX2, AMD Zen 3 at ~2.5 GHz, one thread, in cache): 32-bit Adam ~1.2 cycles per element
+// (memory-bound beyond), 8-bit Adam ~5.3: the four table reads per element (two dequantizations,
+// two code searches, ~0.8 and ~0.95 cycles each as scalar loads plus vector inserts; vpgatherdd is
+// slower there) are two thirds of it, the sqrt and divide of the rule most of the rest
+// (benchmarks/micro_lookup.cpp measures each piece).
 
 #include <Python.h>
 
@@ -646,6 +648,17 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
   for (int64_t off = b; off < e; off += kBlocksize) {
     const int64_t blk = off / kBlocksize;
     const int64_t nb = std::min<int64_t>(kBlocksize, J.n - off);
+    // Prefetch the block after next: the loops below are compute-bound, so the hardware prefetcher
+    // alone leaves them waiting on memory for large tensors.
+    if (const int64_t ahead = off + 2 * kBlocksize; ahead + kBlocksize <= J.n) {
+      for (int64_t c = 0; c < kBlocksize; c += 64 / static_cast<int64_t>(sizeof(PT))) {
+        __builtin_prefetch(p + ahead + c, 1);
+        __builtin_prefetch(g + ahead + c, 0);
+      }
+      for (int j = 0; j < K; ++j) {
+        for (int64_t c = 0; c < kBlocksize; c += 64) __builtin_prefetch(q[j] + ahead + c, 1);
+      }
+    }
     std::array<float, 3> a{};
     for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
     std::array<uint32_t, 3> mx{};
