@@ -64,6 +64,20 @@ def test_bench_quick_writes_table_and_json(tmp_path: Path) -> None:
         assert by[("single", "torch AdamW(fused)")]["state_bytes_per_param"] >= 8.0
 
 
+@pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/ ships with the source tree only")
+def test_step_ns_times_every_listed_optimizer() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ns.py"), "--numel", "4097",
+                           "--optimizers", "Adam8bit,SGD8bit,Adam32bit"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("threads=1 numel=4097")
+    assert "torch AdamW(fused)" in lines[1]
+    assert [line.split()[1] for line in lines[2:]] == ["Adam8bit", "SGD8bit", "Adam32bit"]
+    assert all("ns/element" in line and "x fused" in line for line in lines[2:])
+
+
 def test_doctor_reports_versions_and_kernels() -> None:
     proc = _run("doctor", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
