@@ -152,20 +152,30 @@ QOP_INLINE VF dequant(Tag<VF>, const float* code, const uint8_t* q, float absmax
 }
 #endif  // QOP_AVX2
 
-// Running max of |x| as magnitude bits (integer max orders non-negative floats and puts NaN above
-// inf, so the result is NaN when any value is NaN, like torch.amax).
-QOP_INLINE void absmax_update(uint32_t& m, float x) { m = std::max(m, float_to_bits(x) & 0x7FFFFFFFu); }
+// Running max of |x| over scalar and vector values, kept as magnitude bits (integer max orders
+// non-negative floats and puts NaN above inf, so the result is NaN when any value is NaN, like torch.amax).
+struct AbsmaxAcc {
+  uint32_t m = 0;
 #ifdef QOP_AVX2
-QOP_INLINE void absmax_update(__m256i& m, VF x) {
-  m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7FFFFFFF)));
-}
-QOP_INLINE uint32_t absmax_reduce(__m256i m) {
-  __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
-  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-  h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1));
-  return static_cast<uint32_t>(_mm_cvtsi128_si32(h));
-}
+  __m256i vm = _mm256_setzero_si256();
 #endif
+  QOP_INLINE void add(float x) { m = std::max(m, float_to_bits(x) & 0x7FFFFFFFu); }
+#ifdef QOP_AVX2
+  QOP_INLINE void add(VF x) {
+    vm = _mm256_max_epi32(vm, _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7FFFFFFF)));
+  }
+#endif
+  float value() const {
+    uint32_t r = m;
+#ifdef QOP_AVX2
+    __m128i h = _mm_max_epi32(_mm256_castsi256_si128(vm), _mm256_extracti128_si256(vm, 1));
+    h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    r = std::max(r, static_cast<uint32_t>(_mm_cvtsi128_si32(h)));
+#endif
+    return bits_to_float(r);
+  }
+};
 
 // Runs body(Tag<V>{}, i) over [0, n): eight lanes at a time where AVX2 is available, then one by one.
 template <class Body>
@@ -180,23 +190,9 @@ QOP_INLINE void for_lanes(int64_t n, Body&& body) {
 // max |x| over n values, NaN if any is NaN (torch amax).
 template <class T>
 float absmax_of(const T* x, int64_t n) {
-  uint32_t m = 0;
-#ifdef QOP_AVX2
-  __m256i vm = _mm256_setzero_si256();
-#endif
-  for_lanes(n, [&](auto tag, int64_t i) {
-    if constexpr (std::is_same_v<typename decltype(tag)::type, float>) {
-      absmax_update(m, load(tag, x + i));
-    } else {
-#ifdef QOP_AVX2
-      absmax_update(vm, load(tag, x + i));
-#endif
-    }
-  });
-#ifdef QOP_AVX2
-  m = std::max(m, absmax_reduce(vm));
-#endif
-  return bits_to_float(m);
+  AbsmaxAcc acc;
+  for_lanes(n, [&](auto tag, int64_t i) { acc.add(load(tag, x + i)); });
+  return acc.value();
 }
 
 // ======================================================================================= quantizer
@@ -599,17 +595,14 @@ struct NormAcc {
   }
 };
 
-// 32-bit states: elements [b, e) of one tensor, in place.  NORM: accumulate ||u||^2 and ||p||^2 only.
-template <int R, int F, class PT, bool NORM>
-void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
+// The rule over elements [0, n) of p and g, its float32 states read from st[j][0..n) and written back
+// there.  NORM: only accumulate ||u||^2 and ||p||^2 (nothing written).  TRACK: the running absmax of
+// each new state, for its requantization (8-bit states).
+template <int R, int F, bool NORM, bool TRACK, class PT>
+QOP_INLINE void rule_loop(const KBoth& kb, PT* p, const PT* g, const std::array<float*, 3>& st, int64_t n,
+                          NormAcc& norm, std::array<AbsmaxAcc, 3>& absmax) {
   constexpr int K = state_count<R, F>();
-  PT* p = static_cast<PT*>(J.p) + b;
-  const PT* g = static_cast<const PT*>(J.g) + b;
-  std::array<float*, 3> st{};
-  for (int j = 0; j < K; ++j) st[j] = static_cast<float*>(J.s[j]) + b;
-  const KBoth kb(J.k);
-  NormAcc norm;
-  for_lanes(e - b, [&](auto tag, int64_t i) {
+  for_lanes(n, [&](auto tag, int64_t i) {
     using V = typename decltype(tag)::type;
     const KV<V>& k = kb.get<V>();
     const V pv = load(tag, p + i);
@@ -621,16 +614,31 @@ void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
       norm.add(u, pv);
     } else {
       store(p + i, apply_update<R, F>(k, pv, u));
-      for (int j = 0; j < K; ++j) store(st[j] + i, s[j]);
+      for (int j = 0; j < K; ++j) {
+        store(st[j] + i, s[j]);
+        if constexpr (TRACK) absmax[j].add(s[j]);
+      }
     }
   });
+}
+
+// 32-bit states: elements [b, e) of one tensor, in place.
+template <int R, int F, class PT, bool NORM>
+void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
+  constexpr int K = state_count<R, F>();
+  std::array<float*, 3> st{};
+  for (int j = 0; j < K; ++j) st[j] = static_cast<float*>(J.s[j]) + b;
+  const KBoth kb(J.k);
+  NormAcc norm;
+  std::array<AbsmaxAcc, 3> unused;
+  rule_loop<R, F, NORM, false>(kb, static_cast<PT*>(J.p) + b, static_cast<const PT*>(J.g) + b, st, e - b, norm,
+                               unused);
   if constexpr (NORM) norm.write(acc);
 }
 
 // 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize the states
-// into an L1 buffer, apply the rule, write the parameter and the new float32 states (back to the
-// buffer, tracking their absmax), then requantize every state with its fresh absmax.  NORM: accumulate ||u||^2 and ||p||^2
-// only, writing nothing.
+// into an L1 buffer, run the rule on it (parameter written, new float32 states back into the buffer,
+// their absmax tracked), then requantize every state with its fresh absmax.
 template <int R, int F, class PT, bool NORM>
 void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int64_t b, int64_t e, double* acc) {
   constexpr int K = state_count<R, F>();
@@ -643,6 +651,7 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
     code[j] = quant[j]->code.data();
   }
   alignas(64) float fresh[3][kBlocksize];
+  const std::array<float*, 3> st{fresh[0], fresh[1], fresh[2]};
   const KBoth kb(J.k);
   NormAcc norm;
   for (int64_t off = b; off < e; off += kBlocksize) {
@@ -661,53 +670,19 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
     }
     std::array<float, 3> a{};
     for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
-    std::array<uint32_t, 3> mx{};
-#ifdef QOP_AVX2
-    __m256i vmx[3];
-    for (int j = 0; j < 3; ++j) vmx[j] = _mm256_setzero_si256();
-#endif
     // Dequantize first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
     // then overlap across many more elements than one fused loop can keep in flight.
     for_lanes(nb, [&](auto tag, int64_t i) {
       for (int j = 0; j < K; ++j) store(fresh[j] + i, dequant(tag, code[j], q[j] + off + i, a[j]));
     });
-    for_lanes(nb, [&](auto tag, int64_t i) {
-      using V = typename decltype(tag)::type;
-      const KV<V>& k = kb.get<V>();
-      const int64_t x = off + i;
-      const V pv = load(tag, p + x);
-      const V gv = load(tag, g + x) * k.gs;
-      V s[3];
-      for (int j = 0; j < K; ++j) s[j] = load(tag, fresh[j] + i);
-      const V u = rule_update<R, F>(k, pv, gv, s);
-      if constexpr (NORM) {
-        norm.add(u, pv);
-      } else {
-        store(p + x, apply_update<R, F>(k, pv, u));
-        for (int j = 0; j < K; ++j) {
-          store(fresh[j] + i, s[j]);
-          if constexpr (std::is_same_v<V, float>) {
-            absmax_update(mx[j], s[j]);
-          } else {
-#ifdef QOP_AVX2
-            absmax_update(vmx[j], s[j]);
-#endif
-          }
-        }
-      }
-    });
-    if constexpr (!NORM && K > 0) {
-      std::array<float, 3> m{};
-      std::array<uint8_t*, 3> out{};
+    std::array<AbsmaxAcc, 3> absmax;
+    rule_loop<R, F, NORM, true>(kb, p + off, g + off, st, nb, norm, absmax);
+    if constexpr (!NORM) {
       for (int j = 0; j < K; ++j) {
-#ifdef QOP_AVX2
-        mx[j] = std::max(mx[j], absmax_reduce(vmx[j]));
-#endif
-        m[j] = bits_to_float(mx[j]);
-        J.am[j][blk] = m[j];
-        out[j] = q[j] + off;
+        const float m = absmax[j].value();
+        J.am[j][blk] = m;
+        quantize_block(*quant[j], fresh[j], nb, m, fresh[j], q[j] + off);
       }
-      for (int j = 0; j < K; ++j) quantize_block(*quant[j], fresh[j], nb, m[j], fresh[j], out[j]);
     }
   }
   if constexpr (NORM) norm.write(acc);
