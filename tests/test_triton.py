@@ -505,6 +505,34 @@ def test_paged_falls_back_on_cpu():
     paged.prefetch([t, torch.ones(2)])  # no-op
 
 
+def _cuda_include() -> str | None:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+@pytest.mark.skipif(CUDA, reason="a CUDA machine builds and runs qop._C_cuda for real (test_paged_managed_memory)")
+@pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers here")
+def test_cuda_paging_helper_compiles(tmp_path):
+    """csrc/cuda/paged.cpp is built only where torch has CUDA; here check that it compiles against this
+    torch's headers and the CUDA toolkit's (the CPU wheel lacks one generated CMake header: stubbed)."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    includes = [str(tmp_path), *include_paths(), _cuda_include(), sysconfig.get_paths()["include"]]
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", *(f"-isystem{i}" for i in includes),
+           os.path.join(root, "csrc", "cuda", "paged.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "warning" not in proc.stderr, proc.stderr[-4000:]  # headers are -isystem: warnings are ours
+
+
 # --------------------------------------------------------------------------------- GPU-only checks
 def _op_args(problem: Problem) -> tuple:
     s1, s2, s3 = problem.states
