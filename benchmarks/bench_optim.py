@@ -5,11 +5,33 @@ optimizer on one workload) builds the optimizer, runs warm-up steps (state creat
 times single steps and reports their median; repeats stop early once a cell has used its time budget,
 so slow baselines (bitsandbytes' CPU path) cannot stretch a run.  Speed is reported in Mparam/s and as a
 ratio to ``torch.optim.AdamW(fused=True)`` in float32 on the same workload; memory as optimizer-state
-bytes per parameter (from the state tensors) and the peak RSS growth while the state is built and used.
+bytes per parameter (from the state tensors) and the peak RSS growth while the state is built and used
+(on CUDA: the peak growth of ``torch.cuda.max_memory_allocated``).
+
+Workload sets (``--workload-set``, by default ``gpu`` with ``--device cuda`` and ``cpu`` otherwise; ``--scale``
+shrinks either): **cpu**: one 16M-element tensor, a 19M-parameter GPT-like model, 2,000 tensors of 1K-16K
+elements.  **gpu**: one 2^28-element tensor, a 1.01e9-parameter GPT-like model (d=2048, 18 layers, vocab
+50304), 1,000 tensors of 4K-64K elements.  On CUDA a step is timed by the wall clock between a synchronize
+before it and one after it, so host-side launch overhead counts, as it does in training.
+
+Bandwidth.  Each row also reports GB/s = bytes one step moves / step time, and that as a share of the
+device's peak.  The bytes come from the optimizer's live tensors: every parameter read and written, its
+gradient read, every distinct state storage (moments, 8-bit codes, absmax scales, step counters, code
+books) read and written once; for the qop and bitsandbytes LAMB/LARS rows, whose step takes a first pass for
+the trust-ratio norms, the parameters, gradients and states read once more.  For fp32 params that is the
+family table (``table_step_bytes``, recorded beside it in the JSON): 12 B/param for param r+w and grad read,
+plus per state 8 B (32-bit) or 2 B + 8 B per 256-element absmax block (8-bit; tensors under
+``min_8bit_size`` = 4096 keep 32-bit states), with adam 2 states, ademamix 3, lamb 2, sgd/lars (momentum)
+1, lion 1, rmsprop 1, adagrad 1: AdamW fp32 28 B/param, Adam8bit 16.06.  This is the minimum traffic of
+the algorithm; temporaries an implementation adds (foreach) are not counted, so they show as lower GB/s.
+The peak is the nominal bandwidth of known GPUs (``NOMINAL_BW``) and otherwise a ``copy_`` measured at
+start (``--peak-mib`` per buffer, read+write bytes, best of several); both are in the metadata.
 
     python benchmarks/bench_optim.py                      # everything, ~25 min on 2 cores
     python -m qop bench --quick                           # 1/16-size workloads, 2-5 min; filters shorten it
     python -m qop bench --workloads single --families adam --providers torch,qop,bnb --plot
+    python benchmarks/bench_optim.py --device cuda --families adam --providers torch,qop,bnb --plot
+    python benchmarks/bench_optim.py --workload-set gpu --scale 1e-3 --quick   # the GPU shapes, small, on CPU
 """
 
 from __future__ import annotations
@@ -20,6 +42,7 @@ import gc
 import importlib.metadata
 import inspect
 import json
+import math
 import os
 import platform
 import statistics
@@ -68,6 +91,27 @@ TORCH_VARIANTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     "lion": [("Lion(fused)", "Lion", {"fused": True})],  # only where a future torch ships one
 }
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: Elements per absmax scale of an 8-bit state (qop's BLOCKSIZE, bitsandbytes' blockwise default).
+ABSMAX_BLOCK = 256
+#: Tensors below this many elements keep 32-bit states in 8-bit optimizers (qop's and bitsandbytes' default).
+MIN_8BIT_SIZE = 4096
+#: Per-element optimizer states of each family (SGD and LARS run with momentum).
+N_STATES = {"adam": 2, "ademamix": 3, "sgd": 1, "lars": 1, "lion": 1, "rmsprop": 1, "adagrad": 1, "lamb": 2}
+#: Families whose qop and bitsandbytes steps read params, grads and states in a first pass (trust-ratio norms).
+TWO_PASS = ("lamb", "lars")
+#: Nominal memory bandwidth in bytes/s by substrings of ``torch.cuda.get_device_name`` (first match; None:
+#: unknown).  Datasheet figures; GH200 comes in several memory configurations, so it is left to the copy test.
+NOMINAL_BW: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("GH200",), None),
+    (("H200",), 4.8e12),
+    (("H100", "NVL"), 3.9e12),
+    (("H100", "PCIE"), 2.0e12),
+    (("H100", "HBM3"), 3.35e12),
+    (("H100", "SXM"), 3.35e12),
+    (("A100", "SXM4", "80GB"), 2.039e12),
+    (("A100", "80GB", "PCIE"), 1.935e12),
+    (("A100", "40GB"), 1.555e12),
+)
 
 
 # ------------------------------------------------------------------------------------------ workloads
@@ -96,16 +140,28 @@ def _round8(x: float) -> int:
     return max(8, round(x / 8) * 8)
 
 
-def make_workloads(scale: float = 1.0, seed: int = 0) -> dict[str, Workload]:
-    """The three workloads: one big tensor, a transformer's parameters, many small tensors (scaled)."""
+def _gpt_shapes(d: int, vocab: int, ctx: int, layers: int) -> list[tuple[int, ...]]:
+    """A GPT-like model's parameters: embeddings, per layer 12 tensors (qkv, out, fc1, fc2 weights and biases,
+    2 layer norms), a final layer norm."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return [*shapes, (d,), (d,)]
+
+
+def make_workloads(scale: float = 1.0, seed: int = 0, kind: str = "cpu") -> dict[str, Workload]:
+    """The three workloads: one big tensor, a transformer's parameters, many small tensors (scaled).
+
+    ``kind`` picks the set: ``cpu`` (16M elements, 19M params, 2000 x 1K-16K) or ``gpu`` (2^28 elements,
+    1.01e9 params, 1000 x 4K-64K); only shapes are made here, nothing is allocated.
+    """
+    if kind == "gpu":
+        return _gpu_workloads(scale, seed)
     single = (max(256, int(16 * 2**20 * scale)),)
     # GPT-like: 5 layers x 12 tensors (qkv, out, fc1, fc2 weights and biases, 2 layer norms) + 4 others.
     r = scale**0.5
     d, vocab, ctx, layers = _round8(512 * r), _round8(6144 * r), _round8(1024 * r), 5
-    tshapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
-    for _ in range(layers):
-        tshapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
-    tshapes += [(d,), (d,)]
+    tshapes = _gpt_shapes(d, vocab, ctx, layers)
     g = torch.Generator().manual_seed(seed)
     count = max(1, round(2000 * scale))
     many = tuple((int(n),) for n in torch.randint(1024, 16 * 1024 + 1, (count,), generator=g))
@@ -113,6 +169,23 @@ def make_workloads(scale: float = 1.0, seed: int = 0) -> dict[str, Workload]:
         Workload("single", "one fp32 tensor", (single,)),
         Workload("transformer", f"GPT-like, d={d}, {layers} layers, vocab {vocab}", tuple(tshapes)),
         Workload("many", "tensors of 1K-16K elements", many),
+    ]
+    return {w.name: w for w in out}
+
+
+def _gpu_workloads(scale: float, seed: int) -> dict[str, Workload]:
+    """Issue 7's shapes: one 2^28-element tensor, a ~1B-parameter GPT, 1000 tensors of 4K-64K elements."""
+    single = (max(256, int(2**28 * scale)),)
+    r = scale**0.5
+    d, vocab, ctx, layers = _round8(2048 * r), _round8(50304 * r), _round8(2048 * r), 18
+    g = torch.Generator().manual_seed(seed)
+    count = max(1, round(1000 * scale))
+    many = tuple((int(n),) for n in torch.randint(4096, 64 * 1024 + 1, (count,), generator=g))
+    out = [
+        Workload("single", "one fp32 tensor", (single,)),
+        Workload("transformer", f"GPT-like, d={d}, {layers} layers, vocab {vocab}, ctx {ctx}",
+                 tuple(_gpt_shapes(d, vocab, ctx, layers))),
+        Workload("many", "tensors of 4K-64K elements", many),
     ]
     return {w.name: w for w in out}
 
@@ -230,12 +303,14 @@ def rss_bytes() -> int:
 
 
 def _release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS so RSS deltas start from a clean floor."""
+    """Collect garbage and hand freed heap pages (and CUDA cached blocks) back so memory deltas start clean."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class PeakRSS:
@@ -263,6 +338,111 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
+# ------------------------------------------------------------------------------------------ bandwidth
+def _state_bytes_table(family: str, bits: int, numel: int, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
+    """Bytes of a tensor's optimizer states by the family table: 4 B/element per state, or 1 B plus absmax."""
+    if bits == 8 and numel >= min_8bit_size:
+        return N_STATES[family] * (numel + 4 * -(-numel // ABSMAX_BLOCK))
+    return N_STATES[family] * 4 * numel
+
+
+def table_step_bytes(family: str, provider: str, bits: int, shapes: Sequence[Sequence[int]], param_size: int = 4,
+                     min_8bit_size: int = MIN_8BIT_SIZE) -> int:
+    """Bytes one step moves by the family table (module docstring): params r+w, grads r, states r+w, and
+    for qop's and bitsandbytes' LAMB/LARS a first pass reading params, grads and states."""
+    total = 0
+    for shape in shapes:
+        n = _numel(shape)
+        state = _state_bytes_table(family, bits, n, min_8bit_size)
+        total += 3 * param_size * n + 2 * state
+        if family in TWO_PASS and provider in ("qop", "bnb"):
+            total += 2 * param_size * n + state
+    return total
+
+
+def measured_step_bytes(opt: torch.optim.Optimizer, family: str, provider: str) -> int:
+    """Bytes one step of ``opt`` moves, from its live tensors: params r+w and grads r, every distinct state
+    storage r+w (``optimizer_state_bytes``), and the LAMB/LARS first pass of qop and bitsandbytes."""
+    params_grads = first_pass = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            pb, gb = p.numel() * p.element_size(), p.grad.numel() * p.grad.element_size()
+            params_grads += 2 * pb + gb
+            first_pass += pb + gb
+    state = optimizer_state_bytes(opt)
+    total = params_grads + 2 * state
+    if family in TWO_PASS and provider in ("qop", "bnb"):
+        total += first_pass + state
+    return total
+
+
+def nominal_bandwidth(device_name: str) -> float | None:
+    """The datasheet memory bandwidth (bytes/s) of a GPU named like ``torch.cuda.get_device_name``; None if unknown."""
+    name = device_name.upper()
+    for keys, bw in NOMINAL_BW:
+        if all(k in name for k in keys):
+            return bw
+    return None
+
+
+def copy_bandwidth(device: str, mib: int, repeats: int = 10) -> float:
+    """Bytes/s of the best of ``repeats`` ``dst.copy_(src)`` of ``mib`` MiB on ``device``, read+write counted."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch, allocator and kernel warm-up
+    _sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+    del src, dst
+    _release_memory()
+    return 2 * mib * 2**20 / best
+
+
+def bandwidth_info(device: str, mib: int) -> dict[str, Any]:
+    """The device's name, its nominal and measured (copy) bandwidth, and the peak that "% peak" divides by."""
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name(torch.device(device)) if cuda else cpu_model()
+    nominal = nominal_bandwidth(name) if cuda else None
+    copy = copy_bandwidth(device, mib, 10 if cuda else 5) if mib > 0 else None
+    peak = nominal or copy
+    return {
+        "device_name": name,
+        "nominal_gbps": None if nominal is None else nominal / 1e9,
+        "copy_gbps": None if copy is None else round(copy / 1e9, 1),
+        "copy_mib": mib,
+        "peak_gbps": None if peak is None else round(peak / 1e9, 1),
+        "peak_source": "nominal (datasheet)" if nominal else ("measured copy_" if copy else "none"),
+    }
+
+
+def cuda_free_bytes() -> int:
+    """Device memory a new allocation can get: free memory plus what the caching allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+def row_memory_estimate(spec: OptSpec, w: Workload) -> int:
+    """A conservative guess of the device memory a row adds: its states by the family table, temporaries of
+    foreach steps (two state-sized lists) and of per-tensor norms or casts (two of the largest tensor)."""
+    states = sum(_state_bytes_table(spec.family, spec.bits, _numel(s)) for s in w.shapes)
+    temps = 8 * w.n_params if "foreach" in spec.label else 0
+    largest = max(_numel(s) for s in w.shapes)
+    return int(1.2 * (states + temps + 8 * largest)) + 256 * 2**20
+
+
 # ------------------------------------------------------------------------------------------ timing
 @dataclass
 class Result:
@@ -288,6 +468,13 @@ class Result:
     state_bytes_per_param: float | None = None
     rss_delta_mib: float | None = None
     peak_rss_delta_mib: float | None = None
+    cuda_delta_mib: float | None = None  # device memory the row still holds after timing (its state)
+    peak_cuda_delta_mib: float | None = None  # peak device memory growth from building to the last timed step
+    step_bytes: int | None = None  # bytes one step moves, from the live tensors (module docstring)
+    step_bytes_per_param: float | None = None
+    step_bytes_table: int | None = None  # the same by the family table, for comparison
+    gbps: float | None = None  # step_bytes / the statistic's step time
+    pct_peak: float | None = None  # gbps as a percentage of the peak in the metadata
     baseline_ms: float | None = None  # same statistic of the AdamW(fused) steps interleaved with this row's
     cpu_wait: float | None = None  # PSI CPU "some" stall time / wall time while timing: > 0.1 means contention
     cell_s: float | None = None  # wall time the whole cell took (build, warm-up, timing, clean-up)
@@ -307,6 +494,7 @@ class Settings:
     wait_quiet_s: float = 0.0
     retries: int = 2
     clock: str = "wall"
+    peak_gbps: float | None = None  # what "% peak" divides by
 
 
 def _sync(device: str) -> None:
@@ -315,13 +503,20 @@ def _sync(device: str) -> None:
 
 
 def make_params(w: Workload, device: str, seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
-    """Parameters (leaf tensors with ``.grad`` set) and their initial values, generated once per workload."""
-    g = torch.Generator().manual_seed(seed)
+    """Parameters (leaf tensors with ``.grad`` set) and their initial values, generated once per workload
+    (on a CUDA device by its own generator: a 1B-parameter workload would take long on the host)."""
+    cuda = device.startswith("cuda")
+    g = torch.Generator(device=device if cuda else "cpu").manual_seed(seed)
     params, init = [], []
     for shape in w.shapes:
-        x = (torch.rand(shape, generator=g) * 0.2 - 0.1).to(device)
+        if cuda:
+            x = torch.rand(shape, generator=g, device=device).mul_(0.2).sub_(0.1)
+            grad = torch.randn(shape, generator=g, device=device).mul_(1e-3)
+        else:
+            x = (torch.rand(shape, generator=g) * 0.2 - 0.1).to(device)
+            grad = (torch.randn(shape, generator=g) * 1e-3).to(device)
         p = x.clone().requires_grad_(True)
-        p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device)
+        p.grad = grad
         params.append(p)
         init.append(x)
     return params, init
@@ -357,6 +552,7 @@ def wait_until_quiet(timeout: float, threshold: float = 0.05, window: float = 0.
 def _step(opt: torch.optim.Optimizer, s: Settings) -> float:
     """One timed optimizer step in seconds: wall time, or this process's CPU time (``--clock cpu``)."""
     clock = time.process_time if s.clock == "cpu" else time.perf_counter
+    _sync(s.device)  # the device is idle when the clock starts
     t0 = clock()
     opt.step()
     _sync(s.device)
@@ -406,6 +602,15 @@ def time_cell(
         for p, x in zip(params, init):
             p.copy_(x)
     _release_memory()
+    cuda = s.device.startswith("cuda")
+    if cuda:
+        need, free = row_memory_estimate(spec, w), cuda_free_bytes()
+        if free < need:
+            r.status = "skipped"
+            r.reason = f"needs ~{need / 2**30:.1f} GiB of device memory, {free / 2**30:.1f} GiB free"
+            return r, None
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
     if s.wait_quiet_s > 0:
         wait_until_quiet(s.wait_quiet_s)
     base = rss_bytes()
@@ -420,12 +625,17 @@ def time_cell(
                 opt.step()
                 _sync(s.device)
                 r.warmup += 1
-                if time.perf_counter() - start > s.budget_s:
+                # on CUDA at least 2: Triton compiles on the first step, a second would show a late compile
+                if time.perf_counter() - start > s.budget_s and r.warmup >= (2 if cuda else 1):
                     break
         r.peak_rss_delta_mib = (peak.peak - base) / 2**20
         r.rss_delta_mib = (rss_bytes() - base) / 2**20
         r.state_bytes = optimizer_state_bytes(opt)
         r.state_bytes_per_param = r.state_bytes / w.n_params
+        r.step_bytes = measured_step_bytes(opt, spec.family, spec.provider)
+        r.step_bytes_per_param = r.step_bytes / w.n_params
+        r.step_bytes_table = table_step_bytes(spec.family, spec.provider, spec.bits, w.shapes,
+                                              params[0].element_size())
         for attempt in range(1 + s.retries):
             t, b, wait = _timed_steps(opt, baseline, s)
             if attempt == 0 or (wait or 0.0) < (r.cpu_wait or 0.0):
@@ -434,6 +644,9 @@ def time_cell(
             if r.cpu_wait is None or r.cpu_wait < 0.1 or statistics.median(times) > s.budget_s / 4:
                 break
             wait_until_quiet(max(s.wait_quiet_s, 5.0))
+        if cuda:
+            r.cuda_delta_mib = (torch.cuda.memory_allocated() - cuda_base) / 2**20
+            r.peak_cuda_delta_mib = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
     except Exception as exc:  # one broken optimizer must not end the run
         r.status, r.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         opt = None
@@ -446,6 +659,9 @@ def time_cell(
     r.ms_min, r.ms_max = min(times) * 1e3, max(times) * 1e3
     r.ms = stat(times) * 1e3
     r.mparam_s = w.n_params / (r.ms * 1e-3) / 1e6
+    r.gbps = r.step_bytes / (r.ms * 1e-3) / 1e9
+    if s.peak_gbps:
+        r.pct_peak = 100 * r.gbps / s.peak_gbps
     if paired:
         r.baseline_ms = stat(paired) * 1e3
         r.x_fused = r.baseline_ms / r.ms
@@ -504,7 +720,23 @@ def _cpu_kernel_source() -> str:
     return "none"
 
 
-def metadata(args: argparse.Namespace, workloads: dict[str, Workload]) -> dict[str, Any]:
+def _gpu_info(device: str) -> dict[str, Any]:
+    """The CUDA device's name, memory and toolkit, and Triton's version (empty off CUDA)."""
+    if not device.startswith("cuda"):
+        return {}
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_sms": props.multi_processor_count, "cuda": torch.version.cuda, "triton": _library_version("triton")}
+
+
+def _bnb_version() -> str | None:
+    """bitsandbytes' version: from its metadata, else from the module (a copy on PYTHONPATH may have none)."""
+    module = sys.modules.get("bitsandbytes")
+    return _library_version("bitsandbytes") or (getattr(module, "__version__", None) if module else None)
+
+
+def metadata(args: argparse.Namespace, workloads: dict[str, Workload],
+             bandwidth: dict[str, Any] | None = None) -> dict[str, Any]:
     """Machine, versions, qop commit and kernel state, and the command line: enough to reproduce a table."""
     try:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -519,18 +751,22 @@ def metadata(args: argparse.Namespace, workloads: dict[str, Workload]) -> dict[s
         "memory_gib": round(mem_gib, 1),
         "torch_threads": torch.get_num_threads(),
         "device": args.device,
+        **_gpu_info(args.device),
+        "bandwidth": bandwidth or {},
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "bitsandbytes": _library_version("bitsandbytes"),
+        "bitsandbytes": _bnb_version(),
         "torchao": _library_version("torchao"),
         "qop": qop.__version__,
-        "qop_commit": _git("rev-parse", "--short", "HEAD"),
+        # a copy of the tree without .git (a GPU machine) can name its commit in QOP_COMMIT
+        "qop_commit": _git("rev-parse", "--short", "HEAD") or os.environ.get("QOP_COMMIT"),
         "qop_tree_dirty": bool(dirty),
         "qop_cpu_kernels": bool(qop.HAS_CPU_KERNELS),
         "qop_cpu_step_kernel": _cpu_kernel_source(),
         "settings": {"warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget, "scale": args.scale,
                      "paired": args.paired, "stat": args.stat, "wait_quiet_s": args.wait_quiet,
-                     "retries": args.retries, "clock": args.clock},
+                     "retries": args.retries, "clock": args.clock, "workload_set": args.workload_set,
+                     "peak_mib": args.peak_mib},
         "workloads": {n: {"description": w.description, "tensors": len(w.shapes), "params": w.n_params}
                       for n, w in workloads.items()},
     }
@@ -540,14 +776,36 @@ def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def _ms(x: float | None) -> str:
+    """Milliseconds with 3 significant decimals below 1 ms (GPU steps of small workloads), else 2."""
+    return "" if x is None else format(x, ".3f" if x < 1 else ".2f")
+
+
+def _bandwidth_line(meta: dict[str, Any]) -> str:
+    """The header's sentence on GB/s and what "% peak" divides by."""
+    bw = meta.get("bandwidth") or {}
+    copy = (f"a {bw['copy_mib']} MiB `copy_` measured {bw['copy_gbps']:.0f} GB/s (read+write, best of several)"
+            if bw.get("copy_gbps") else "no copy measured")
+    nominal = f"nominal {bw['nominal_gbps']:.0f} GB/s" if bw.get("nominal_gbps") else "nominal peak unknown"
+    peak = f"{bw['peak_gbps']:.0f} GB/s ({bw['peak_source']})" if bw.get("peak_gbps") else "unknown"
+    return (f"Bandwidth: {bw.get('device_name', meta['device'])}: {nominal}; {copy}. GB/s: bytes a step moves "
+            "(moved B/param: params r+w, grads r, states r+w, LAMB/LARS first pass; see bench_optim.py) over the "
+            f"step time; % peak: of {peak}.")
+
+
 def markdown(results: list[Result], meta: dict[str, Any]) -> str:
-    """One table per workload, plus a header naming the machine and kernel state."""
+    """One table per workload, plus a header naming the machine, the device and its bandwidth, and kernel state."""
+    cuda = "gpu" in meta
+    host = (f"{meta['cpu']}, {meta['logical_cpus']} logical CPUs, {meta['memory_gib']} GiB, "
+            f"torch threads {meta['torch_threads']}, device {meta['device']}")
+    if cuda:
+        host = (f"{meta['gpu']} ({meta['gpu_memory_gib']} GiB, {meta['gpu_sms']} SMs), CUDA {meta['cuda']}, "
+                f"triton {meta['triton']}; host: {host}")
     lines = [
         f"qop {meta['qop']} @ {meta['qop_commit']}{' (dirty tree)' if meta['qop_tree_dirty'] else ''}, "
         f"CPU step kernel: {meta['qop_cpu_step_kernel']}; torch {meta['torch']}, "
         f"bitsandbytes {meta['bitsandbytes']}, torchao {meta['torchao']}",
-        f"{meta['cpu']}, {meta['logical_cpus']} logical CPUs, {meta['memory_gib']} GiB, "
-        f"torch threads {meta['torch_threads']}, device {meta['device']}",
+        host,
         f"`{meta['command']}`",
         "",
         f"Mparam/s and ratios use the {meta['settings']['stat']} of the timed steps "
@@ -558,9 +816,14 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
         "CPU wait: share of the timed wall time some task waited for a CPU (PSI), above ~10% the machine was "
         "shared and timings are noisy.",
         "",
+        _bandwidth_line(meta),
+        "",
     ]
-    head = ("| optimizer | median ms | min ms | Mparam/s | x AdamW(fused) | x bnb | state B/param | peak RSS +MiB "
-            "| reps | CPU wait |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    if meta.get("interrupted"):
+        lines += ["**Interrupted** (SIGINT/timeout): the rows after the last one below were not run.", ""]
+    mem = "peak GPU +MiB" if cuda else "peak RSS +MiB"
+    head = ("| optimizer | median ms | min ms | Mparam/s | x AdamW(fused) | x bnb | state B/param | moved B/param "
+            f"| GB/s | % peak | {mem} | reps | CPU wait |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for name, w in meta["workloads"].items():
         rows = [r for r in results if r.workload == name]
         if not rows:
@@ -569,13 +832,15 @@ def markdown(results: list[Result], meta: dict[str, Any]) -> str:
                   head]
         for r in rows:
             if r.status != "ok":
-                lines.append(f"| {r.label} | {r.status}: {r.reason.replace('|', '/')} |" + "  |" * 9)
+                lines.append(f"| {r.label} | {r.status}: {r.reason.replace('|', '/')} |" + "  |" * 11)
                 continue
             wait = "" if r.cpu_wait is None else f"{100 * r.cpu_wait:.0f}%"
+            peak_mem = r.peak_cuda_delta_mib if cuda else r.peak_rss_delta_mib
             lines.append(
-                f"| {r.label} | {_fmt(r.ms_median, '.2f')} | {_fmt(r.ms_min, '.2f')} | {_fmt(r.mparam_s, '.0f')} | "
+                f"| {r.label} | {_ms(r.ms_median)} | {_ms(r.ms_min)} | {_fmt(r.mparam_s, '.0f')} | "
                 f"{_fmt(r.x_fused, '.2f')} | {_fmt(r.x_bnb, '.1f')} | {_fmt(r.state_bytes_per_param, '.2f')} | "
-                f"{_fmt(r.peak_rss_delta_mib, '.0f')} | {r.repeats} | {wait} |")
+                f"{_fmt(r.step_bytes_per_param, '.2f')} | {_fmt(r.gbps, '.1f')} | {_fmt(r.pct_peak, '.0f')} | "
+                f"{_fmt(peak_mem, '.0f')} | {r.repeats} | {wait} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -608,7 +873,8 @@ def plot(results: list[Result], meta: dict[str, Any], path: Path) -> None:
         ax.invert_yaxis()
         ax.set_title(f"{name} ({meta['workloads'][name]['params'] / 1e6:.2f}M params)")
         ax.set_xlabel("speed vs torch AdamW(fused) fp32 (higher is faster)")
-    fig.suptitle(f"{meta['cpu']}, {meta['torch_threads']} threads; qop CPU kernel: {meta['qop_cpu_step_kernel']}")
+    where = meta.get("gpu") or f"{meta['cpu']}, {meta['torch_threads']} threads"
+    fig.suptitle(f"{where}; qop CPU kernel: {meta['qop_cpu_step_kernel']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -634,6 +900,12 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     p.add_argument("--scale", type=float, default=None, help="workload size factor (default 1, quick 1/16)")
     p.add_argument("--quick", action="store_true", help="small workloads and a short budget: a smoke run")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--workload-set", choices=("cpu", "gpu"), default=None,
+                   help="workload shapes: gpu (2^28 elements, 1.01e9-param GPT, 1000 x 4K-64K) or cpu (16M, 19M, "
+                        "2000 x 1K-16K); default by --device; --scale shrinks either")
+    p.add_argument("--peak-mib", type=int, default=None, metavar="MIB",
+                   help="MiB per buffer of the copy_ that measures the device's bandwidth (default 1024 on CUDA, "
+                        "256 on CPU; 0: do not measure)")
     p.add_argument("--stat", choices=("median", "min"), default="median",
                    help="statistic of the timed steps behind Mparam/s and the ratios (min resists a shared machine)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
@@ -658,6 +930,9 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     args.budget = args.budget if args.budget is not None else (0.3 if quick else 2.0)
     args.scale = args.scale if args.scale is not None else (1 / 16 if quick else 1.0)
     args.retries = args.retries if args.retries is not None else (0 if quick else 2)
+    cuda = args.device.startswith("cuda")
+    args.workload_set = args.workload_set or ("gpu" if cuda else "cpu")
+    args.peak_mib = args.peak_mib if args.peak_mib is not None else (1024 if cuda else 256)
     if args.clock == "cpu" and args.device != "cpu":
         p.error("--clock cpu times host CPU work only; use the wall clock on a GPU")
     for name, allowed in (("workloads", ("single", "transformer", "many")), ("families", tuple(FAMILIES)),
@@ -673,7 +948,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     torch.set_num_threads(args.threads)
     gc.collect()
     gc.freeze()  # later collections skip the import-time heap: each cell's clean-up costs milliseconds, not 0.25 s
-    all_workloads = make_workloads(args.scale)
+    all_workloads = make_workloads(args.scale, kind=args.workload_set)
     workloads = {n: all_workloads[n] for n in args.workloads}
     families = list(dict.fromkeys(["adam", *args.families]))
     providers = list(dict.fromkeys(["torch", *args.providers]))
@@ -681,16 +956,31 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     baseline = [s for s in specs if s.label == BASELINE]
     wanted = [s for s in specs if s.label != BASELINE and s.family in args.families and s.provider in args.providers
               and args.filter in s.label]
+    bandwidth = bandwidth_info(args.device, args.peak_mib)
+    print(f"[bench] bandwidth: {bandwidth}", file=sys.stderr)
     settings = Settings(args.warmup, args.repeats, min(3, args.repeats), args.budget, args.device, args.paired,
-                        args.stat, args.wait_quiet, args.retries, args.clock)
-    meta = metadata(args, workloads)
+                        args.stat, args.wait_quiet, args.retries, args.clock, bandwidth["peak_gbps"])
+    meta = metadata(args, workloads, bandwidth)
     results: list[Result] = []
-    for w in workloads.values():
-        params, init = make_params(w, args.device)
-        print(f"[bench] {w.name}: {w.description}, {len(w.shapes)} tensors, {w.n_params / 1e6:.2f}M params",
-              file=sys.stderr)
-        reference: torch.optim.Optimizer | None = None  # the warmed-up baseline, stepped between timed steps
-        for spec in baseline + wanted:
+    try:
+        for w in workloads.values():
+            _run_workload(w, baseline + wanted, settings, results)
+    except KeyboardInterrupt:  # a stage timeout (SIGINT): keep and write the rows timed so far
+        meta["interrupted"] = True
+        print("[bench] interrupted: writing the rows timed so far", file=sys.stderr)
+        _release_memory()
+    add_ratios(results)
+    return results, meta
+
+
+def _run_workload(w: Workload, specs: list[OptSpec], settings: Settings, results: list[Result]) -> None:
+    """Time ``specs`` (the baseline first) on one workload's parameters, allocated once and freed at the end."""
+    params, init = make_params(w, settings.device)
+    print(f"[bench] {w.name}: {w.description}, {len(w.shapes)} tensors, {w.n_params / 1e6:.2f}M params",
+          file=sys.stderr)
+    reference: torch.optim.Optimizer | None = None  # the warmed-up baseline, stepped between timed steps
+    try:
+        for spec in specs:
             t0 = time.perf_counter()
             r, opt = time_cell(spec, w, params, init, settings, reference)
             r.cell_s = time.perf_counter() - t0
@@ -698,13 +988,12 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
                 reference = opt
             del opt
             results.append(r)
-            msg = (f"{r.ms:9.2f} ms  {r.mparam_s:8.1f} Mparam/s  x{r.x_fused or 1:.2f} fused  "
+            msg = (f"{r.ms:9.3f} ms  {r.mparam_s:8.1f} Mparam/s  {r.gbps:7.1f} GB/s  x{r.x_fused or 1:.2f} fused  "
                    f"cpu-wait {100 * (r.cpu_wait or 0):3.0f}%" if r.status == "ok" else f"{r.status}: {r.reason}")
             print(f"[bench]   {spec.label:<24} {msg}", file=sys.stderr)
+    finally:
         del params, init, reference
         _release_memory()
-    add_ratios(results)
-    return results, meta
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench_optim.py") -> int:

@@ -36,3 +36,9 @@ def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absma
               code1, code2, code3, gscale, found_inf) -> None:
     _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale, found_inf,
                        torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3))
+
+
+@torch.library.register_fake("qop::percentile_clip")
+def percentile_clip(grads, gnorm_vecs, steps, percentile, prescale) -> Tensor:
+    _checks.check_percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)
+    return prescale.new_empty((len(grads),), dtype=torch.float32)

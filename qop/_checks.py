@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._schema import BLOCKSIZE, HP_SIZE, Flag, Rule
+from ._schema import BLOCKSIZE, HISTORY, HP_SIZE, Flag, Rule
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -134,3 +134,27 @@ def check_step(
         for j in range(k):
             check_code(codes[j], f"code{j + 1}")
             check(codes[j].device == device, "code{} is on {} but params are on {}", j + 1, codes[j].device, device)
+
+
+def check_percentile_clip(
+    grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor], percentile: int, prescale: Tensor
+) -> None:
+    """Validate ``percentile_clip``'s arguments."""
+    n = len(grads)
+    check(len(gnorm_vecs) == n, "gnorm_vecs has {} tensors but grads has {}", len(gnorm_vecs), n)
+    check(len(steps) == n, "steps has {} tensors but grads has {}", len(steps), n)
+    check(1 <= percentile <= 99, "percentile must be in 1..99 (100 disables clipping), got {}", percentile)
+    check(prescale.dtype == torch.float32 and prescale.numel() == 1,
+          "prescale must be a float32 scalar tensor, got {} {}", prescale.dtype, tuple(prescale.shape))
+    device = prescale.device
+    for i in range(n):
+        g, h, s = grads[i], gnorm_vecs[i], steps[i]
+        check(g.dtype in PARAM_DTYPES, "grads[{}] must be float32, bfloat16 or float16, got {}", i, g.dtype)
+        check(g.layout == torch.strided, "grads[{}] is sparse; qop optimizers need dense gradients", i)
+        check(g.is_contiguous(), "grads[{}] must be contiguous", i)
+        check(g.device == device, "grads[{}] is on {} but prescale is on {}", i, g.device, device)
+        check(h.dtype == torch.float32 and h.dim() == 1 and h.numel() == HISTORY and h.is_contiguous()
+              and h.device == device, "gnorm_vecs[{}] must be a contiguous float32 vector of {} on {}, got {} {} on {}",
+              i, HISTORY, device, h.dtype, tuple(h.shape), h.device)
+        check(s.dtype == torch.float32 and s.numel() == 1 and s.device == device,
+              "steps[{}] must be a float32 scalar tensor on {}", i, device)

@@ -38,11 +38,16 @@ def _checked_reference():
         reference.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3,
                             steps, hp, code1, code2, code3, gscale, found_inf)
 
+    def percentile_clip(grads, gnorm_vecs, steps, percentile, prescale):
+        _checks.check_percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)
+        return reference.percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)
+
     return {
         "quantize_blockwise": quantize_blockwise,
         "dequantize_blockwise": dequantize_blockwise,
         "step_32bit": step_32bit,
         "step_8bit": step_8bit,
+        "percentile_clip": percentile_clip,
     }
 
 

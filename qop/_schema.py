@@ -14,6 +14,10 @@ schedulable hyper-parameter from tensors, so no value is baked into a traced gra
 * ``gscale`` -- optional float32 vector, one gradient multiplier per tensor (percentile clipping,
   inverse AMP scale);
 * ``found_inf`` -- optional float32 0-d tensor; when non-zero the whole call is a no-op.
+
+``percentile_clip`` computes the ``gscale`` of percentile clipping for a whole list of gradients at
+once: it records each gradient's norm in that parameter's 100-entry history and returns the clip
+factors, all on the device.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class HP(enum.IntEnum):
 
 
 HP_SIZE = len(HP)
+#: Gradient norms remembered per parameter by percentile clipping (bitsandbytes' gnorm_vec).
+HISTORY = 100
 
 SCHEMAS: dict[str, str] = {
     "quantize_blockwise": "(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
@@ -85,6 +91,9 @@ SCHEMAS: dict[str, str] = {
         "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] absmax1, Tensor(f!)[] absmax2, "
         "Tensor(g!)[] absmax3, Tensor(h!)[] steps, Tensor hp, Tensor code1, Tensor code2, "
         "Tensor code3, Tensor? gscale, Tensor? found_inf) -> ()"
+    ),
+    "percentile_clip": (
+        "(Tensor[] grads, Tensor(a!)[] gnorm_vecs, Tensor[] steps, int percentile, Tensor prescale) -> Tensor"
     ),
 }
 

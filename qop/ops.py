@@ -57,3 +57,11 @@ def step_8bit(
     c1, c2, c3 = [*codes, codes[0], codes[0], codes[0]][:3]
     torch.ops.qop.step_8bit(rule, flags, params, grads, s1, s2, s3, a1, a2, a3, steps, hp, c1, c2, c3,
                             gscale, found_inf)
+
+
+def percentile_clip(
+    grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor], percentile: int,
+    prescale: Tensor,
+) -> Tensor:
+    """Percentile clipping of a list of gradients: records each norm in its history, returns the factors."""
+    return torch.ops.qop.percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)

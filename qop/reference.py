@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._checks import n_states
-from ._schema import BLOCKSIZE, HP, Flag, Rule
+from ._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule
 
 
 # ----------------------------------------------------------------------------------------- quantize
@@ -217,6 +217,28 @@ def step_8bit(
             qs[j][i].copy_(torch.where(keep, q.view_as(qs[j][i]), qs[j][i]))
             ams[j][i].copy_(torch.where(keep, a, ams[j][i]))
         steps[i].add_(keep.float())
+
+
+# ------------------------------------------------------------------------------ percentile clipping
+def percentile_clip(
+    grads: list[Tensor], gnorm_vecs: list[Tensor], steps: list[Tensor], percentile: int, prescale: Tensor
+) -> Tensor:
+    """Per gradient: ``gnorm = ||g|| * prescale`` goes to slot ``t % 100`` of its history (``t = step + 1``;
+    unfilled slots hold +inf); q is entry ``min(floor(filled * percentile / 100), filled - 1)`` of the
+    sorted history, ``filled = min(t, 100)``.  Returns ``prescale * min(1, q / gnorm)`` per gradient."""
+    pre = prescale.reshape(()).float()
+    scales = []
+    for g, history, step in zip(grads, gnorm_vecs, steps):
+        gnorm = torch.linalg.vector_norm(g, dtype=torch.float32) * pre
+        t = step.reshape(()) + 1
+        slot = torch.remainder(t, HISTORY).long().reshape(1)
+        history.index_copy_(0, slot, gnorm.reshape(1))
+        filled = torch.clamp(t, max=HISTORY)
+        idx = torch.clamp(torch.floor(filled * percentile / 100.0), max=filled - 1).long().reshape(1)
+        q = torch.sort(history).values.gather(0, idx).reshape(())
+        scale = torch.where(gnorm > q, q / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)), 1.0)
+        scales.append(pre * scale)
+    return torch.stack(scales) if scales else torch.empty(0, dtype=torch.float32, device=prescale.device)
 
 
 def _scale(gscale: Tensor | None, i: int) -> Tensor | None:

@@ -5,12 +5,15 @@ They check structure and behaviour only; no timing is asserted (the benchmark is
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from unittest import mock
 
 import pytest
 import torch
@@ -62,6 +65,105 @@ def test_bench_quick_writes_table_and_json(tmp_path: Path) -> None:
     if ("single", "qop Adam8bit") in by:
         assert by[("single", "qop Adam8bit")]["state_bytes_per_param"] < 2.5
         assert by[("single", "torch AdamW(fused)")]["state_bytes_per_param"] >= 8.0
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    """benchmarks/bench_optim.py as a module; its import leaves the environment as it was."""
+    if not BENCH.is_file():
+        pytest.skip("benchmarks/ ships with the source tree only")
+    spec = importlib.util.spec_from_file_location("_qop_bench_optim", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    with mock.patch.dict(os.environ):
+        spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_workload_set_shapes(bench: ModuleType) -> None:
+    """Issue 7's shapes, checked without allocating them; the CPU set is unchanged."""
+    w = bench.make_workloads(kind="gpu")
+    assert list(w) == ["single", "transformer", "many"]
+    assert w["single"].shapes == ((2**28,),)
+    assert 0.95e9 <= w["transformer"].n_params <= 1.1e9
+    assert len(w["transformer"].shapes) == 2 + 18 * 12 + 2
+    sizes = [bench._numel(s) for s in w["many"].shapes]
+    assert len(sizes) == 1000 and all(4096 <= n <= 65536 for n in sizes) and len(set(sizes)) > 900
+    assert bench.make_workloads(kind="gpu") == w  # seeded
+    small = bench.make_workloads(1e-3, kind="gpu")  # --scale shrinks the GPU set too
+    assert small["single"].n_params == int(2**28 * 1e-3) and len(small["many"].shapes) == 1
+    assert small["transformer"].n_params < 0.01 * w["transformer"].n_params
+    cpu = bench.make_workloads()
+    assert cpu["single"].n_params == 16 * 2**20 and cpu["transformer"].n_params == 19_432_960
+    assert len(cpu["many"].shapes) == 2000 and cpu["many"].n_params == 17_335_426
+
+
+def test_bytes_model_by_hand(bench: ModuleType) -> None:
+    n = 2**28
+    # AdamW fp32: param r+w 8, grad r 4, two states r+w 2 x 8
+    assert bench.table_step_bytes("adam", "torch", 32, [(n,)]) == 28 * n
+    # Adam8bit: param r+w 8, grad r 4, two 8-bit states r+w 2 x 2, their absmax (4 B per 256 elements) r+w
+    adam8 = (8 + 4 + 2 * 2) * n + 2 * (2 * 4 * n // 256)
+    assert bench.table_step_bytes("adam", "qop", 8, [(n,)]) == adam8
+    assert adam8 / n == pytest.approx(16.0625)
+    assert bench.table_step_bytes("adam", "qop", 8, [(4095,)]) == 28 * 4095  # under min_8bit_size: 32-bit
+    assert bench.table_step_bytes("sgd", "torch", 32, [(n,)]) == 20 * n
+    assert bench.table_step_bytes("ademamix", "bnb", 8, [(n,)]) == 12 * n + 3 * (2 * n + 8 * n // 256)
+    # LAMB/LARS of qop and bitsandbytes: a first pass reads params, grads and states once more
+    assert bench.table_step_bytes("lamb", "qop", 32, [(n,)]) == (28 + 4 + 4 + 8) * n
+    assert bench.table_step_bytes("lamb", "bnb", 8, [(n,)]) == adam8 + 8 * n + 2 * n + 8 * n // 256
+
+
+def test_measured_bytes_follow_the_live_state(bench: ModuleType) -> None:
+    """From the optimizer's own state tensors: the table plus a few bytes of step counters."""
+    import qop
+
+    p = torch.zeros(8192, requires_grad=True)
+    p.grad = torch.full_like(p, 1e-3)
+    for opt, provider, bits in ((torch.optim.AdamW([p], fused=True), "torch", 32),
+                                (qop.optim.Adam8bit([p]), "qop", 8), (qop.optim.LAMB8bit([p]), "qop", 8)):
+        family = "lamb" if "LAMB" in type(opt).__name__ else "adam"
+        opt.step()
+        extra = bench.measured_step_bytes(opt, family, provider) - bench.table_step_bytes(family, provider, bits,
+                                                                                          [p.shape])
+        assert 0 <= extra <= 64, (type(opt).__name__, extra)
+
+
+def test_bandwidth_peaks_and_memory_guard(bench: ModuleType) -> None:
+    assert bench.nominal_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert bench.nominal_bandwidth("NVIDIA H200") == 4.8e12
+    assert bench.nominal_bandwidth("NVIDIA GH200 480GB") is None
+    assert bench.nominal_bandwidth("Tesla T4") is None
+    w = bench.make_workloads(kind="gpu")["transformer"]
+    spec = {s.label: s for s in bench.discover(["adam"], ["torch", "qop"], "cpu")}
+    fused, foreach, q8 = (bench.row_memory_estimate(spec[k], w) for k in
+                          ("torch AdamW(fused)", "torch AdamW(foreach)", "qop Adam8bit"))
+    assert 8 * w.n_params < fused < 12 * w.n_params  # two fp32 states, with a margin
+    assert fused < foreach < 2 * fused and q8 < fused / 2
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/ ships with the source tree only")
+def test_bench_gpu_workload_set_on_cpu_reports_bandwidth(tmp_path: Path) -> None:
+    proc = _run("bench", "--workload-set", "gpu", "--scale", "1e-4", "--families", "adam", "--providers", "torch,qop",
+                "--filter", "qop Adam8bit", "--repeats", "2", "--warmup", "1", "--budget", "0.05", "--retries", "0",
+                "--peak-mib", "8", "--out", str(tmp_path), "--name", "gpuset")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "gpuset.md").read_text()
+    assert "| state B/param | moved B/param | GB/s | % peak | peak RSS +MiB | reps | CPU wait |" in table
+    assert "Bandwidth: " in table and "measured copy_" in table
+    assert "### transformer: GPT-like, d=24, 18 layers" in table and "### many: tensors of 4K-64K elements" in table
+    data = json.loads((tmp_path / "gpuset.json").read_text())
+    meta, results = data["meta"], data["results"]
+    assert meta["settings"]["workload_set"] == "gpu" and meta["settings"]["peak_mib"] == 8
+    assert meta["bandwidth"]["copy_gbps"] > 0 and meta["bandwidth"]["peak_source"] == "measured copy_"
+    ok = {(r["workload"], r["label"]): r for r in results if r["status"] == "ok"}
+    assert {label for _, label in ok} == {"torch AdamW(fused)", "qop Adam8bit"}, results
+    for r in ok.values():
+        assert r["step_bytes"] > 0 and r["gbps"] > 0 and r["pct_peak"] > 0 and r["step_bytes_table"] > 0
+        assert r["gbps"] == pytest.approx(r["step_bytes"] / r["ms"] / 1e6)
+    assert ok[("single", "torch AdamW(fused)")]["step_bytes_per_param"] == pytest.approx(28.0, abs=0.01)
+    assert ok[("single", "qop Adam8bit")]["step_bytes_per_param"] == pytest.approx(16.0625, abs=0.01)
 
 
 @pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/ ships with the source tree only")

@@ -201,6 +201,104 @@ def step_reference(bits: int):
     return reference.step_32bit if bits == 32 else reference.step_8bit
 
 
+# ------------------------------------------------------------------------------ percentile clipping
+@dataclasses.dataclass
+class ClipInputs:
+    """Arguments of ``qop::percentile_clip``: gradients of odd sizes, partly filled histories."""
+
+    grads: list[Tensor]
+    histories: list[Tensor]
+    steps: list[Tensor]
+    prescale: Tensor
+
+    def clone(self) -> ClipInputs:
+        return ClipInputs(self.grads, [h.clone() for h in self.histories], [s.clone() for s in self.steps],
+                          self.prescale)
+
+
+def make_clip_inputs(dtype: torch.dtype, seed: int, shapes=((0,), (1,), (257,), (33, 65), (70000,)),
+                     steps=(0, 3, 99, 100, 250), prescale: float = 0.5) -> ClipInputs:
+    gen = torch.Generator().manual_seed(seed)
+    grads = [(torch.randn(s, generator=gen) * 10 ** torch.randint(-3, 3, (), generator=gen)).to(dtype) for s in shapes]
+    histories = []
+    for t in steps:  # the first min(t, 100) slots filled, as after t steps
+        h = torch.full((100,), math.inf)
+        filled = min(t, 100)
+        h[:filled] = torch.rand(filled, generator=gen) * 50
+        histories.append(h)
+    return ClipInputs(grads, histories, [torch.tensor(float(t)) for t in steps], torch.tensor(prescale))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("percentile", [1, 5, 50, 99])
+def test_percentile_clip_matches_reference(dtype, percentile):
+    """Several calls in a row: the recorded norms and the clip factors agree with the reference (the C++
+    kernel sums squares in double, torch's norm in float32: to float rounding of the norm)."""
+    got = make_clip_inputs(dtype, seed=percentile)
+    want = got.clone()
+    for call in range(3):
+        scales = torch.ops.qop.percentile_clip(got.grads, got.histories, got.steps, percentile, got.prescale)
+        expected = reference.percentile_clip(want.grads, want.histories, want.steps, percentile, want.prescale)
+        torch.testing.assert_close(scales, expected, rtol=1e-5, atol=0)
+        for h, e in zip(got.histories, want.histories):
+            torch.testing.assert_close(h, e, rtol=1e-5, atol=0)
+        assert ((scales > 0) & (scales <= got.prescale)).all()
+        for st in (got.steps, want.steps):
+            for s in st:
+                s.add_(1)
+        got.grads = want.grads = [g * (3.0 if call % 2 == 0 else 0.1) for g in got.grads]
+
+
+@needs_kernels
+def test_percentile_clip_clips_outliers_only():
+    """After 100 steps of norm ~1, a gradient 10x larger is scaled to the 5th percentile; a typical one is not."""
+    g = torch.ones(400) / 20  # norm 1
+    history = torch.full((100,), math.inf)
+    step = torch.tensor(0.0)
+    pre = torch.tensor(1.0)
+    for _ in range(100):
+        assert torch.ops.qop.percentile_clip([g], [history], [step], 5, pre).item() == 1.0
+        step.add_(1)
+    assert torch.isfinite(history).all()
+    scale = torch.ops.qop.percentile_clip([g * 10], [history], [step], 5, pre)
+    torch.testing.assert_close(scale, torch.tensor([0.1]))
+
+
+def _clip_errors():
+    def call(**change):
+        clip = make_clip_inputs(torch.float32, seed=0)
+        args = dict(grads=clip.grads, gnorm_vecs=clip.histories, steps=clip.steps, percentile=5,
+                    prescale=clip.prescale)
+        args.update({k: v(args[k]) for k, v in change.items()})
+        return lambda: torch.ops.qop.percentile_clip(*args.values())
+
+    return [
+        ("percentile_100", call(percentile=lambda k: 100), "percentile"),
+        ("percentile_0", call(percentile=lambda k: 0), "percentile"),
+        ("history_size", call(gnorm_vecs=lambda h: [h[0][:50].clone(), *h[1:]]), r"gnorm_vecs\[0\]"),
+        ("history_dtype", call(gnorm_vecs=lambda h: [h[0], h[1].double(), *h[2:]]), r"gnorm_vecs\[1\]"),
+        ("histories_length", call(gnorm_vecs=lambda h: h[:2]), "gnorm_vecs"),
+        ("steps_length", call(steps=lambda s: s[:1]), "steps"),
+        ("steps_dtype", call(steps=lambda s: [s[0].long(), *s[1:]]), r"steps\[0\]"),
+        ("grad_dtype", call(grads=lambda g: [g[0], g[1], g[2].double(), *g[3:]]), r"grads\[2\]"),
+        ("grad_sparse", call(grads=lambda g: [g[0], g[1], g[2].to_sparse(), *g[3:]]), r"grads\[2\]"),
+        ("grad_non_contiguous", call(grads=lambda g: [*g[:3], g[3].t(), g[4]]), r"grads\[3\]"),
+        ("prescale_dtype", call(prescale=lambda p: p.double()), "prescale"),
+        ("step_nan", call(steps=lambda s: [torch.tensor(math.nan), *s[1:]]), r"steps\[0\]"),
+    ]
+
+
+CLIP_ERRORS = _clip_errors()
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,call,msg", CLIP_ERRORS, ids=[e[0] for e in CLIP_ERRORS])
+def test_percentile_clip_rejects_bad_arguments(name, call, msg):
+    with pytest.raises(ValueError, match=msg):
+        call()
+
+
 # ------------------------------------------------------------------------------------------ opcheck
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
@@ -238,7 +336,16 @@ def _step_samples():
             yield f"step_{bits}bit_{name}_{dtype}", step_op(bits), build
 
 
-OPCHECK_SAMPLES = [*_quantize_samples(), *_dequantize_samples(), *_step_samples()]
+def _percentile_samples():
+    for i, dtype in enumerate(DTYPES):
+        def build(dtype=dtype, i=i):
+            clip = make_clip_inputs(dtype, seed=i)
+            return clip.grads, clip.histories, clip.steps, 5 + 40 * i, clip.prescale
+
+        yield f"percentile_clip_{dtype}", torch.ops.qop.percentile_clip.default, build
+
+
+OPCHECK_SAMPLES = [*_quantize_samples(), *_dequantize_samples(), *_step_samples(), *_percentile_samples()]
 
 
 def test_opcheck_covers_every_op():

@@ -40,6 +40,7 @@ enum HP : int {
   T_BETA3 = 11,
   HP_SIZE = 12,
 };
+constexpr int64_t kHistory = 100;  // gradient norms per parameter kept by percentile clipping
 
 inline bool is_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -196,6 +197,39 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
     }
   }
   return k;
+}
+
+inline void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
+                                  int64_t percentile, const at::Tensor& prescale) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(gnorm_vecs.size()) == n, "qop: gnorm_vecs has ", gnorm_vecs.size(),
+                    " tensors but grads has ", n);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(steps.size()) == n, "qop: steps has ", steps.size(),
+                    " tensors but grads has ", n);
+  TORCH_CHECK_VALUE(percentile >= 1 && percentile <= 99,
+                    "qop: percentile must be in 1..99 (100 disables clipping), got ", percentile);
+  TORCH_CHECK_VALUE(prescale.scalar_type() == at::kFloat && prescale.numel() == 1,
+                    "qop: prescale must be a float32 scalar tensor, got ", prescale.scalar_type(), " ",
+                    prescale.sizes());
+  const auto device = prescale.device();
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& h = gnorm_vecs[i];
+    TORCH_CHECK_VALUE(is_param_dtype(g.scalar_type()), "qop: grads[", i,
+                      "] must be float32, bfloat16 or float16, got ", g.scalar_type());
+    TORCH_CHECK_VALUE(g.layout() == at::kStrided, "qop: grads[", i,
+                      "] is sparse; qop optimizers need dense gradients");
+    TORCH_CHECK_VALUE(g.is_contiguous(), "qop: grads[", i, "] must be contiguous");
+    TORCH_CHECK_VALUE(g.device() == device, "qop: grads[", i, "] is on ", g.device(), " but prescale is on ",
+                      device);
+    TORCH_CHECK_VALUE(h.scalar_type() == at::kFloat && h.dim() == 1 && h.numel() == kHistory && h.is_contiguous() &&
+                          h.device() == device,
+                      "qop: gnorm_vecs[", i, "] must be a contiguous float32 vector of ", kHistory, " on ", device,
+                      ", got ", h.scalar_type(), " ", h.sizes(), " on ", h.device());
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == device, "qop: steps[", i,
+                      "] must be a float32 scalar tensor on ", device);
+  }
 }
 
 }  // namespace qop

@@ -558,40 +558,43 @@ struct KBoth {
   }
 };
 
-// Sums of u^2 and p^2 for the update-norm clip, accumulated in double (the reference's
-// torch.linalg.vector_norm sums with float32 cascades; a plain float sum would drift on long tensors).
+// A sum of squares accumulated in double (the reference's torch.linalg.vector_norm sums with float32
+// cascades; a plain float sum would drift on long tensors).
+struct SquareSum {
+  double s = 0.0;
+#ifdef QOP_AVX2
+  __m256d v = _mm256_setzero_pd();
+#endif
+  QOP_INLINE void add(float x) { s += static_cast<double>(x) * x; }
+#ifdef QOP_AVX2
+  QOP_INLINE void add(VF x) {
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x.v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x.v, 1));
+    v = _mm256_add_pd(v, _mm256_add_pd(_mm256_mul_pd(lo, lo), _mm256_mul_pd(hi, hi)));
+  }
+#endif
+  double value() const {
+    double r = s;
+#ifdef QOP_AVX2
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, v);
+    for (double x : lanes) r += x;
+#endif
+    return r;
+  }
+};
+
+// Sums of u^2 and p^2 for the update-norm clip.
 struct NormAcc {
-  double uu = 0.0, pp = 0.0;
-#ifdef QOP_AVX2
-  __m256d vuu = _mm256_setzero_pd(), vpp = _mm256_setzero_pd();
-#endif
-  QOP_INLINE void add(float u, float p) {
-    uu += static_cast<double>(u) * u;
-    pp += static_cast<double>(p) * p;
+  SquareSum uu, pp;
+  template <class V>
+  QOP_INLINE void add(V u, V p) {
+    uu.add(u);
+    pp.add(p);
   }
-#ifdef QOP_AVX2
-  QOP_INLINE void add(VF u, VF p) {
-    const __m256d ul = _mm256_cvtps_pd(_mm256_castps256_ps128(u.v));
-    const __m256d uh = _mm256_cvtps_pd(_mm256_extractf128_ps(u.v, 1));
-    const __m256d pl = _mm256_cvtps_pd(_mm256_castps256_ps128(p.v));
-    const __m256d ph = _mm256_cvtps_pd(_mm256_extractf128_ps(p.v, 1));
-    vuu = _mm256_add_pd(vuu, _mm256_add_pd(_mm256_mul_pd(ul, ul), _mm256_mul_pd(uh, uh)));
-    vpp = _mm256_add_pd(vpp, _mm256_add_pd(_mm256_mul_pd(pl, pl), _mm256_mul_pd(ph, ph)));
-  }
-#endif
   void write(double* acc) const {
-    double su = uu, sp = pp;
-#ifdef QOP_AVX2
-    alignas(32) double lu[4], lp[4];
-    _mm256_store_pd(lu, vuu);
-    _mm256_store_pd(lp, vpp);
-    for (int l = 0; l < 4; ++l) {
-      su += lu[l];
-      sp += lp[l];
-    }
-#endif
-    acc[0] = su;
-    acc[1] = sp;
+    acc[0] = uu.value();
+    acc[1] = pp.value();
   }
 };
 
@@ -951,6 +954,46 @@ void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize, const flo
   });
 }
 
+// ============================================================================ percentile clipping
+template <class T>
+double sum_squares(const T* x, int64_t n) {
+  SquareSum acc;
+  for_lanes(n, [&](auto tag, int64_t i) { acc.add(load(tag, x + i)); });
+  return acc.value();
+}
+
+double sum_squares(const at::Tensor& g, int64_t begin, int64_t end) {
+  switch (g.scalar_type()) {
+    case at::kFloat:
+      return sum_squares(g.const_data_ptr<float>() + begin, end - begin);
+    case at::kBFloat16:
+      return sum_squares(g.const_data_ptr<bf16>() + begin, end - begin);
+    default:
+      return sum_squares(g.const_data_ptr<fp16>() + begin, end - begin);
+  }
+}
+
+// One parameter's clip factor, after reference.percentile_clip in float32: record gnorm in slot
+// t % 100 of the history, take entry min(floor(filled * k / 100), filled - 1) of the sorted history
+// (NaN sorts last, as in torch.sort), return min(1, q / gnorm).
+float percentile_factor(float gnorm, float* history, float t, int64_t percentile, int64_t index) {
+  const float h = static_cast<float>(kHistory);
+  const float slot = t - std::floor(t / h) * h;  // torch.remainder
+  TORCH_CHECK_VALUE(slot >= 0.0f && slot < h, "qop: steps[", index, "] must hold a finite step count, got ",
+                    t - 1.0f);
+  history[static_cast<int64_t>(slot)] = gnorm;
+  const float filled = std::min(t, h);
+  const float idx = std::min(std::floor(filled * static_cast<float>(percentile) / 100.0f), filled - 1.0f);
+  std::array<float, kHistory> sorted;
+  std::copy(history, history + kHistory, sorted.begin());
+  const auto at = sorted.begin() + static_cast<int64_t>(idx);
+  std::nth_element(sorted.begin(), at, sorted.end(), [](float a, float b) {
+    return a < b || (!std::isnan(a) && std::isnan(b));
+  });
+  const float q = *at;
+  return gnorm > q ? q / (gnorm > 0.0f ? gnorm : 1.0f) : 1.0f;
+}
+
 }  // namespace
 
 // ============================================================================================ ops
@@ -1023,6 +1066,34 @@ void step_8bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::Tenso
            found_inf);
 }
 
+
+at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
+                               int64_t percentile, const at::Tensor& prescale) {
+  check_percentile_clip(grads, gnorm_vecs, steps, percentile, prescale);
+  const int64_t n = static_cast<int64_t>(grads.size());
+  at::Tensor out = at::empty({n}, prescale.options());
+  if (n == 0) return out;
+  // Sums of squares over pieces of every gradient in one parallel region, added up per tensor in order.
+  std::vector<Item> items;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t numel = grads[i].numel();
+    for (int64_t b = 0; b < numel; b += kChunk) items.push_back({i, b, std::min(numel, b + kChunk)});
+  }
+  std::vector<double> partial(items.size());
+  parallel_range(static_cast<int64_t>(items.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t k = b0; k < b1; ++k) partial[k] = sum_squares(grads[items[k].job], items[k].begin, items[k].end);
+  });
+  std::vector<double> sums(n, 0.0);
+  for (size_t k = 0; k < items.size(); ++k) sums[items[k].job] += partial[k];
+  const float pre = *prescale.const_data_ptr<float>();  // a CPU tensor (checked): no aten::item
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float gnorm = static_cast<float>(std::sqrt(sums[i])) * pre;
+    const float t = *steps[i].const_data_ptr<float>() + 1.0f;
+    o[i] = pre * percentile_factor(gnorm, gnorm_vecs[i].data_ptr<float>(), t, percentile, i);
+  }
+  return out;
+}
 }  // namespace qop
 
 // An empty module: importing qop._C runs the static registration below (no pybind).
@@ -1049,6 +1120,7 @@ TORCH_LIBRARY_IMPL(qop, CPU, m) {
   m.impl("dequantize_blockwise", &qop::dequantize_blockwise_cpu);
   m.impl("step_32bit", &qop::step_32bit_cpu);
   m.impl("step_8bit", &qop::step_8bit_cpu);
+  m.impl("percentile_clip", &qop::percentile_clip_cpu);
 }
 
 // Sparse inputs reach the same kernels only so that their checks reject them with a message naming the
@@ -1057,4 +1129,5 @@ TORCH_LIBRARY_IMPL(qop, SparseCPU, m) {
   m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
   m.impl("step_32bit", &qop::step_32bit_cpu);
   m.impl("step_8bit", &qop::step_8bit_cpu);
+  m.impl("percentile_clip", &qop::percentile_clip_cpu);
 }

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import _checks, ops, paged
 from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HP, HP_SIZE, Flag, Rule
+from .._schema import BLOCKSIZE, HISTORY, HP, HP_SIZE, Flag, Rule
 from ._args import number
 from .manager import GlobalOptimManager
 
@@ -43,7 +43,6 @@ from .manager import GlobalOptimManager
 ENGINE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
 #: bitsandbytes keeps its quantized tensors under this key of each parameter's state.
 BNB_QUANT_KEY = "__bnb_optimizer_quant_state__"
-_HISTORY = 100  # gradient norms remembered by percentile clipping
 #: OneCycleLR/CyclicLR keep their momentum bounds in each group; as device tensors they make OneCycleLR's
 #: annealed momentum a tensor, which the next step copies into ``hp`` with no recompile (see ``_sync_hp``).
 _MOMENTUM_BOUNDS = ("max_momentum", "base_momentum")
@@ -53,6 +52,17 @@ _STATE_KEYS = ("state1", "state2", "state3")
 _ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
 
 HPSlot = HP | tuple[HP, ...]
+
+
+@dataclass
+class _Clip:
+    """The tensors of a bucket clipped at one percentile: one ``qop.percentile_clip`` call."""
+
+    percentile: int
+    positions: list[int]  # in the bucket
+    index: Tensor  # the same positions, on the bucket's device
+    histories: list[Tensor]
+    steps: list[Tensor]
 
 
 @dataclass
@@ -71,12 +81,13 @@ class _Bucket:
     hp_values: Tensor | None = None
     histories: list[Tensor | None] = field(default_factory=list)
     percentiles: list[int] = field(default_factory=list)
+    clips: list[_Clip] = field(default_factory=list)  # the tensors clipped, one entry per percentile
     paged: list[Tensor] = field(default_factory=list)
 
     def tensors(self) -> Iterable[Tensor]:
         """The optimizer's own tensors (not the params, which dynamo marks static itself)."""
         yield from itertools.chain(*self.states, *self.absmax, self.steps, self.codes,
-                                   (t for t in self.histories if t is not None))
+                                   (t for t in self.histories if t is not None), (c.index for c in self.clips))
         if self.hp_slots is not None and self.hp_values is not None:
             yield from (self.hp_slots, self.hp_values)
 
@@ -273,7 +284,7 @@ class QopOptimizer(torch.optim.Optimizer):
             else:
                 state[_STATE_KEYS[j]] = self._zeros(group, p, torch.float32).fill_(init)
         if self._percentile(group, p) < 100:
-            state["gnorm_vec"] = torch.full((_HISTORY,), math.inf, dtype=torch.float32, device=p.device)
+            state["gnorm_vec"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=p.device)
 
     def _percentile(self, group: dict[str, Any], p: Tensor) -> int:
         return GlobalOptimManager.get_instance().config_for(p).get("percentile_clipping", group["percentile_clipping"])
@@ -415,19 +426,32 @@ class QopOptimizer(torch.optim.Optimizer):
             b.percentiles.append(self._percentile(group, p))
             if group["is_paged"] and p.device.type == "cuda":
                 b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
+        for b in buckets.values():
+            by_percentile: dict[int, list[int]] = {}
+            for i, k in enumerate(b.percentiles):
+                if k < 100:
+                    by_percentile.setdefault(k, []).append(i)
+            b.clips = [_Clip(k, pos, torch.tensor(pos, dtype=torch.long).to(b.device),
+                             [b.histories[i] for i in pos], [b.steps[i] for i in pos])  # type: ignore[misc]
+                       for k, pos in by_percentile.items()]
         return list(buckets.values())
 
     def _gscale(self, b: _Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
-        """Per-tensor gradient multipliers: percentile clipping and the inverse AMP scale, on the device."""
-        if grad_scale is None and all(k >= 100 for k in b.percentiles):
+        """Per-tensor gradient multipliers: percentile clipping and the inverse AMP scale, on the device
+        (one ``qop.percentile_clip`` call per distinct percentile of the bucket, usually one)."""
+        if grad_scale is None and not b.clips:
             return None
         inv = torch.ones((), dtype=torch.float32, device=b.device)
         if grad_scale is not None:
             inv = inv / grad_scale.to(b.device)
-        scales = []
-        for g, history, step, k in zip(grads, b.histories, b.steps, b.percentiles):
-            scales.append(inv * _percentile_scale(g, history, step, k, inv) if k < 100 else inv)
-        return torch.stack(scales)
+        if len(b.clips) == 1 and len(b.clips[0].positions) == len(grads):
+            c = b.clips[0]
+            return ops.percentile_clip(grads, c.histories, c.steps, c.percentile, inv)
+        gscale = inv.expand(len(grads)).clone()
+        for c in b.clips:
+            scales = ops.percentile_clip([grads[i] for i in c.positions], c.histories, c.steps, c.percentile, inv)
+            gscale = gscale.index_copy(0, c.index, scales)
+        return gscale
 
     # ------------------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict[str, Any]:
@@ -608,22 +632,6 @@ def _store_hp(hp: Tensor, key: str, slot: HPSlot, value: Any, view: Any) -> None
         # not fill_(v): once dynamo makes a changing number a graph input, AOTAutograd turns it into a tensor
         # for add_ but specializes it (recompiling at every change) for fill_
         hp[s].zero_().add_(v)
-
-
-def _percentile_scale(grad: Tensor, history: Tensor, step: Tensor, k: int, pre: Tensor) -> Tensor:
-    """Percentile clipping on the device: record ||g||, return min(1, q / ||g||), q the k-th percentile.
-
-    The history holds the last 100 norms (unfilled slots are +inf); the percentile is taken over the
-    filled ones, so early steps are not clipped to zero.
-    """
-    gnorm = torch.linalg.vector_norm(grad, dtype=torch.float32) * pre  # no float32 copy of a half grad
-    t = step + 1
-    slot = torch.remainder(t, _HISTORY).long().reshape(1)
-    history.index_copy_(0, slot, gnorm.reshape(1))
-    filled = torch.clamp(t, max=_HISTORY)
-    idx = torch.clamp(torch.floor(filled * k / 100.0), max=filled - 1).long().reshape(1)
-    q = torch.sort(history).values.gather(0, idx).reshape(())
-    return torch.where(gnorm > q, q / torch.where(gnorm > 0, gnorm, torch.ones_like(gnorm)), 1.0)
 
 
 def _from_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
