@@ -132,9 +132,11 @@ class Backend:
     def __init__(self, inner: str = "aot_eager") -> None:
         self.inner = torch._dynamo.lookup_backend(inner)
         self.graphs = 0
+        self.targets: list[str] = []  # the call targets of every graph, as strings
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         self.graphs += 1
+        self.targets += [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
         return self.inner(gm, example_inputs)
 
 
@@ -212,6 +214,9 @@ def test_compiled_step_with_percentile_clipping_and_overrides() -> None:
         manager.initialize()
     assert backend.graphs == 1
     assert "gnorm_vec" in opt.state[_params(opt)[0]]
+    # one percentile_clip per bucket (8-bit, 32-bit, the override's) clips all of the bucket's tensors
+    n_clips = sum("qop.percentile_clip" in t for t in backend.targets)
+    assert n_clips == sum("qop.step_" in t for t in backend.targets) == 3, backend.targets
 
 
 def test_compiled_step_with_params_without_grads() -> None:

@@ -47,7 +47,7 @@ pytest.importorskip("triton")
 import qop  # noqa: E402
 from qop import HP, Flag, Rule, reference  # noqa: E402
 from qop._schema import HP_SIZE  # noqa: E402
-from qop.triton import _common, _multi_tensor, _quant, _step  # noqa: E402
+from qop.triton import _clip, _common, _multi_tensor, _quant, _step  # noqa: E402
 
 if not CUDA and not IN_SUBPROCESS:
     assert _common.is_interpreted(_step._step_kernel)
@@ -332,6 +332,44 @@ def test_empty_call_is_a_noop():
     _step.step_32bit(Rule.ADAM, 0, [], [], [], [], [], [], hp, None, None)
 
 
+# ---------------------------------------------------------------------------------- percentile clip
+def _clip_inputs(dtype: torch.dtype, sizes=(0, 1, 300, 1500), steps=(0, 4, 99, 230), seed: int = 0):
+    """Gradients over several chunks (with SMALL), histories filled as after ``steps`` steps."""
+    g = torch.Generator().manual_seed(seed)
+    grads = [(torch.randn(n, generator=g) * 3).to(dtype).to(DEVICE) for n in sizes]
+    histories = []
+    for t in steps:
+        h = torch.full((100,), float("inf"))
+        h[: min(t, 100)] = torch.rand(min(t, 100), generator=g) * 40
+        histories.append(h.to(DEVICE))
+    return grads, histories, [torch.tensor(float(t), device=DEVICE) for t in steps], torch.tensor(0.5, device=DEVICE)
+
+
+@pytest.mark.parametrize("multi", [True, False], ids=["multi", "single"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("percentile", [5, 60])
+def test_percentile_clip(multi, dtype, percentile):
+    grads, histories, steps, pre = _clip_inputs(dtype, seed=percentile)
+    expected_h = [h.clone() for h in histories]
+    for _ in range(2):  # the second call finds the cached metadata with its counters and sums reset
+        scales = _clip.percentile_clip(grads, histories, steps, percentile, pre, multi=multi, **SMALL)
+        expected = reference.percentile_clip(grads, expected_h, steps, percentile, pre)
+        torch.testing.assert_close(scales, expected, rtol=2e-6, atol=0)
+        for h, e in zip(histories, expected_h):
+            torch.testing.assert_close(h, e, rtol=2e-6, atol=0)
+        for s in steps:
+            s.add_(1)
+        grads = [gr * 4 for gr in grads]
+
+
+def test_percentile_clip_default_config():
+    grads, histories, steps, pre = _clip_inputs(torch.float16, sizes=(5000, 70000), steps=(150, 2))
+    expected_h = [h.clone() for h in histories]
+    scales = _clip.percentile_clip(grads, histories, steps, 10, pre)
+    torch.testing.assert_close(scales, reference.percentile_clip(grads, expected_h, steps, 10, pre), rtol=1e-5, atol=0)
+    assert _clip.percentile_clip([], [], [], 10, pre).shape == (0,)
+
+
 # ----------------------------------------------------------------------------- multi-tensor metadata
 def test_metadata_cached_and_self_resetting():
     problem = Problem(CASES[3], torch.float32, 8)  # LAMB: counters and norm sums both used
@@ -417,7 +455,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qop.triton import _quant, _step
+from qop.triton import _clip, _quant, _step
 
 def compile_(fn, sig, consts):
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs={})
@@ -443,6 +481,11 @@ compile_(_quant._quantize_kernel, {**ptr("a_ptr", t="*bf16"), **ptr("code_ptr", 
          dict(COLS=256, TILE=2048, GATHER=True))
 compile_(_quant._dequantize_kernel, {"q_ptr": "*u8", **ptr("absmax_ptr", "code_ptr"), "out_ptr": "*fp16",
          "numel": "i32", "blocksize": "i32", "size_class": "i32"}, dict(BLOCK=1024, GATHER=True))
+for multi in (True, False):
+    compile_(_clip._clip_kernel, {**ptr("g_ptr", t="*bf16"), **ptr("h_ptr", "step_ptr", "pre_ptr", "out_ptr"),
+             **ptr("table_ptr", "chunks_ptr", t="*i64"), "work_ptr": "*i32", "norms_ptr": "*fp32",
+             "numel": "i32", "tensor_index": "i32", "size_class": "i32"},
+             dict(PERCENTILE=5, MULTI=multi, CHUNK=16384, BLOCK=2048))
 print("compiled")
 
 # The torch.compile decomposition, traced with fake CUDA tensors (Triton analyses the kernel for sm_90):
@@ -474,6 +517,17 @@ launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper_functional" in s
 clones = [sorted(n.kwargs["tensors_to_clone"]) for n in launches]
 assert clones == [["norms_ptr"], sorted(["p_ptr", "s1_ptr", "s2_ptr", "a1_ptr", "a2_ptr", "step_ptr", "work_ptr",
                                           "norms_ptr"])] * 2, clones
+
+def g(grads, histories, steps, pre):
+    return _clip.percentile_clip(grads, histories, steps, 5, pre, multi=False)
+
+with FakeTensorMode():
+    c = dict(grads=[new(5, bf16), new(70000, bf16)], histories=[new(100), new(100)], steps=[new(()), new(())],
+             pre=new(()))
+gm = make_fx(torch.func.functionalize(g, remove="mutations_and_views"), tracing_mode="fake")(*c.values())
+launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
+clones = [sorted(n.kwargs["tensors_to_clone"]) for n in launches]
+assert clones == [sorted(["h_ptr", "out_ptr", "work_ptr", "norms_ptr"])] * 2, clones
 print("traced")
 """
 
@@ -574,6 +628,31 @@ def test_opcheck_cuda(case, bits):
     torch.library.opcheck(torch.ops.qop.quantize_blockwise.default, (A, code, 256))
     q, absmax = torch.ops.qop.quantize_blockwise(A, code, 256)
     torch.library.opcheck(torch.ops.qop.dequantize_blockwise.default, (q, absmax, code, 256, torch.bfloat16))
+    torch.library.opcheck(torch.ops.qop.percentile_clip.default, (*_clip_inputs(torch.bfloat16)[:3], 5,
+                                                                  torch.tensor(0.5, device=DEVICE)))
+
+
+@gpu
+@requires_cuda
+def test_percentile_clip_cuda_graph():
+    """Captured once, replayed on new gradients: records each norm and clips like the reference."""
+    grads, histories, steps, pre = _clip_inputs(torch.float32, sizes=(1, 4096, 70000), steps=(3, 99, 250))
+    _clip.percentile_clip(grads, [h.clone() for h in histories], steps, 5, pre)  # warm-up: autotuning
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scales = torch.ops.qop.percentile_clip(grads, histories, steps, 5, pre)
+    expected_h = [h.clone() for h in histories]
+    for _ in range(3):
+        for g in grads:
+            g.mul_(3.0)
+        graph.replay()
+        expected = reference.percentile_clip(grads, expected_h, steps, 5, pre)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(scales, expected, rtol=1e-5, atol=0)
+        for h, e in zip(histories, expected_h):
+            torch.testing.assert_close(h, e, rtol=1e-5, atol=0)
+        for s in steps:
+            s.add_(1)
 
 
 @gpu

@@ -2,8 +2,9 @@
 package only when CUDA is available).
 
 Kernels: ``_quant.py`` (blockwise quantize / dequantize), ``_step.py`` (the fused step: every rule, 32-
-and 8-bit states, the two passes of Flag.UNORM_CLIP), ``_multi_tensor.py`` (device metadata of
-multi-tensor launches), ``_common.py`` (code-book search, exact float helpers, launch).
+and 8-bit states, the two passes of Flag.UNORM_CLIP), ``_clip.py`` (percentile clipping of a list of
+gradients), ``_multi_tensor.py`` (device metadata of multi-tensor launches), ``_common.py`` (code-book
+search, exact float helpers, launch).
 
 Design
 ======
@@ -84,7 +85,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
-from . import _quant, _step
+from . import _clip, _quant, _step
 from ._multi_tensor import clear_cache
 
 #: Decompose the ops into their Triton kernels under torch.compile (else keep them opaque).
@@ -140,11 +141,20 @@ def _step_8bit_traced(rule, flags, params, grads, state1, state2, state3, absmax
                     code1, code2, code3, gscale, found_inf, multi=False)
 
 
+def _percentile_clip(grads, gnorm_vecs, steps, percentile, prescale):
+    return _clip.percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)
+
+
+def _percentile_clip_traced(grads, gnorm_vecs, steps, percentile, prescale):
+    return _clip.percentile_clip(grads, gnorm_vecs, steps, percentile, prescale, multi=False)
+
+
 _OPS = {
     "quantize_blockwise": (_quantize_blockwise, _quantize_blockwise_traced, "A"),
     "dequantize_blockwise": (_dequantize_blockwise, _dequantize_blockwise_traced, "A"),
     "step_32bit": (_step_32bit, _step_32bit_traced, "hp"),
     "step_8bit": (_step_8bit, _step_8bit_traced, "hp"),
+    "percentile_clip": (_percentile_clip, _percentile_clip_traced, "prescale"),
 }
 
 
