@@ -10,6 +10,7 @@ defaults), state count, code books and initial state value. The oracle feeds exa
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -385,6 +386,31 @@ def test_state_dict_roundtrip(spec: OptimSpec):
         assert torch.equal(p, p2)
         for k in opt.state[p]:
             assert torch.equal(opt.state[p][k], opt2.state[p2][k]), k
+
+
+def test_load_bnb_gnorm_vec_as_norms():
+    """bitsandbytes releases with percentile clipping kept squared norms, 0 for unfilled slots, under its
+    nested quant-state key; loading turns them into norms, +inf where unfilled, so clipping goes on alike."""
+    params0, grads = make_problem(torch.float32, seed=4, steps=4)
+    params = [p.clone().requires_grad_() for p in params0]
+    opt = Adam8bit(params, percentile_clipping=5, min_8bit_size=0)
+    run(opt, params, grads[:2])
+    sd = copy.deepcopy(opt.state_dict())
+    for st in sd["state"].values():  # what bitsandbytes would have saved: squares and zeros, nested
+        norms = st.pop("gnorm_vec")
+        squares = torch.where(torch.isinf(norms), 0.0, norms * norms)
+        st["__bnb_optimizer_quant_state__"] = {"gnorm_vec": squares, "state1": st.pop("state1")}
+    params2 = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = Adam8bit(params2, percentile_clipping=5, min_8bit_size=0)
+    opt2.load_state_dict(sd)
+    for p, p2 in zip(params, params2):
+        want, got = opt.state[p]["gnorm_vec"], opt2.state[p2]["gnorm_vec"]
+        assert torch.isinf(got).sum() == 98 and torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    run(opt, params, grads[2:])
+    run(opt2, params2, grads[2:])
+    for p, p2 in zip(params, params2):
+        torch.testing.assert_close(p2, p, rtol=1e-6, atol=1e-7)
 
 
 # -------------------------------------------------------------------------------------- argument checks

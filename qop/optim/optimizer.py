@@ -642,6 +642,11 @@ def _from_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
         nested = st.pop(BNB_QUANT_KEY, None)
         if nested is not None:
             st.update(nested)
+            if isinstance(st.get("gnorm_vec"), Tensor):
+                # bitsandbytes (releases that had percentile clipping) records squared norms, 0 where a slot is
+                # unfilled; ours holds norms and +inf there
+                sq = st["gnorm_vec"].float()
+                st["gnorm_vec"] = torch.where(sq > 0, sq.sqrt(), math.inf)
         for j in (1, 2, 3):
             if f"qmap{j}" in st:
                 st[f"_qmap{j}"] = st.pop(f"qmap{j}")
