@@ -245,8 +245,12 @@ def _library_version(distribution: str) -> str | None:
         return None
 
 
-def discover(families: Sequence[str], providers: Sequence[str], device: str) -> list[OptSpec]:
-    """Every optimizer of the chosen families and providers that exists in this environment."""
+def discover(families: Sequence[str], providers: Sequence[str], device: str,
+             percentile_clipping: int = 100) -> list[OptSpec]:
+    """Every optimizer of the chosen families and providers that exists in this environment.
+
+    ``percentile_clipping`` < 100 is passed to the qop and bitsandbytes classes; a class that does not take
+    it (bitsandbytes >= 0.45 dropped it) runs without, and its label says so."""
     specs: list[OptSpec] = []
     libs = {"qop": qop.optim, **{p: _import_optional(p) for p in ("bnb", "torchao") if p in providers}}
     for family in families:
@@ -270,7 +274,11 @@ def discover(families: Sequence[str], providers: Sequence[str], device: str) -> 
                     if cls is None:
                         continue
                     kw = dict(hp, weight_decay=1e-2 if stem == "AdamW" else 0.0)
-                    specs.append(OptSpec(f"{provider} {stem}{bits}bit", provider, family, bits, _builder(cls, kw)))
+                    label = f"{provider} {stem}{bits}bit"
+                    if percentile_clipping < 100:
+                        kw["percentile_clipping"] = percentile_clipping
+                        label += "" if "percentile_clipping" in _accepted(cls, kw) else " (no pct clip)"
+                    specs.append(OptSpec(label, provider, family, bits, _builder(cls, kw)))
         if family == "adam" and "torchao" in providers and libs.get("torchao") is not None:
             cls = getattr(libs["torchao"], "AdamW8bit", None)
             if cls is not None:
@@ -898,6 +906,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     p.add_argument("--repeats", type=int, default=None, help="max timed steps per cell (default 20, quick 5)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed steps per cell (default 2, quick 0.3)")
     p.add_argument("--scale", type=float, default=None, help="workload size factor (default 1, quick 1/16)")
+    p.add_argument("--percentile-clipping", type=int, default=100, metavar="K",
+                   help="qop/bitsandbytes percentile_clipping (default 100: off); the baseline never clips")
     p.add_argument("--quick", action="store_true", help="small workloads and a short budget: a smoke run")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--workload-set", choices=("cpu", "gpu"), default=None,
@@ -935,6 +945,8 @@ def parse_args(argv: Sequence[str] | None, prog: str = "python benchmarks/bench_
     args.peak_mib = args.peak_mib if args.peak_mib is not None else (1024 if cuda else 256)
     if args.clock == "cpu" and args.device != "cpu":
         p.error("--clock cpu times host CPU work only; use the wall clock on a GPU")
+    if not 1 <= args.percentile_clipping <= 100:
+        p.error(f"--percentile-clipping must be in 1..100, got {args.percentile_clipping}")
     for name, allowed in (("workloads", ("single", "transformer", "many")), ("families", tuple(FAMILIES)),
                           ("providers", PROVIDERS)):
         bad = [v for v in getattr(args, name) if v not in allowed]
@@ -952,7 +964,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
     workloads = {n: all_workloads[n] for n in args.workloads}
     families = list(dict.fromkeys(["adam", *args.families]))
     providers = list(dict.fromkeys(["torch", *args.providers]))
-    specs = discover(families, providers, args.device)
+    specs = discover(families, providers, args.device, args.percentile_clipping)
     baseline = [s for s in specs if s.label == BASELINE]
     wanted = [s for s in specs if s.label != BASELINE and s.family in args.families and s.provider in args.providers
               and args.filter in s.label]

@@ -6,6 +6,7 @@ They check structure and behaviour only; no timing is asserted (the benchmark is
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -141,6 +142,20 @@ def test_bandwidth_peaks_and_memory_guard(bench: ModuleType) -> None:
                           ("torch AdamW(fused)", "torch AdamW(foreach)", "qop Adam8bit"))
     assert 8 * w.n_params < fused < 12 * w.n_params  # two fp32 states, with a margin
     assert fused < foreach < 2 * fused and q8 < fused / 2
+
+
+def test_percentile_clipping_reaches_the_optimizers(bench: ModuleType) -> None:
+    specs = {s.label: s for s in bench.discover(["adam"], ["torch", "qop", "bnb"], "cpu", percentile_clipping=5)}
+    p = torch.zeros(300, requires_grad=True)
+    assert specs["qop Adam8bit"].build([p]).param_groups[0]["percentile_clipping"] == 5
+    assert "percentile_clipping" not in specs["torch AdamW(fused)"].build([p]).param_groups[0]
+    for label, spec in specs.items():  # a bitsandbytes class without the argument runs without, and says so
+        if spec.provider == "bnb":
+            cls = getattr(bench._import_optional("bnb"), label.split()[1])
+            takes = "percentile_clipping" in inspect.signature(cls).parameters
+            assert label.endswith("(no pct clip)") != takes, label
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--percentile-clipping", "0"])
 
 
 @pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/ ships with the source tree only")
