@@ -299,6 +299,16 @@ def test_percentile_clip_rejects_bad_arguments(name, call, msg):
         call()
 
 
+@needs_kernels
+def test_percentile_clip_bad_step_changes_nothing():
+    clip = make_clip_inputs(torch.float32, seed=1)
+    clip.steps[-1] = torch.tensor(math.inf)
+    before = [h.clone() for h in clip.histories]
+    with pytest.raises(ValueError, match=r"steps\[4\]"):
+        torch.ops.qop.percentile_clip(clip.grads, clip.histories, clip.steps, 5, clip.prescale)
+    assert all(torch.equal(h, b) for h, b in zip(clip.histories, before))
+
+
 # ------------------------------------------------------------------------------------------ opcheck
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 

@@ -976,13 +976,16 @@ double sum_squares(const at::Tensor& g, int64_t begin, int64_t end) {
 // One parameter's clip factor, after reference.percentile_clip in float32: record gnorm in slot
 // t % 100 of the history, take entry min(floor(filled * k / 100), filled - 1) of the sorted history
 // (NaN sorts last, as in torch.sort), return min(1, q / gnorm).
-float percentile_factor(float gnorm, float* history, float t, int64_t percentile, int64_t index) {
+// The history slot of step t (torch.remainder(t, 100)); -1 when t is not finite.
+int64_t history_slot(float t) {
   const float h = static_cast<float>(kHistory);
-  const float slot = t - std::floor(t / h) * h;  // torch.remainder
-  TORCH_CHECK_VALUE(slot >= 0.0f && slot < h, "qop: steps[", index, "] must hold a finite step count, got ",
-                    t - 1.0f);
-  history[static_cast<int64_t>(slot)] = gnorm;
-  const float filled = std::min(t, h);
+  const float slot = t - std::floor(t / h) * h;
+  return slot >= 0.0f && slot < h ? static_cast<int64_t>(slot) : -1;
+}
+
+float percentile_factor(float gnorm, float* history, float t, int64_t slot, int64_t percentile) {
+  history[slot] = gnorm;
+  const float filled = std::min(t, static_cast<float>(kHistory));
   const float idx = std::min(std::floor(filled * static_cast<float>(percentile) / 100.0f), filled - 1.0f);
   std::array<float, kHistory> sorted;
   std::copy(history, history + kHistory, sorted.begin());
@@ -1073,6 +1076,13 @@ at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, 
   const int64_t n = static_cast<int64_t>(grads.size());
   at::Tensor out = at::empty({n}, prescale.options());
   if (n == 0) return out;
+  std::vector<float> t(n);  // every step is checked before any history changes
+  std::vector<int64_t> slot(n);
+  for (int64_t i = 0; i < n; ++i) {
+    t[i] = *steps[i].const_data_ptr<float>() + 1.0f;
+    slot[i] = history_slot(t[i]);
+    TORCH_CHECK_VALUE(slot[i] >= 0, "qop: steps[", i, "] must hold a finite step count, got ", t[i] - 1.0f);
+  }
   // Sums of squares over pieces of every gradient in one parallel region, added up per tensor in order.
   std::vector<Item> items;
   for (int64_t i = 0; i < n; ++i) {
@@ -1089,8 +1099,7 @@ at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, 
   float* o = out.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {
     const float gnorm = static_cast<float>(std::sqrt(sums[i])) * pre;
-    const float t = *steps[i].const_data_ptr<float>() + 1.0f;
-    o[i] = pre * percentile_factor(gnorm, gnorm_vecs[i].data_ptr<float>(), t, percentile, i);
+    o[i] = pre * percentile_factor(gnorm, gnorm_vecs[i].data_ptr<float>(), t[i], slot[i], percentile);
   }
   return out;
 }
