@@ -250,7 +250,7 @@ def discover(families: Sequence[str], providers: Sequence[str], device: str,
     """Every optimizer of the chosen families and providers that exists in this environment.
 
     ``percentile_clipping`` < 100 is passed to the qop and bitsandbytes classes; a class that does not take
-    it (bitsandbytes >= 0.45 dropped it) runs without, and its label says so."""
+    it (recent bitsandbytes releases, 0.50 among them) runs without, and its label says so."""
     specs: list[OptSpec] = []
     libs = {"qop": qop.optim, **{p: _import_optional(p) for p in ("bnb", "torchao") if p in providers}}
     for family in families:
