@@ -26,14 +26,10 @@ from .. import _checks
 from .._schema import HISTORY
 from . import _multi_tensor as mt
 from ._common import _div, is_interpreted, launch
+from ._multi_tensor import K_N_SLOTS, K_SLOT_NUMEL, K_SLOT_P, K_SLOT_S1, K_SLOT_STEP, load_slot
 
 _HISTORY = tl.constexpr(HISTORY)
 _HISTORY_P2 = tl.constexpr(triton.next_power_of_2(HISTORY))
-_N_SLOTS = tl.constexpr(mt.N_SLOTS)
-_SLOT_P = tl.constexpr(mt.SLOT_P)
-_SLOT_S1 = tl.constexpr(mt.SLOT_S1)
-_SLOT_STEP = tl.constexpr(mt.SLOT_STEP)
-_SLOT_NUMEL = tl.constexpr(mt.SLOT_NUMEL)
 
 
 @triton.jit
@@ -47,11 +43,11 @@ def _clip_kernel(
     if MULTI:
         ti = tl.load(chunks_ptr + 2 * pid)
         start = tl.load(chunks_ptr + 2 * pid + 1)
-        row = table_ptr + ti * _N_SLOTS
-        numel = tl.load(row + _SLOT_NUMEL)
-        g_ptr = tl.load(row + _SLOT_P).to(tl.pointer_type(g_ptr.dtype.element_ty))
-        h_ptr = tl.load(row + _SLOT_S1).to(tl.pointer_type(tl.float32))
-        step_ptr = tl.load(row + _SLOT_STEP).to(tl.pointer_type(tl.float32))
+        row = table_ptr + ti * K_N_SLOTS
+        numel = tl.load(row + K_SLOT_NUMEL)
+        g_ptr = load_slot(row, K_SLOT_P, g_ptr, False)
+        h_ptr = load_slot(row, K_SLOT_S1, h_ptr, False)
+        step_ptr = load_slot(row, K_SLOT_STEP, step_ptr, False)
     else:
         ti = tensor_index
         start = pid * CHUNK

@@ -27,6 +27,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from .._schema import BLOCKSIZE
@@ -38,6 +40,9 @@ CHUNK = 64 * BLOCKSIZE
 
 SLOT_P, SLOT_G, SLOT_S1, SLOT_S2, SLOT_S3, SLOT_A1, SLOT_A2, SLOT_A3, SLOT_STEP, SLOT_NUMEL = range(10)
 N_SLOTS = 10
+#: The same, as constexprs for the kernels that read the table.
+K_SLOT_P, K_SLOT_G, K_SLOT_S1, K_SLOT_A1, K_SLOT_STEP, K_SLOT_NUMEL, K_N_SLOTS = (
+    tl.constexpr(v) for v in (SLOT_P, SLOT_G, SLOT_S1, SLOT_A1, SLOT_STEP, SLOT_NUMEL, N_SLOTS))
 #: Descriptions kept; a training loop needs one per param group (more when grads move between steps).
 CACHE_SIZE = 64
 #: Byte alignment that lets the kernel vectorize loads through addresses read from the table.
@@ -54,6 +59,15 @@ class Metadata:
     #: every address is 16-byte aligned and every size a multiple of 16: the kernel may assume both
     aligned: bool
     host: Tensor  # source of the table copy, kept alive for CUDA-graph replays
+
+
+@triton.jit
+def load_slot(row_ptr, SLOT: tl.constexpr, like, ALIGNED: tl.constexpr):
+    """Address in slot SLOT of a table row, typed like the kernel argument ``like``."""
+    ptr = tl.load(row_ptr + SLOT).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:  # on the pointer: the hint does not survive the int -> pointer cast
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 _cache: OrderedDict[tuple, Metadata] = OrderedDict()

@@ -38,6 +38,7 @@ from ._common import (
     is_interpreted,
     launch,
 )
+from ._multi_tensor import K_N_SLOTS, K_SLOT_A1, K_SLOT_G, K_SLOT_NUMEL, K_SLOT_P, K_SLOT_S1, K_SLOT_STEP, load_slot
 
 _ADAM = tl.constexpr(int(Rule.ADAM))
 _MOMENTUM = tl.constexpr(int(Rule.MOMENTUM))
@@ -66,13 +67,6 @@ _HP_T_BETA3 = tl.constexpr(int(HP.T_BETA3))
 
 #: One row of a tile per 8-bit block, so each row's absmax is a row reduction.
 _ROW = tl.constexpr(BLOCKSIZE)
-_N_SLOTS = tl.constexpr(mt.N_SLOTS)
-_SLOT_P = tl.constexpr(mt.SLOT_P)
-_SLOT_G = tl.constexpr(mt.SLOT_G)
-_SLOT_S1 = tl.constexpr(mt.SLOT_S1)
-_SLOT_A1 = tl.constexpr(mt.SLOT_A1)
-_SLOT_STEP = tl.constexpr(mt.SLOT_STEP)
-_SLOT_NUMEL = tl.constexpr(mt.SLOT_NUMEL)
 
 
 # ------------------------------------------------------------------------------------- rule math
@@ -186,15 +180,6 @@ def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, code_ptr, offs, mask,
         tl.store(s_ptr + offs, tl.where(dry, old_q, x), mask=mask)
 
 
-@triton.jit
-def _slot(row_ptr, SLOT: tl.constexpr, like, ALIGNED: tl.constexpr):
-    """Address of slot SLOT of a table row, typed like the kernel argument ``like``."""
-    ptr = tl.load(row_ptr + SLOT).to(tl.pointer_type(like.dtype.element_ty))
-    if ALIGNED:  # on the pointer: the hint does not survive the int -> pointer cast
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
 # -------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _step_kernel(
@@ -213,19 +198,19 @@ def _step_kernel(
     if MULTI:
         ti = tl.load(chunks_ptr + 2 * pid)
         start = tl.multiple_of(tl.load(chunks_ptr + 2 * pid + 1), CHUNK)
-        row = table_ptr + ti * _N_SLOTS
-        numel = tl.load(row + _SLOT_NUMEL)
+        row = table_ptr + ti * K_N_SLOTS
+        numel = tl.load(row + K_SLOT_NUMEL)
         if ALIGNED:
             numel = tl.multiple_of(numel, 16)
-        p_ptr = _slot(row, _SLOT_P, p_ptr, ALIGNED)
-        g_ptr = _slot(row, _SLOT_G, g_ptr, ALIGNED)
-        s1_ptr = _slot(row, _SLOT_S1, s1_ptr, ALIGNED)
-        s2_ptr = _slot(row, _SLOT_S1 + 1, s2_ptr, ALIGNED)
-        s3_ptr = _slot(row, _SLOT_S1 + 2, s3_ptr, ALIGNED)
-        a1_ptr = _slot(row, _SLOT_A1, a1_ptr, ALIGNED)
-        a2_ptr = _slot(row, _SLOT_A1 + 1, a2_ptr, ALIGNED)
-        a3_ptr = _slot(row, _SLOT_A1 + 2, a3_ptr, ALIGNED)
-        step_ptr = _slot(row, _SLOT_STEP, step_ptr, False)
+        p_ptr = load_slot(row, K_SLOT_P, p_ptr, ALIGNED)
+        g_ptr = load_slot(row, K_SLOT_G, g_ptr, ALIGNED)
+        s1_ptr = load_slot(row, K_SLOT_S1, s1_ptr, ALIGNED)
+        s2_ptr = load_slot(row, K_SLOT_S1 + 1, s2_ptr, ALIGNED)
+        s3_ptr = load_slot(row, K_SLOT_S1 + 2, s3_ptr, ALIGNED)
+        a1_ptr = load_slot(row, K_SLOT_A1, a1_ptr, ALIGNED)
+        a2_ptr = load_slot(row, K_SLOT_A1 + 1, a2_ptr, ALIGNED)
+        a3_ptr = load_slot(row, K_SLOT_A1 + 2, a3_ptr, ALIGNED)
+        step_ptr = load_slot(row, K_SLOT_STEP, step_ptr, False)
     else:
         ti = tensor_index
         start = pid * CHUNK
