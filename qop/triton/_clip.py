@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import _checks
 from .._schema import HISTORY
 from . import _multi_tensor as mt
-from ._common import _div, is_interpreted, launch
+from ._common import _div, is_interpreted, launch, tuning_size
 from ._multi_tensor import K_N_SLOTS, K_SLOT_NUMEL, K_SLOT_P, K_SLOT_S1, K_SLOT_STEP, load_slot
 
 _HISTORY = tl.constexpr(HISTORY)
@@ -91,10 +91,6 @@ CONFIGS = [
 _clip = triton.autotune(CONFIGS, key=["size_class", "MULTI"])(_clip_kernel)
 
 
-def _bit_length(n) -> int:
-    return int(n).bit_length() if isinstance(n, int) else 0  # symbolic sizes: one tuning bucket
-
-
 def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor], percentile: int,
                     prescale: Tensor, *, multi: bool = True, chunk: int | None = None,
                     config: dict | None = None) -> Tensor:
@@ -114,10 +110,10 @@ def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps
         rows = [[g, None, h, None, None, None, None, None, s] for g, h, s in zip(grads, gnorm_vecs, steps)]
         meta = mt.metadata(rows, chunk)
         total = sum(g.numel() for g in grads)
-        launch(_clip, (meta.n_chunks,), ("clip", _bit_length(total), grads[0].dtype, percentile), device, config,
+        launch(_clip, (meta.n_chunks,), ("clip", tuning_size(total), grads[0].dtype, percentile), device, config,
                g_ptr=grads[0], h_ptr=gnorm_vecs[0], step_ptr=steps[0], pre_ptr=prescale, out_ptr=out,
                table_ptr=meta.table, chunks_ptr=meta.chunks, work_ptr=meta.work, norms_ptr=meta.norms,
-               numel=0, tensor_index=0, size_class=_bit_length(total), PERCENTILE=percentile, MULTI=True,
+               numel=0, tensor_index=0, size_class=tuning_size(total), PERCENTILE=percentile, MULTI=True,
                CHUNK=chunk)
         return out
     work = torch.zeros(1 + n, dtype=torch.int32, device=device)
@@ -126,10 +122,10 @@ def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps
         numel = grads[i].numel()
         args = dict(g_ptr=grads[i], h_ptr=gnorm_vecs[i], step_ptr=steps[i], pre_ptr=prescale, out_ptr=out,
                     table_ptr=work, chunks_ptr=work, work_ptr=work, norms_ptr=norms, numel=numel, tensor_index=i,
-                    size_class=_bit_length(numel), PERCENTILE=percentile, MULTI=False, CHUNK=chunk)
+                    size_class=tuning_size(numel), PERCENTILE=percentile, MULTI=False, CHUNK=chunk)
         grid = (mt.n_programs(numel, chunk),)
         if config is not None or is_interpreted(_clip):
-            launch(_clip, grid, ("clip1", _bit_length(numel), grads[i].dtype, percentile), device, config, **args)
+            launch(_clip, grid, ("clip1", tuning_size(numel), grads[i].dtype, percentile), device, config, **args)
         else:
             torch.library.wrap_triton(_clip)[grid](**args)
     return out

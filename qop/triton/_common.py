@@ -118,6 +118,11 @@ def is_interpreted(kernel: Any) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def tuning_size(n) -> int:
+    """The autotuning key of an element count: its bit length (symbolic sizes share one bucket)."""
+    return int(n).bit_length() if isinstance(n, int) else 0
+
+
 def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 

@@ -14,7 +14,18 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from ._common import CODE_SIZE, GATHER, _code_book, _div, _lookup, _nearest, _round_to, is_interpreted, launch
+from ._common import (
+    CODE_SIZE,
+    GATHER,
+    _code_book,
+    _div,
+    _lookup,
+    _nearest,
+    _round_to,
+    is_interpreted,
+    launch,
+    tuning_size,
+)
 
 #: Widest tile row; larger blocks are walked in slices of this many columns.
 MAX_COLS = 1024
@@ -80,10 +91,6 @@ _quantize = triton.autotune(QUANTIZE_CONFIGS, key=["size_class", "COLS"])(_quant
 _dequantize = triton.autotune(DEQUANTIZE_CONFIGS, key=["size_class"])(_dequantize_kernel)
 
 
-def _bit_length(n) -> int:
-    return int(n).bit_length() if isinstance(n, int) else 0  # symbolic sizes: one tuning bucket
-
-
 def _run(tuner, grid, key, device, traced: bool, config: dict | None, **kwargs) -> None:
     if traced and config is None and not is_interpreted(tuner):
         torch.library.wrap_triton(tuner)[grid](**kwargs)
@@ -106,9 +113,9 @@ def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int, *, traced: bool 
     def grid(meta):
         return (triton.cdiv(n_blocks, max(1, meta["TILE"] // cols)),)
 
-    _run(_quantize, grid, ("quantize", _bit_length(n), cols, A.dtype), A.device, traced, config,
+    _run(_quantize, grid, ("quantize", tuning_size(n), cols, A.dtype), A.device, traced, config,
          a_ptr=A, code_ptr=code, q_ptr=q, absmax_ptr=absmax, numel=n, blocksize=blocksize, n_blocks=n_blocks,
-         size_class=_bit_length(n), COLS=cols, GATHER=GATHER)
+         size_class=tuning_size(n), COLS=cols, GATHER=GATHER)
     return q, absmax
 
 
@@ -124,7 +131,7 @@ def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK"]),)
 
-    _run(_dequantize, grid, ("dequantize", _bit_length(n), dtype), A.device, traced, config,
+    _run(_dequantize, grid, ("dequantize", tuning_size(n), dtype), A.device, traced, config,
          q_ptr=A, absmax_ptr=absmax, code_ptr=code, out_ptr=out, numel=n, blocksize=blocksize,
-         size_class=_bit_length(n), GATHER=GATHER)
+         size_class=tuning_size(n), GATHER=GATHER)
     return out

@@ -37,6 +37,7 @@ from ._common import (
     _round_to,
     is_interpreted,
     launch,
+    tuning_size,
 )
 from ._multi_tensor import K_N_SLOTS, K_SLOT_A1, K_SLOT_G, K_SLOT_NUMEL, K_SLOT_P, K_SLOT_S1, K_SLOT_STEP, load_slot
 
@@ -403,14 +404,10 @@ def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gs
         for pass_ in _passes(flags):
             consts = _consts(rule, flags, k, quant, pass_, False, gscale, found_inf, False, chunk)
             if config is not None or is_interpreted(_step_single):
-                key = ("step1", _bit_length(numel), params[i].dtype, *consts.values())
+                key = ("step1", tuning_size(numel), params[i].dtype, *consts.values())
                 launch(_step_single, grid, key, params[i].device, config, **args, **consts)
             else:
                 torch.library.wrap_triton(_step_single)[grid](**args, **consts)
-
-
-def _bit_length(n) -> int:
-    return int(n).bit_length() if isinstance(n, int) else 0  # symbolic sizes: one tuning bucket
 
 
 def _args(p, g, states, absmax, step, codes, hp, gscale, found_inf, table, chunks, work, norms,
@@ -422,7 +419,7 @@ def _args(p, g, states, absmax, step, codes, hp, gscale, found_inf, table, chunk
         code1_ptr=codes[0], code2_ptr=codes[1], code3_ptr=codes[2], hp_ptr=hp,
         gscale_ptr=hp if gscale is None else gscale, found_inf_ptr=hp if found_inf is None else found_inf,
         table_ptr=table, chunks_ptr=chunks, work_ptr=work, norms_ptr=norms,
-        numel=numel, tensor_index=tensor_index, size_class=_bit_length(size),
+        numel=numel, tensor_index=tensor_index, size_class=tuning_size(size),
     )
 
 
