@@ -22,7 +22,7 @@ def variant(
     Its signature is the base's, less the arguments named in ``drop`` (bitsandbytes' ``*8bit`` classes of
     most optimizers have no ``optim_bits``, its ``Paged*`` classes of Lion and AdEMAMix no ``is_paged``) and
     with the defaults in ``defaults`` replaced. Like bitsandbytes, a fixed-bits class that keeps
-    ``optim_bits`` in its signature accepts (and validates) it but uses its own.
+    ``optim_bits`` in its signature accepts only its default there (any other value has no effect, so it raises).
     """
     base_sig = inspect.signature(base.__init__)
     dropped = set(drop)
@@ -40,9 +40,10 @@ def variant(
         arguments = dict(bound.arguments)
         arguments.pop("self")
         if bits is not None and "optim_bits" in arguments:
-            given = arguments["optim_bits"]
-            if given not in (8, 32) or isinstance(given, bool):
-                raise ValueError(f"qop: optim_bits must be 8 or 32, got {given!r}")
+            given, default = arguments["optim_bits"], sig.parameters["optim_bits"].default
+            if given != default or isinstance(given, bool):
+                raise ValueError(f"qop: {name} runs with {bits}-bit states; its optim_bits is kept for "
+                                 f"compatibility and only takes its default {default}, got {given!r}")
         extra = {}
         if bits is not None:
             extra["optim_bits"] = bits

@@ -57,7 +57,7 @@ class AdEMAMix(QopOptimizer):
                 param_group[key] = warmup_steps(key, param_group[key])
         super().add_param_group(param_group)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _preprocess_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """Also accepts bitsandbytes' AdEMAMix state dicts: m1 and m2 stacked in one ``(2, *shape)`` state1
         (and a ``(2, blocks)`` absmax1), ``t_alpha``/``t_beta3`` saved as None (they load as 0: off)."""
         if isinstance(state_dict, dict) and isinstance(state_dict.get("param_groups"), list):
@@ -69,7 +69,7 @@ class AdEMAMix(QopOptimizer):
             if isinstance(state, dict):
                 state = {k: _split_bnb_state(v) if isinstance(v, dict) else v for k, v in state.items()}
             state_dict = {**state_dict, "state": state, "param_groups": groups}
-        super().load_state_dict(state_dict)
+        return state_dict
 
 
 

@@ -23,6 +23,7 @@ class LAMB(QopOptimizer):
     hp_keys = {"lr": HP.LR, "betas": (HP.BETA1, HP.BETA2), "eps": HP.EPS, "weight_decay": HP.WEIGHT_DECAY,
                "max_unorm": HP.MAX_UNORM}
     state_signed = (True, False, False)
+    block_wise_default = False
 
     def __init__(
         self,

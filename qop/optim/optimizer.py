@@ -26,6 +26,7 @@ import itertools
 import math
 import sys
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,21 +37,23 @@ from torch import Tensor
 from .. import _checks, ops, paged
 from .._maps import dynamic_map
 from .._schema import BLOCKSIZE, HISTORY, HP, HP_SIZE, Flag, Rule
+from . import _state_dict
 from ._args import number
+from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
+from ._state_dict import BNB_QUANT_KEY
+from ._state_dict import STATE_KEYS as _STATE_KEYS
 from .manager import GlobalOptimManager
 
 #: Group keys that configure the engine (not the kernel): validated once, never read by kernels.
 ENGINE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
-#: bitsandbytes keeps its quantized tensors under this key of each parameter's state.
-BNB_QUANT_KEY = "__bnb_optimizer_quant_state__"
+#: Engine keys that say how states are stored: ``load_state_dict`` keeps the optimizer's own and converts the
+#: loaded states to that format (a 32-bit state dict loads into an 8-bit optimizer, and back).
+FORMAT_KEYS = ("optim_bits", "min_8bit_size", "block_wise", "is_paged")
 #: OneCycleLR/CyclicLR keep their momentum bounds in each group; as device tensors they make OneCycleLR's
 #: annealed momentum a tensor, which the next step copies into ``hp`` with no recompile (see ``_sync_hp``).
 _MOMENTUM_BOUNDS = ("max_momentum", "base_momentum")
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
-_STATE_KEYS = ("state1", "state2", "state3")
-_ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
-
 HPSlot = HP | tuple[HP, ...]
 
 
@@ -108,6 +111,9 @@ class QopOptimizer(torch.optim.Optimizer):
     rule: ClassVar[Rule]
     hp_keys: ClassVar[dict[str, HPSlot]] = {}
     state_signed: ClassVar[tuple[bool, ...]] = (True, False, False)
+    #: qop's 8-bit states are always block-wise; ``block_wise=False`` is refused except where it is the class's
+    #: (bitsandbytes') default, which qop documents as block-wise anyway (LAMB).
+    block_wise_default: ClassVar[bool] = True
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling with a host sync.
     _step_supports_amp_scaling = True
 
@@ -129,6 +135,10 @@ class QopOptimizer(torch.optim.Optimizer):
             min_8bit_size = args.get("min_8bit_size", min_8bit_size)
             percentile_clipping = args.get("percentile_clipping", percentile_clipping)
             is_paged = args.get("is_paged", is_paged)
+            block_wise = args.get("block_wise", block_wise)
+        if not block_wise and self.block_wise_default:
+            raise ValueError("qop: block_wise=False is not supported: qop's 8-bit states are always block-wise "
+                             f"({BLOCKSIZE} elements per absmax)")
         defaults = dict(
             defaults,
             optim_bits=optim_bits,
@@ -261,9 +271,13 @@ class QopOptimizer(torch.optim.Optimizer):
         min_size = cfg.get("min_8bit_size", group["min_8bit_size"])
         return 8 if bits == 8 and p.numel() >= min_size else 32
 
+    def _paged(self, group: dict[str, Any], p: Tensor) -> bool:
+        cfg = GlobalOptimManager.get_instance().config_for(p)
+        return bool(cfg.get("is_paged", group["is_paged"])) and p.device.type == "cuda"
+
     def _zeros(self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, numel: int | None = None) -> Tensor:
         shape = p.shape if numel is None else (numel,)
-        if group["is_paged"] and p.device.type == "cuda":
+        if self._paged(group, p):
             return paged.paged_zeros(shape, dtype=dtype, device=p.device)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
@@ -283,8 +297,6 @@ class QopOptimizer(torch.optim.Optimizer):
                 state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
             else:
                 state[_STATE_KEYS[j]] = self._zeros(group, p, torch.float32).fill_(init)
-        if self._percentile(group, p) < 100:
-            state["gnorm_vec"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=p.device)
 
     def _percentile(self, group: dict[str, Any], p: Tensor) -> int:
         return GlobalOptimManager.get_instance().config_for(p).get("percentile_clipping", group["percentile_clipping"])
@@ -300,6 +312,7 @@ class QopOptimizer(torch.optim.Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         haves = tuple(tuple(p.grad is not None for p in group["params"]) for group in self.param_groups)
+        self._check_step(haves, grad_scale, found_inf)
         _prepare(self._token, haves)
         for index, (group, have) in enumerate(zip(self.param_groups, haves)):
             self._sync_hp(index, group)
@@ -327,6 +340,24 @@ class QopOptimizer(torch.optim.Optimizer):
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
 
+    def _check_step(
+        self, haves: tuple[tuple[bool, ...], ...], grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
+        """Everything a step could refuse, in every group, checked before anything changes: a step that raises
+        leaves params, states, steps and hyper-parameters as they were.  Attribute checks only (no host sync);
+        assigned hyper-parameter values are checked in eager mode."""
+        for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if t is not None and (not isinstance(t, Tensor) or t.numel() != 1 or not t.is_floating_point()):
+                raise ValueError(f"qop: {name} must be a one-element floating-point tensor, got {t!r}")
+        for index, (group, have) in enumerate(zip(self.param_groups, haves)):
+            for i, (p, has_grad) in enumerate(zip(group["params"], have)):
+                if has_grad:
+                    _check_grad(f"param_groups[{index}]['params'][{i}]", p, p.grad)
+            if not torch.compiler.is_compiling():
+                for key, view in self._hp_views[index].items():
+                    if not _holds(group[key], view):
+                        _check_assigned(key, self.hp_keys[key], group[key], view)
+
     def _sync_hp(self, index: int, group: dict[str, Any]) -> None:
         """Copy hyper-parameters that were *assigned* to the group into ``hp`` in place; put the views back.
 
@@ -337,18 +368,21 @@ class QopOptimizer(torch.optim.Optimizer):
         once (dynamo then makes it a graph input).  OneCycleLR's momentum bounds are turned into tensors on
         ``hp``'s device so that the momentum it assigns at every step is a tensor.  A captured CUDA graph sees
         in-place changes only.
+
+        In eager mode a displaced view is first detached from ``hp`` (it keeps its value) and the key gets a fresh
+        view: whoever put the view aside and puts it back later restores the value it had, as with any tensor.
+        ``torch.distributed.checkpoint``'s state-dict helpers do exactly that with ``lr`` around a step.
         """
         hp = group["hp"]
-        for key, view in self._hp_views[index].items():
+        views = self._hp_views[index]
+        for key, view in views.items():
             value = group[key]
-            if isinstance(view, tuple):
-                if isinstance(value, tuple) and len(value) == len(view) and all(
-                    v is w for v, w in zip(value, view)
-                ):
-                    continue
-            elif value is view:
+            if _holds(value, view):
                 continue
-            _store_hp(hp, key, self.hp_keys[key], value, view)
+            slot = self.hp_keys[key]
+            if not torch.compiler.is_compiling():
+                view = views[key] = _detach_displaced(hp, slot, value, view)
+            _store_hp(hp, key, slot, value, view)
             group[key] = view
         for key in _MOMENTUM_BOUNDS:
             value = group.get(key)
@@ -363,13 +397,7 @@ class QopOptimizer(torch.optim.Optimizer):
             # the group's own params (not the bucket's references): in a compiled train step these are the
             # tensors whose .grad the traced backward has just produced
             params = [group["params"][i] for i in b.index]
-            grads = [p.grad for p in params]
-            for i, g in enumerate(grads):
-                if g.is_sparse:
-                    raise RuntimeError(f"qop: sparse gradient for a parameter of shape {tuple(g.shape)}; "
-                                       "qop optimizers need dense gradients (grads)")
-                if not g.is_contiguous():
-                    grads[i] = g.contiguous()
+            grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
             if b.paged:
                 paged.prefetch(b.paged)
             hp = group["hp"]
@@ -392,6 +420,18 @@ class QopOptimizer(torch.optim.Optimizer):
         if plan is None:
             plan = self._plans[key] = self._build_plan(self.param_groups[index], have)
         return plan
+
+    def _check_plan(self, index: int, have: tuple[bool, ...]) -> None:
+        """Parse the per-parameter overrides a new plan will read (an override that cannot be read raises here,
+        before any state is created)."""
+        manager = GlobalOptimManager.get_instance()
+        for i, (p, has_grad) in enumerate(zip(self.param_groups[index]["params"], have)):
+            if has_grad:
+                try:
+                    manager.hp_override(p, self.hp_keys)
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"qop: GlobalOptimManager override of param_groups[{index}]['params'][{i}]: "
+                                     f"{exc}") from exc
 
     def _build_plan(self, group: dict[str, Any], have: tuple[bool, ...]) -> list[_Bucket]:
         manager = GlobalOptimManager.get_instance()
@@ -422,9 +462,12 @@ class QopOptimizer(torch.optim.Optimizer):
                 b.states[j].append(st[_STATE_KEYS[j]])
                 if bits == 8:
                     b.absmax[j].append(st[_ABSMAX_KEYS[j]])
+            percentile = self._percentile(group, p)
+            if percentile < 100 and "gnorm_vec" not in st:  # a fresh state, or clipping turned on since
+                st["gnorm_vec"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=p.device)
             b.histories.append(st.get("gnorm_vec"))
-            b.percentiles.append(self._percentile(group, p))
-            if group["is_paged"] and p.device.type == "cuda":
+            b.percentiles.append(percentile)
+            if self._paged(group, p):
                 b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
         for b in buckets.values():
             by_percentile: dict[int, list[int]] = {}
@@ -454,9 +497,20 @@ class QopOptimizer(torch.optim.Optimizer):
         return gscale
 
     # ------------------------------------------------------------------------------ state dicts
+    # torch.optim runs its state-dict hooks inside ``state_dict``/``load_state_dict``; ours run them around our
+    # own work so that post-hooks see what ``state_dict()`` returns and load hooks run at all.  Hook tables:
+    # ``_optimizer_{load_,}state_dict_{pre,post}_hooks`` (torch.optim.Optimizer, checked on torch 2.11-2.13).
+    @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """Like torch.optim's, with hyper-parameters as plain numbers and the ``hp`` vector left out."""
-        sd = super().state_dict()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
         for g in sd["param_groups"]:
             g.pop("hp", None)
             for key, slot in self.hp_keys.items():
@@ -466,38 +520,79 @@ class QopOptimizer(torch.optim.Optimizer):
             for key in _MOMENTUM_BOUNDS:
                 if isinstance(g.get(key), Tensor):
                     g[key] = float(g[key])
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load our own state dict or a bitsandbytes one (quantized tensors under ``BNB_QUANT_KEY``).
+        """Load our own state dict, a bitsandbytes one (quantized tensors under ``BNB_QUANT_KEY``) or one of
+        another qop format (see :mod:`qop.optim._state_dict`).
 
-        Everything is validated before anything changes; states keep their dtype (float32 or uint8 codes).
+        The whole state dict is validated before anything changes; a refused one raises ``ValueError`` naming the
+        parameter and the key and leaves the optimizer as it was.  Group keys that say how states are stored
+        (``FORMAT_KEYS``) stay the optimizer's own, the loaded states being converted to its format; group keys
+        missing from the state dict keep their current values.
         """
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("qop: state_dict must have 'state' and 'param_groups' entries")
-        state_dict = _from_bnb(state_dict)
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"qop: state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load(self._preprocess_state_dict(state_dict))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _preprocess_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Turn another library's layout into ours before validation (AdEMAMix: bitsandbytes' stacked states)."""
+        return state_dict
+
+    def _load(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict.get("state"), dict) or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError("qop: state_dict must have a dict 'state' and a list 'param_groups'")
+        state_dict = _state_dict.from_bnb(state_dict)
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"qop: state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}"
             )
-        id_map: dict[Any, Tensor] = {}
-        for ours, theirs in zip(self.param_groups, groups):
-            if len(ours["params"]) != len(theirs["params"]):
-                raise ValueError("qop: state_dict's param groups do not match the optimizer's sizes")
-            self.check_group({k: v for k, v in theirs.items() if k not in ("params", "hp")})
-            id_map.update(zip(theirs["params"], ours["params"]))
-        self._check_loaded_state(state_dict["state"], id_map)
-        new_state: dict[Tensor, dict[str, Any]] = {}
-        for key, st in state_dict["state"].items():
-            p = id_map[key]
-            new_state[p] = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in st.items()}
-            self._restore_state(p, new_state[p])
-            self._convert_codes(p, new_state[p])
+        merged: list[dict[str, Any]] = []
+        id_map: dict[Any, tuple[int, Tensor]] = {}
         for index, (ours, theirs) in enumerate(zip(self.param_groups, groups)):
+            where = f"state_dict['param_groups'][{index}]"
+            if not isinstance(theirs, dict) or not isinstance(theirs.get("params"), list):
+                raise ValueError(f"qop: {where} must be a dict with a list 'params'")
+            if len(ours["params"]) != len(theirs["params"]):
+                raise ValueError(f"qop: {where} has {len(theirs['params'])} params, the optimizer's group "
+                                 f"{index} has {len(ours['params'])}")
+            group = {**ours, **{k: v for k, v in theirs.items() if k not in ("params", "hp", *FORMAT_KEYS)}}
+            self.check_group({k: v for k, v in group.items() if k not in ("params", "hp")})
+            merged.append(group)
+            for pid, p in zip(theirs["params"], ours["params"]):
+                if not isinstance(pid, (int, str)) or isinstance(pid, bool) or pid in id_map:
+                    raise ValueError(f"qop: {where}['params'] has a repeated or invalid parameter id {pid!r}")
+                id_map[pid] = (index, p)
+        entries = []
+        for key, st in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"qop: state_dict['state'] has an unknown parameter id {key!r}")
+            index, p = id_map[key]
+            n = self.n_states(merged[index])
+            _state_dict.check_param_state(f"state_dict['state'][{key!r}]", st, p, n)
+            entries.append((p, st, merged[index], n))
+        new_state = {
+            p: _state_dict.convert(st, p, n, self._bits(group, p), self.state_signed)
+            for p, st, group, n in entries if st
+        }
+        # everything is valid: from here on nothing raises
+        for index, (ours, group) in enumerate(zip(self.param_groups, merged)):
             hp = ours["hp"]
             views = self._hp_views[index]
-            for key, value in theirs.items():
+            for key, value in group.items():
                 if key in ("params", "hp"):
                     continue
                 slot = self.hp_keys.get(key)
@@ -513,59 +608,6 @@ class QopOptimizer(torch.optim.Optimizer):
         self._plans.clear()
         self._static.clear()
 
-    def _convert_codes(self, p: Tensor, st: dict[str, Any]) -> None:
-        """Requantize loaded 8-bit states whose code book (bitsandbytes' ``qmapN``) differs from ours."""
-        for j, name in enumerate(_STATE_KEYS):
-            theirs = st.pop(f"_qmap{j + 1}", None)
-            if theirs is None or name not in st or st[name].dtype != torch.uint8:
-                continue
-            ours = dynamic_map(self.state_signed[j], p.device)
-            theirs = theirs.to(p.device, torch.float32)
-            if torch.equal(theirs, ours):
-                continue
-            values = ops.dequantize_blockwise(st[name], st[_ABSMAX_KEYS[j]], theirs, BLOCKSIZE, torch.float32)
-            st[name], st[_ABSMAX_KEYS[j]] = ops.quantize_blockwise(values, ours, BLOCKSIZE)
-
-    def _check_loaded_state(self, state: dict[Any, Any], id_map: dict[Any, Tensor]) -> None:
-        for key, st in state.items():
-            if key not in id_map:
-                raise ValueError(f"qop: state_dict's state has an unknown parameter id {key!r}")
-            p = id_map[key]
-            if not isinstance(st, dict) or "step" not in st:
-                raise ValueError(f"qop: state_dict['state'][{key!r}] must be a dict with a 'step'")
-            step = st["step"]
-            if (isinstance(step, Tensor) and step.numel() != 1) or not isinstance(step, (Tensor, int, float)):
-                raise ValueError(f"qop: state_dict['state'][{key!r}]['step'] must be a number")
-            for j, name in enumerate(_STATE_KEYS):
-                if name not in st:
-                    continue
-                t = st[name]
-                if not isinstance(t, Tensor) or t.numel() != p.numel():
-                    raise ValueError(f"qop: state_dict['state'][{key!r}]['{name}'] must have {p.numel()} elements")
-                if t.dtype == torch.uint8:
-                    am = st.get(_ABSMAX_KEYS[j])
-                    nb = -(-p.numel() // BLOCKSIZE)
-                    if not isinstance(am, Tensor) or am.numel() != nb or not am.is_floating_point():
-                        raise ValueError(
-                            f"qop: state_dict['state'][{key!r}]['{_ABSMAX_KEYS[j]}'] must be {nb} floats"
-                        )
-                elif t.dtype != torch.float32:
-                    raise ValueError(f"qop: state_dict['state'][{key!r}]['{name}'] must be float32 or uint8")
-
-    @staticmethod
-    def _restore_state(p: Tensor, st: dict[str, Any]) -> None:
-        """Put loaded state on the parameter's device in our layout (torch.optim casts floats to p.dtype)."""
-        st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device).reshape(())
-        for j, name in enumerate(_STATE_KEYS):
-            if name in st:
-                t = st[name]
-                dtype = torch.uint8 if t.dtype == torch.uint8 else torch.float32
-                st[name] = t.to(device=p.device, dtype=dtype).reshape(p.shape).contiguous()
-                if dtype == torch.uint8:
-                    st[_ABSMAX_KEYS[j]] = st[_ABSMAX_KEYS[j]].to(p.device, torch.float32).reshape(-1).contiguous()
-        if "gnorm_vec" in st:
-            st["gnorm_vec"] = st["gnorm_vec"].to(p.device, torch.float32)
-
 
 def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
     """Create the missing states and buckets of the optimizer ``token`` for the parameters flagged in ``haves``.
@@ -577,6 +619,9 @@ def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
     """
     opt = _LIVE[token]
     dynamo_loaded = "torch._dynamo" in sys.modules  # (torch.compiler.is_compiling() is False here in 2.11)
+    for index, have in enumerate(haves):  # what building a plan could refuse, before any state is made
+        if (index, have) not in opt._plans:
+            opt._check_plan(index, have)
     for index, have in enumerate(haves):
         plan = opt._plan(index, have)
         if dynamo_loaded and (index, have) not in opt._static:
@@ -599,6 +644,59 @@ def _mark_static(tensors: Iterable[Tensor]) -> None:
             mark_static_address(t, guard=True)
 
 
+def _check_grad(where: str, p: Tensor, g: Any) -> None:
+    """A gradient the step ops accept for ``p`` (what their checks would refuse mid-step, refused up front)."""
+    if not isinstance(g, Tensor):
+        raise TypeError(f"qop: {where}.grad must be a tensor, got {type(g).__name__}")
+    if g.layout != torch.strided:
+        raise RuntimeError(f"qop: {where} (shape {tuple(p.shape)}) has a {g.layout} gradient; qop optimizers need "
+                           "dense gradients")
+    if g.shape != p.shape:
+        raise RuntimeError(f"qop: {where}.grad has shape {tuple(g.shape)}, its parameter {tuple(p.shape)}")
+    if g.dtype != p.dtype:
+        raise RuntimeError(f"qop: {where}.grad is {g.dtype}, its parameter {p.dtype}")
+    if g.device != p.device:
+        raise RuntimeError(f"qop: {where}.grad is on {g.device}, its parameter on {p.device}")
+
+
+def _holds(value: Any, view: Any) -> bool:
+    """Whether a group key still holds its view(s) of ``hp`` (nothing was assigned to it)."""
+    if isinstance(view, tuple):
+        return isinstance(value, tuple) and len(value) == len(view) and all(v is w for v, w in zip(value, view))
+    return value is view
+
+
+def _detach_displaced(hp: Tensor, slot: HPSlot, value: Any, view: Any) -> Any:
+    """Give each view displaced by ``value`` its own storage (keeping its value) and return fresh views for them."""
+    if isinstance(slot, tuple):
+        if not isinstance(value, tuple) or len(value) != len(slot):
+            return view  # _store_hp refuses it
+        return tuple(_detach_displaced(hp, s, v, w) for s, v, w in zip(slot, value, view))
+    if value is view:
+        return view
+    with torch.no_grad():
+        view.set_(view.clone())
+    return hp[slot]
+
+
+def _check_assigned(key: str, slot: HPSlot, value: Any, view: Any) -> None:
+    """An assigned hyper-parameter (a number, a one-element tensor, or a tuple of them) that ``hp`` accepts."""
+    if isinstance(slot, tuple):
+        _check_tuple(key, value, len(slot))
+        items = [(f"{key}[{i}]", v, w) for i, (v, w) in enumerate(zip(value, view))]
+    else:
+        items = [(key, value, view)]
+    for name, v, w in items:
+        if v is w:
+            continue
+        if isinstance(v, Tensor):
+            if v.numel() != 1 or v.is_complex():
+                raise ValueError(f"qop: {name} must be a number or a one-element real tensor, got {v.dtype} of shape "
+                                 f"{tuple(v.shape)}")
+        else:
+            _check_hp(name, number(name, v), unit=isinstance(slot, tuple))
+
+
 def _check_tuple(key: str, value: Any, n: int) -> None:
     if isinstance(value, Tensor) or not isinstance(value, (tuple, list)) or len(value) != n:
         raise ValueError(f"qop: {key} must be a tuple of {n} numbers, got {value!r}")
@@ -612,44 +710,19 @@ def _check_hp(name: str, value: float, unit: bool) -> None:
 
 
 def _store_hp(hp: Tensor, key: str, slot: HPSlot, value: Any, view: Any) -> None:
-    """Write an assigned hyper-parameter (a number, a one-element tensor, or a tuple of them) into ``hp``."""
+    """Write an assigned hyper-parameter (checked by :func:`_check_assigned` in eager mode) into ``hp``."""
     if isinstance(slot, tuple):
         _check_tuple(key, value, len(slot))
-        items = [(f"{key}[{i}]", s, v, w) for i, (s, v, w) in enumerate(zip(slot, value, view))]
+        items = [(s, v, w) for s, v, w in zip(slot, value, view)]
     else:
-        items = [(key, slot, value, view)]
-    for name, s, v, w in items:
+        items = [(slot, value, view)]
+    for s, v, w in items:
         if v is w:
             continue
         if isinstance(v, Tensor):
-            if v.numel() != 1:
-                raise ValueError(f"qop: {name} must be a number or a one-element tensor, got shape {tuple(v.shape)}")
             # fill_ reads a 0-d CPU value on the host and a device one on the device: no sync either way
             hp[s].fill_(v.detach().reshape(()))
             continue
-        if not torch.compiler.is_compiling():
-            _check_hp(name, number(name, v), unit=isinstance(slot, tuple))
         # not fill_(v): once dynamo makes a changing number a graph input, AOTAutograd turns it into a tensor
         # for add_ but specializes it (recompiling at every change) for fill_
         hp[s].zero_().add_(v)
-
-
-def _from_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Flatten bitsandbytes' per-parameter ``__bnb_optimizer_quant_state__`` into our state layout."""
-    state = {}
-    for key, st in state_dict["state"].items():
-        st = dict(st)
-        nested = st.pop(BNB_QUANT_KEY, None)
-        if nested is not None:
-            st.update(nested)
-            if isinstance(st.get("gnorm_vec"), Tensor):
-                # bitsandbytes (releases that had percentile clipping) records squared norms, 0 where a slot is
-                # unfilled; ours holds norms and +inf there
-                sq = st["gnorm_vec"].float()
-                st["gnorm_vec"] = torch.where(sq > 0, sq.sqrt(), math.inf)
-        for j in (1, 2, 3):
-            if f"qmap{j}" in st:
-                st[f"_qmap{j}"] = st.pop(f"qmap{j}")
-        st.pop("unorm_vec", None)
-        state[key] = st
-    return {"state": state, "param_groups": state_dict["param_groups"]}

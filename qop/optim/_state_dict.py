@@ -1,0 +1,181 @@
+"""Loading optimizer state dicts: validate everything first, then build the new state in the optimizer's format.
+
+A state dict is refused, with one error naming the parameter and the key, before the optimizer changes at all.
+What it may hold per parameter (by position in ``param_groups``):
+
+* nothing (an empty entry: the parameter has not stepped yet, or user code read ``opt.state[p]``);
+* ``step`` (a whole number >= 0, a Python number or a one-element tensor) and exactly the states the group's
+  rule keeps (``state1`` .. ``stateK``), each either float32 (32-bit) or uint8 codes with a float32
+  ``absmaxJ`` of one entry per 256-block (8-bit); optionally ``gnorm_vec`` (percentile clipping's history)
+  and bitsandbytes' code books (``_qmapJ``, from ``qmapJ``).
+
+States load in the format the optimizer would create for the parameter (``optim_bits``, ``min_8bit_size``,
+``GlobalOptimManager`` overrides): a 32-bit state loaded by an 8-bit optimizer is quantized, an 8-bit one
+loaded by a 32-bit optimizer is dequantized, 8-bit codes of another code book are requantized.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from .._maps import dynamic_map
+from .._schema import BLOCKSIZE, HISTORY
+
+STATE_KEYS = ("state1", "state2", "state3")
+ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
+QMAP_KEYS = ("_qmap1", "_qmap2", "_qmap3")
+#: Every key a loaded parameter state may hold (after bitsandbytes' nesting is flattened).
+KNOWN_KEYS = frozenset({"step", "gnorm_vec", *STATE_KEYS, *ABSMAX_KEYS, *QMAP_KEYS})
+#: bitsandbytes keeps its quantized tensors under this key of each parameter's state.
+BNB_QUANT_KEY = "__bnb_optimizer_quant_state__"
+#: bitsandbytes' per-tensor (not block-wise) 8-bit states; qop's are always block-wise.
+_BNB_NON_BLOCKWISE = frozenset({"max1", "max2", "new_max1", "new_max2"})
+
+
+class StateDictError(ValueError):
+    """A state dict that cannot be loaded; the message names the parameter and the key."""
+
+
+def from_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Flatten bitsandbytes' per-parameter ``__bnb_optimizer_quant_state__`` into our state layout."""
+    state = {}
+    for key, st in state_dict["state"].items():
+        if not isinstance(st, dict):
+            state[key] = st
+            continue
+        st = dict(st)
+        nested = st.pop(BNB_QUANT_KEY, None)
+        if isinstance(nested, dict):
+            st.update(nested)
+            if isinstance(st.get("gnorm_vec"), Tensor):
+                # bitsandbytes (releases that had percentile clipping) records squared norms, 0 where a slot is
+                # unfilled; ours holds norms and +inf there
+                sq = st["gnorm_vec"].float()
+                st["gnorm_vec"] = torch.where(sq > 0, sq.sqrt(), math.inf)
+            st.pop("unorm_vec", None)
+        for j in (1, 2, 3):
+            if f"qmap{j}" in st:
+                st[f"_qmap{j}"] = st.pop(f"qmap{j}")
+        state[key] = st
+    return {**state_dict, "state": state}
+
+
+def check_step_value(where: str, step: Any) -> None:
+    """``step`` must be a whole number >= 0 (a Python number or a one-element real tensor)."""
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            raise StateDictError(f"qop: {where}['step'] must be a number, got a {step.dtype} tensor of shape "
+                                 f"{tuple(step.shape)}")
+        _check_data(where, "step", step)
+        value = float(step.detach().reshape(()).to("cpu", torch.float64))
+    elif isinstance(step, (int, float)) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        raise StateDictError(f"qop: {where}['step'] must be a number, got {type(step).__name__}")
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise StateDictError(f"qop: {where}['step'] must be a whole number >= 0, got {value}")
+
+
+def check_param_state(where: str, st: Any, p: Tensor, n_states: int) -> None:
+    """Validate one parameter's loaded state against its parameter and the rule's state count."""
+    if not isinstance(st, dict):
+        raise StateDictError(f"qop: {where} must be a dict, got {type(st).__name__}")
+    if not st:
+        return
+    if "step" not in st:
+        raise StateDictError(f"qop: {where} has states but no 'step'")
+    check_step_value(where, st["step"])
+    blockwise = _BNB_NON_BLOCKWISE.intersection(st)
+    if blockwise:
+        raise StateDictError(f"qop: {where} holds per-tensor 8-bit states ({sorted(blockwise)}); qop's 8-bit "
+                             "states are block-wise: save them from a bitsandbytes optimizer with block_wise=True")
+    unknown = set(st) - KNOWN_KEYS
+    if unknown:
+        raise StateDictError(f"qop: {where} has unknown key(s) {sorted(map(str, unknown))}")
+    numel = p.numel()
+    for j in range(3):
+        name, am_name, qmap_name = STATE_KEYS[j], ABSMAX_KEYS[j], QMAP_KEYS[j]
+        if j >= n_states:
+            extra = [k for k in (name, am_name, qmap_name) if k in st]
+            if extra:
+                raise StateDictError(f"qop: {where} has {extra[0]!r}, but this optimizer's rule keeps {n_states} "
+                                     "state(s) per parameter (a state dict of another optimizer?)")
+            continue
+        if name not in st:
+            raise StateDictError(f"qop: {where} lacks {name!r}: this optimizer's rule keeps {n_states} state(s)")
+        t = _tensor(where, name, st[name])
+        if t.numel() != numel:
+            raise StateDictError(f"qop: {where}[{name!r}] has {t.numel()} elements, its parameter has {numel}")
+        if t.dtype == torch.uint8:
+            nb = -(-numel // BLOCKSIZE)
+            am = _tensor(where, am_name, st.get(am_name), missing=f"8-bit (uint8) {name} needs it")
+            if am.dtype != torch.float32 or am.numel() != nb:
+                raise StateDictError(f"qop: {where}[{am_name!r}] must be float32 with {nb} entries (one per "
+                                     f"{BLOCKSIZE}-block), got {am.dtype} with {am.numel()}")
+            if not bool(torch.isfinite(am).all()) or bool((am < 0).any()):
+                raise StateDictError(f"qop: {where}[{am_name!r}] must be finite and >= 0")
+            if qmap_name in st:
+                q = _tensor(where, qmap_name, st[qmap_name])
+                if not q.is_floating_point() or q.numel() != 256:
+                    raise StateDictError(f"qop: {where}[{qmap_name!r}] must be a code book of 256 floats")
+        else:
+            if t.dtype != torch.float32:
+                raise StateDictError(f"qop: {where}[{name!r}] must be float32 (32-bit) or uint8 codes (8-bit), "
+                                     f"got {t.dtype}")
+            for k in (am_name, qmap_name):
+                if k in st:
+                    raise StateDictError(f"qop: {where} has {k!r} but {name!r} is float32, not 8-bit codes")
+    if "gnorm_vec" in st:
+        h = _tensor(where, "gnorm_vec", st["gnorm_vec"])
+        if not h.is_floating_point() or h.numel() != HISTORY:
+            raise StateDictError(f"qop: {where}['gnorm_vec'] must hold {HISTORY} floats, got {h.dtype} "
+                                 f"with {h.numel()}")
+
+
+def _tensor(where: str, key: str, value: Any, missing: str = "") -> Tensor:
+    if value is None and missing:
+        raise StateDictError(f"qop: {where} lacks {key!r}: {missing}")
+    if not isinstance(value, Tensor):
+        raise StateDictError(f"qop: {where}[{key!r}] must be a tensor, got {type(value).__name__}")
+    _check_data(where, key, value)
+    return value
+
+
+def _check_data(where: str, key: str, t: Tensor) -> None:
+    if t.device.type == "meta" or t.layout != torch.strided:
+        raise StateDictError(f"qop: {where}[{key!r}] holds no data ({t.device.type} device, {t.layout})")
+
+
+def convert(st: dict[str, Any], p: Tensor, n_states: int, bits: int, signed: tuple[bool, ...]) -> dict[str, Any]:
+    """A validated loaded state as a new dict in the optimizer's layout: on ``p``'s device, float32 step, states
+    in ``bits`` (quantized, dequantized or requantized to our code books where they differ)."""
+    out: dict[str, Any] = {}
+    if not st:
+        return out
+    out["step"] = torch.as_tensor(st["step"]).detach().to(p.device, torch.float32).reshape(()).clone()
+    for j in range(n_states):
+        name, am_name = STATE_KEYS[j], ABSMAX_KEYS[j]
+        t = st[name].detach().to(p.device)
+        ours = dynamic_map(signed[j], p.device)
+        if t.dtype == torch.uint8:
+            absmax = st[am_name].detach().to(p.device).reshape(-1).contiguous()
+            theirs = st.get(QMAP_KEYS[j])
+            code = ours if theirs is None else theirs.detach().to(p.device, torch.float32).reshape(-1)
+            t = t.reshape(-1).contiguous()
+            if bits == 8 and torch.equal(code, ours):
+                out[name], out[am_name] = t.clone().reshape(p.shape), absmax.clone()
+                continue
+            t = ops.dequantize_blockwise(t, absmax, code, BLOCKSIZE, torch.float32)
+        if bits == 8:
+            codes, absmax = ops.quantize_blockwise(t.reshape(-1).contiguous(), ours, BLOCKSIZE)
+            out[name], out[am_name] = codes.reshape(p.shape), absmax
+        else:
+            out[name] = t.reshape(p.shape).contiguous().clone()
+    if "gnorm_vec" in st:
+        out["gnorm_vec"] = st["gnorm_vec"].detach().to(p.device, torch.float32).reshape(-1).clone()
+    return out
