@@ -9,8 +9,9 @@ from torch import Tensor
 
 from .._schema import HP, Rule
 from ._args import warmup_steps
+from ._state_dict import BNB_QUANT_KEY
 from ._variants import variant
-from .optimizer import BNB_QUANT_KEY, QopOptimizer
+from .optimizer import QopOptimizer
 
 _WARMUPS = ("t_alpha", "t_beta3")
 

@@ -40,7 +40,6 @@ from .._schema import BLOCKSIZE, HISTORY, HP, HP_SIZE, Flag, Rule
 from . import _state_dict
 from ._args import number
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
-from ._state_dict import BNB_QUANT_KEY
 from ._state_dict import STATE_KEYS as _STATE_KEYS
 from .manager import GlobalOptimManager
 
