@@ -569,7 +569,10 @@ class QopOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"qop: {where} has {len(theirs['params'])} params, the optimizer's group "
                                  f"{index} has {len(ours['params'])}")
             group = {**ours, **{k: v for k, v in theirs.items() if k not in ("params", "hp", *FORMAT_KEYS)}}
-            self.check_group({k: v for k, v in group.items() if k not in ("params", "hp")})
+            try:
+                self.check_group({k: v for k, v in group.items() if k not in ("params", "hp")})
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"qop: {where}: {str(exc).removeprefix('qop: ')}") from exc
             merged.append(group)
             for pid, p in zip(theirs["params"], ours["params"]):
                 if not isinstance(pid, (int, str)) or isinstance(pid, bool) or pid in id_map:
