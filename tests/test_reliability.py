@@ -542,3 +542,13 @@ def test_override_of_is_paged_is_read() -> None:
         assert not opt._paged(opt.param_groups[0], b)
     finally:
         manager.initialize()
+
+
+def test_a_clipped_parameter_needs_its_history() -> None:
+    opt, _ = _trained(percentile_clipping=50)
+    sd = opt.state_dict()
+    del sd["state"][1]["gnorm_vec"]
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"\[1\] lacks 'gnorm_vec'"):
+        opt.load_state_dict(sd)
+    assert_unchanged(before, opt)

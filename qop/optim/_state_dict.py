@@ -7,7 +7,8 @@ What it may hold per parameter (by position in ``param_groups``):
 * ``step`` (a whole number >= 0, a Python number or a one-element tensor) and exactly the states the group's
   rule keeps (``state1`` .. ``stateK``), each either float32 (32-bit) or uint8 codes with a float32
   ``absmaxJ`` of one entry per 256-block (8-bit); optionally ``gnorm_vec`` (percentile clipping's history)
-  and bitsandbytes' code books (``_qmapJ``, from ``qmapJ``).
+  and bitsandbytes' code books (``_qmapJ``, from ``qmapJ``); ``gnorm_vec`` is required where the parameter is
+  clipped at a percentile.
 
 States load in the format the optimizer would create for the parameter (``optim_bits``, ``min_8bit_size``,
 ``GlobalOptimManager`` overrides): a 32-bit state loaded by an 8-bit optimizer is quantized, an 8-bit one
@@ -81,8 +82,9 @@ def check_step_value(where: str, step: Any) -> None:
         raise StateDictError(f"qop: {where}['step'] must be a whole number >= 0, got {value}")
 
 
-def check_param_state(where: str, st: Any, p: Tensor, n_states: int) -> None:
-    """Validate one parameter's loaded state against its parameter and the rule's state count."""
+def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bool) -> None:
+    """Validate one parameter's loaded state against its parameter, the rule's state count and whether it is
+    clipped at a percentile (then its history of gradient norms is part of the state)."""
     if not isinstance(st, dict):
         raise StateDictError(f"qop: {where} must be a dict, got {type(st).__name__}")
     if not st:
@@ -132,9 +134,12 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int) -> None:
                     raise StateDictError(f"qop: {where} has {k!r} but {name!r} is float32, not 8-bit codes")
     if "gnorm_vec" in st:
         h = _tensor(where, "gnorm_vec", st["gnorm_vec"])
-        if not h.is_floating_point() or h.numel() != HISTORY:
-            raise StateDictError(f"qop: {where}['gnorm_vec'] must hold {HISTORY} floats, got {h.dtype} "
+        if h.dtype != torch.float32 or h.numel() != HISTORY:
+            raise StateDictError(f"qop: {where}['gnorm_vec'] must be float32 with {HISTORY} entries, got {h.dtype} "
                                  f"with {h.numel()}")
+    elif clipped:
+        raise StateDictError(f"qop: {where} lacks 'gnorm_vec': the parameter is clipped at a percentile, and its "
+                             "history of gradient norms is part of its state")
 
 
 def _tensor(where: str, key: str, value: Any, missing: str = "") -> Tensor:

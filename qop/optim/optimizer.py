@@ -584,7 +584,8 @@ class QopOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"qop: state_dict['state'] has an unknown parameter id {key!r}")
             index, p = id_map[key]
             n = self.n_states(merged[index])
-            _state_dict.check_param_state(f"state_dict['state'][{key!r}]", st, p, n)
+            clipped = self._percentile(merged[index], p) < 100
+            _state_dict.check_param_state(f"state_dict['state'][{key!r}]", st, p, n, clipped)
             entries.append((p, st, merged[index], n))
         new_state = {
             p: _state_dict.convert(st, p, n, self._bits(group, p), self.state_signed)
