@@ -16,7 +16,8 @@ class LAMB(QopOptimizer):
     ``bias_correction=False`` drops Adam's bias corrections, ``adam_w_mode=False`` turns the decoupled weight
     decay into L2 (``g += wd * p``), ``amsgrad=True`` keeps ``vmax`` as a third state. bitsandbytes accepts
     these three but ignores them; qop honours them (their defaults agree with bitsandbytes). ``block_wise``
-    is accepted for compatibility: qop's 8-bit states are always block-wise.
+    defaults to False as in bitsandbytes (per-tensor 8-bit states there); qop's 8-bit states are block-wise
+    whatever its value.
     """
 
     rule = Rule.ADAM
