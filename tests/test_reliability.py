@@ -552,3 +552,8 @@ def test_a_clipped_parameter_needs_its_history() -> None:
     with pytest.raises(ValueError, match=r"\[1\] lacks 'gnorm_vec'"):
         opt.load_state_dict(sd)
     assert_unchanged(before, opt)
+
+
+def test_override_of_block_wise_false_is_refused() -> None:
+    with pytest.raises(ValueError, match="block_wise"):
+        qop.optim.GlobalOptimManager.get_instance().override_config(torch.randn(3), "block_wise", False)

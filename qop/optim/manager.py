@@ -63,6 +63,8 @@ class GlobalOptimManager:
             updates[key] = value
         if "optim_bits" in updates and updates["optim_bits"] not in (8, 32):
             raise ValueError(f"qop: optim_bits must be 8 or 32, got {updates['optim_bits']!r}")
+        if updates.get("block_wise", True) is not True:
+            raise ValueError("qop: block_wise=False is not supported: qop's 8-bit states are always block-wise")
         if isinstance(parameters, Tensor):
             parameters = [parameters]
         for p in parameters:
