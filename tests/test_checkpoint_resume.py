@@ -44,6 +44,15 @@ BEFORE, AFTER = 3, 4
 MIN_8BIT = 256
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """The tensors are tiny: one intra-op thread is fastest, and steadier on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_manager() -> Iterator[None]:
     """Overrides registered by one test never reach another."""
@@ -132,12 +141,11 @@ def _uses_8bit(cls: type) -> bool:
 
 
 # --------------------------------------------------------------------------------- 1. every optimizer
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
-def test_resume_is_bit_identical(cls: type) -> None:
+def _check_resume(cls: type, **over: Any) -> None:
     """Save after ``BEFORE`` steps, resume into a fresh optimizer (built with another lr) and its scheduler, then
     ``AFTER`` more steps on both: bitwise the same training."""
     model = _model()
-    opt = cls(_groups(model, lr=5e-3), **_kwargs(cls))
+    opt = cls(_groups(model, lr=5e-3), **_kwargs(cls, **over))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s)
     _train(model, opt, range(BEFORE), sched)
     formats = {v.dtype for st in _states(opt, model) for k, v in st.items() if k.startswith("state")}
@@ -146,7 +154,7 @@ def test_resume_is_bit_identical(cls: type) -> None:
     ckpt = _save_load({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
     resumed_model = _model()
     resumed_model.load_state_dict(ckpt["model"])
-    resumed = cls(_groups(resumed_model, lr=0.5), **_kwargs(cls, lr=0.25))
+    resumed = cls(_groups(resumed_model, lr=0.5), **_kwargs(cls, **{**over, "lr": 0.25}))
     resumed_sched = torch.optim.lr_scheduler.LambdaLR(resumed, lambda s: 0.9**s)
     resumed.load_state_dict(ckpt["opt"])
     resumed_sched.load_state_dict(ckpt["sched"])
@@ -159,6 +167,29 @@ def test_resume_is_bit_identical(cls: type) -> None:
     _assert_same(opt, model, resumed, resumed_model)
     assert float(_states(resumed, resumed_model)[0]["step"]) == BEFORE + AFTER
     assert resumed_sched.get_last_lr() == sched.get_last_lr()
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_resume_is_bit_identical(cls: type) -> None:
+    """Every optimizer class, at its defaults (SGD/LARS with momentum)."""
+    _check_resume(cls)
+
+
+#: options that add a state or make the rule depend on the step count (which must round-trip exactly)
+OPTIONS = [
+    ("Adam8bit-amsgrad", "Adam8bit", {"amsgrad": True, "weight_decay": 0.1}),
+    ("SGD8bit-nesterov", "SGD8bit", {"nesterov": True, "weight_decay": 0.1}),
+    ("LARS8bit-dampening", "LARS8bit", {"dampening": 0.5, "max_unorm": 0.01}),
+    ("AdEMAMix8bit-warmups", "AdEMAMix8bit", {"t_alpha": 5, "t_beta3": 5}),
+    ("Adagrad8bit-decay-and-init", "Adagrad8bit", {"lr_decay": 0.1, "initial_accumulator_value": 0.5}),
+    ("LAMB8bit-weight-decay", "LAMB8bit", {"weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize("name,over", [(n, o) for _, n, o in OPTIONS], ids=[i for i, _, _ in OPTIONS])
+def test_resume_with_options(name: str, over: dict[str, Any]) -> None:
+    """Options that add a state (amsgrad's max) or depend on the step (AdEMAMix warm-ups, Adagrad's lr decay)."""
+    _check_resume(getattr(qop.optim, name), **over)
 
 
 def test_resume_without_serialization_shares_nothing() -> None:
