@@ -459,8 +459,8 @@ BROKEN = [("missing-state2", _drop_state2), ("mixed-formats", _state2_as_float32
 @pytest.mark.xfail(
     strict=True,
     reason="load_state_dict accepts states the rule cannot use (a missing state2, "
-    "an 8-bit state1 with a float32 state2); the next step fails with KeyError('state2') or a kernel "
-    "dtype error instead of the load refusing them",
+    "an 8-bit state1 with a float32 state2); the next step fails with KeyError('state2') or KeyError('absmax2')"
+    " instead of the load refusing them",
 )
 def test_checkpoint_with_unusable_states_is_refused_at_load(break_it: Callable[[dict[str, Any]], None]) -> None:
     """An Adam8bit checkpoint whose states do not fit the rule (two moments in one format, 8-bit states with their
