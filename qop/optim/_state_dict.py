@@ -132,6 +132,10 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
             for k in (am_name, qmap_name):
                 if k in st:
                     raise StateDictError(f"qop: {where} has {k!r} but {name!r} is float32, not 8-bit codes")
+    formats = {st[k].dtype for k in STATE_KEYS[:n_states]}
+    if len(formats) > 1:
+        raise StateDictError(f"qop: {where} mixes 8-bit and 32-bit states ({', '.join(STATE_KEYS[:n_states])}): "
+                             "a parameter's states share one format")
     if "gnorm_vec" in st:
         h = _tensor(where, "gnorm_vec", st["gnorm_vec"])
         if h.dtype != torch.float32 or h.numel() != HISTORY:
