@@ -26,14 +26,28 @@ from qop import HP
 from qop.optim import QopOptimizer
 
 OPTIMIZERS = sorted(
-    (obj for name in qop.optim.__all__
-     if isinstance(obj := getattr(qop.optim, name), type) and issubclass(obj, QopOptimizer)
-     and obj is not QopOptimizer),
+    (
+        obj
+        for name in qop.optim.__all__
+        if isinstance(obj := getattr(qop.optim, name), type)
+        and issubclass(obj, QopOptimizer)
+        and obj is not QopOptimizer
+    ),
     key=lambda c: c.__name__,
 )
 #: the classes the reliability reports name, and a 32-bit one
-FAMILY = ["Adam8bit", "AdamW8bit", "LAMB8bit", "AdEMAMix8bit", "Lion8bit", "SGD8bit", "Adam32bit", "Adagrad8bit",
-          "RMSprop8bit", "LARS8bit"]
+FAMILY = [
+    "Adam8bit",
+    "AdamW8bit",
+    "LAMB8bit",
+    "AdEMAMix8bit",
+    "Lion8bit",
+    "SGD8bit",
+    "Adam32bit",
+    "Adagrad8bit",
+    "RMSprop8bit",
+    "LARS8bit",
+]
 
 
 def make(name: str, params: Any, **kw: Any) -> QopOptimizer:
@@ -50,11 +64,14 @@ def make(name: str, params: Any, **kw: Any) -> QopOptimizer:
 
 def snapshot(opt: QopOptimizer) -> Any:
     """Everything a step or a load may change, deep-copied."""
-    groups = [{k: (v.clone() if isinstance(v, Tensor) else copy.copy(v)) for k, v in g.items() if k != "params"}
-              for g in opt.param_groups]
+    groups = [
+        {k: (v.clone() if isinstance(v, Tensor) else copy.copy(v)) for k, v in g.items() if k != "params"}
+        for g in opt.param_groups
+    ]
     params = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
-    state = {id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
-             for p, st in opt.state.items()}
+    state = {
+        id(p): {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()} for p, st in opt.state.items()
+    }
     return groups, params, state
 
 
@@ -135,8 +152,11 @@ BAD_GRADS: list[tuple[str, Callable[[Tensor], Tensor], type, str]] = [
 def test_a_bad_gradient_in_a_later_group_changes_nothing(name: str, case: tuple) -> None:
     _, bad, exc, match = case
     torch.manual_seed(0)
-    a, b, c = torch.randn(300, requires_grad=True), torch.randn(20, requires_grad=True), torch.randn(
-        500, requires_grad=True)
+    a, b, c = (
+        torch.randn(300, requires_grad=True),
+        torch.randn(20, requires_grad=True),
+        torch.randn(500, requires_grad=True),
+    )
     opt = make(name, [{"params": [a, b]}, {"params": [c]}])
     for p in (a, b, c):
         p.grad = torch.randn_like(p)
@@ -275,12 +295,20 @@ def _plateau(o: torch.optim.Optimizer) -> Any:
 SCHEDULERS: list[tuple[str, Callable[[torch.optim.Optimizer], Any]]] = [
     ("plateau", _plateau),
     ("onecycle", lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=30)),
-    ("sequential", lambda o: torch.optim.lr_scheduler.SequentialLR(
-        o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=3),
-            torch.optim.lr_scheduler.ExponentialLR(o, 0.8)], milestones=[3])),
-    ("chained", lambda o: torch.optim.lr_scheduler.ChainedScheduler(
-        [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=4),
-         torch.optim.lr_scheduler.ExponentialLR(o, 0.9)])),
+    (
+        "sequential",
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o,
+            [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=3), torch.optim.lr_scheduler.ExponentialLR(o, 0.8)],
+            milestones=[3],
+        ),
+    ),
+    (
+        "chained",
+        lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+            [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=4), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)]
+        ),
+    ),
 ]
 
 
@@ -296,7 +324,8 @@ def test_schedulers_drive_the_kernels_like_torch_optim(case: tuple[str, Callable
     opt.add_param_group({"params": [b], "lr": 2e-2})
     ref.add_param_group({"params": [tb], "lr": 2e-2})
     sched, ref_sched = factory(opt), factory(ref)
-    for i in range(12):
+    used = []
+    for _ in range(12):
         for p, q in ((a, ta), (b, tb)):
             p.grad = torch.randn(300)
             q.grad = p.grad.clone()
@@ -305,13 +334,14 @@ def test_schedulers_drive_the_kernels_like_torch_optim(case: tuple[str, Callable
         for g, (group, ref_group) in enumerate(zip(opt.param_groups, ref.param_groups)):
             assert _lr_used(opt, g) == pytest.approx(float(ref_group["lr"]), rel=1e-6)
             assert float(group["hp"][HP.BETA1]) == pytest.approx(ref_group["betas"][0], rel=1e-6)
+        used.append(_lr_used(opt))
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(1.0)
             ref_sched.step(1.0)
         else:
             sched.step()
             ref_sched.step()
-    assert len({float(x) for x in [_lr_used(opt)]}) == 1
+    assert len(set(used)) >= 3  # the scheduler did change the lr
 
 
 # ------------------------------------------------------------------------------- 3. state dicts
@@ -339,6 +369,7 @@ def _set(path: tuple, value: Any) -> Callable[[dict], None]:
         for k in path[:-1]:
             d = d[k]
         d[path[-1]] = value(d.get(path[-1])) if callable(value) else value
+
     return fn
 
 
@@ -348,6 +379,7 @@ def _delete(*path: Any) -> Callable[[dict], None]:
         for k in path[:-1]:
             d = d[k]
         del d[path[-1]]
+
     return fn
 
 
@@ -415,8 +447,15 @@ def test_empty_entries_load() -> None:
     assert not other.state[other.param_groups[1]["params"][0]]
 
 
-@pytest.mark.parametrize(("src", "dst"), [("Adam32bit", "Adam8bit"), ("Adam8bit", "Adam32bit"),
-                                          ("Lion32bit", "Lion8bit"), ("AdEMAMix8bit", "AdEMAMix32bit")])
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ("Adam32bit", "Adam8bit"),
+        ("Adam8bit", "Adam32bit"),
+        ("Lion32bit", "Lion8bit"),
+        ("AdEMAMix8bit", "AdEMAMix32bit"),
+    ],
+)
 def test_state_dicts_of_the_other_format_load_converted(src: str, dst: str) -> None:
     """32-bit states load into an 8-bit optimizer quantized, 8-bit ones into a 32-bit optimizer dequantized; the
     trajectories then agree to 8-bit precision."""
@@ -432,11 +471,13 @@ def test_state_dicts_of_the_other_format_load_converted(src: str, dst: str) -> N
             key = f"state{j + 1}"
             if key not in st8 or st8[key].dtype != torch.uint8:
                 continue  # a parameter below min_8bit_size
-            values = qop.ops.dequantize_blockwise(st8[key].reshape(-1), st8[f"absmax{j + 1}"],
-                                                  qop.dynamic_map(signed), 256)
+            values = qop.ops.dequantize_blockwise(
+                st8[key].reshape(-1), st8[f"absmax{j + 1}"], qop.dynamic_map(signed), 256
+            )
             assert st32[key].dtype == torch.float32
-            torch.testing.assert_close(values, st32[key].reshape(-1), atol=0.02 * float(st32[key].abs().max()),
-                                       rtol=0.1)
+            torch.testing.assert_close(
+                values, st32[key].reshape(-1), atol=0.02 * float(st32[key].abs().max()), rtol=0.1
+            )
     for i in range(3):
         torch.manual_seed(10 + i)
         for p, q in zip(opt.param_groups[0]["params"], other.param_groups[0]["params"]):
@@ -498,8 +539,11 @@ def test_state_dict_post_hook_result_is_returned() -> None:
 
 
 # ------------------------------------------------------------------------- 5. ignored arguments
-FIXED_BITS = [c for c in OPTIMIZERS if c.__name__.endswith(("8bit", "32bit"))
-              and "optim_bits" in inspect.signature(c.__init__).parameters]
+FIXED_BITS = [
+    c
+    for c in OPTIMIZERS
+    if c.__name__.endswith(("8bit", "32bit")) and "optim_bits" in inspect.signature(c.__init__).parameters
+]
 
 
 @pytest.mark.parametrize("cls", FIXED_BITS, ids=lambda c: c.__name__)
@@ -511,8 +555,9 @@ def test_fixed_bits_classes_refuse_other_optim_bits(cls: type) -> None:
         make(cls.__name__, [torch.randn(300)], optim_bits=other)
 
 
-@pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if "block_wise" in inspect.signature(c.__init__).parameters],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [c for c in OPTIMIZERS if "block_wise" in inspect.signature(c.__init__).parameters], ids=lambda c: c.__name__
+)
 def test_block_wise_false_is_refused_where_it_would_be_ignored(cls: type) -> None:
     default = inspect.signature(cls.__init__).parameters["block_wise"].default
     if default is False:  # LAMB: bitsandbytes' default, documented as block-wise in qop

@@ -29,8 +29,9 @@ STEPS = 3
 def _build(seed: int = 0) -> tuple[QopOptimizer, list[Tensor]]:
     torch.manual_seed(seed)
     params = [torch.randn(s) for s in SHAPES]
-    opt = qop.optim.AdamW8bit([{"params": params[:3]}, {"params": params[3:], "percentile_clipping": 50}],
-                              lr=1e-2, min_8bit_size=256)
+    opt = qop.optim.AdamW8bit(
+        [{"params": params[:3]}, {"params": params[3:], "percentile_clipping": 50}], lr=1e-2, min_8bit_size=256
+    )
     return opt, params
 
 
@@ -84,8 +85,11 @@ def corruption(draw: Any, sd: dict[str, Any]) -> str:
         return "duplicate a param id"
     if kind == "retype" and slots:
         pid, key = draw(st.sampled_from(slots))
-        dtype = draw(st.sampled_from([torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int64,
-                                      torch.float32, torch.bool]))
+        dtype = draw(
+            st.sampled_from(
+                [torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int64, torch.float32, torch.bool]
+            )
+        )
         sd["state"][pid][key] = sd["state"][pid][key].to(dtype)
         return f"retype {pid}/{key} to {dtype}"
     if kind == "reshape" and slots:
@@ -93,9 +97,13 @@ def corruption(draw: Any, sd: dict[str, Any]) -> str:
         t = sd["state"][pid][key]
         how = draw(st.sampled_from(["flatten", "shorter", "longer", "row", "empty"]))
         flat = t.reshape(-1)
-        sd["state"][pid][key] = {"flatten": flat.clone(), "shorter": flat[:-1].clone(),
-                                 "longer": torch.cat([flat, flat[:1]]), "row": flat.reshape(1, -1).clone(),
-                                 "empty": flat[:0].clone()}[how]
+        sd["state"][pid][key] = {
+            "flatten": flat.clone(),
+            "shorter": flat[:-1].clone(),
+            "longer": torch.cat([flat, flat[:1]]),
+            "row": flat.reshape(1, -1).clone(),
+            "empty": flat[:0].clone(),
+        }[how]
         return f"reshape {pid}/{key} {how}"
     if kind == "step":
         pid = draw(st.sampled_from(sorted(sd["state"])))
@@ -134,8 +142,9 @@ def _same(a: QopOptimizer, b: QopOptimizer) -> bool:
     return True
 
 
-@hypothesis.settings(max_examples=60, deadline=None, derandomize=True,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(hypothesis.HealthCheck)
+)
 @hypothesis.given(data=st.data())
 def test_a_corrupted_state_dict_is_refused_or_harmless(data: Any) -> None:
     sd = copy.deepcopy(CLEAN)

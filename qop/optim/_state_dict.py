@@ -70,8 +70,9 @@ def check_step_value(where: str, step: Any) -> None:
     """``step`` must be a whole number >= 0 (a Python number or a one-element real tensor)."""
     if isinstance(step, Tensor):
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
-            raise StateDictError(f"qop: {where}['step'] must be a number, got a {step.dtype} tensor of shape "
-                                 f"{tuple(step.shape)}")
+            raise StateDictError(
+                f"qop: {where}['step'] must be a number, got a {step.dtype} tensor of shape {tuple(step.shape)}"
+            )
         _check_data(where, "step", step)
         value = float(step.detach().reshape(()).to("cpu", torch.float64))
     elif isinstance(step, (int, float)) and not isinstance(step, bool):
@@ -94,8 +95,10 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
     check_step_value(where, st["step"])
     blockwise = _BNB_NON_BLOCKWISE.intersection(st)
     if blockwise:
-        raise StateDictError(f"qop: {where} holds per-tensor 8-bit states ({sorted(blockwise)}); qop's 8-bit "
-                             "states are block-wise: save them from a bitsandbytes optimizer with block_wise=True")
+        raise StateDictError(
+            f"qop: {where} holds per-tensor 8-bit states ({sorted(blockwise)}); qop's 8-bit "
+            "states are block-wise: save them from a bitsandbytes optimizer with block_wise=True"
+        )
     unknown = set(st) - KNOWN_KEYS
     if unknown:
         raise StateDictError(f"qop: {where} has unknown key(s) {sorted(map(str, unknown))}")
@@ -105,8 +108,10 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
         if j >= n_states:
             extra = [k for k in (name, am_name, qmap_name) if k in st]
             if extra:
-                raise StateDictError(f"qop: {where} has {extra[0]!r}, but this optimizer's rule keeps {n_states} "
-                                     "state(s) per parameter (a state dict of another optimizer?)")
+                raise StateDictError(
+                    f"qop: {where} has {extra[0]!r}, but this optimizer's rule keeps {n_states} "
+                    "state(s) per parameter (a state dict of another optimizer?)"
+                )
             continue
         if name not in st:
             raise StateDictError(f"qop: {where} lacks {name!r}: this optimizer's rule keeps {n_states} state(s)")
@@ -117,8 +122,10 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
             nb = -(-numel // BLOCKSIZE)
             am = _tensor(where, am_name, st.get(am_name), missing=f"8-bit (uint8) {name} needs it")
             if am.dtype != torch.float32 or am.numel() != nb:
-                raise StateDictError(f"qop: {where}[{am_name!r}] must be float32 with {nb} entries (one per "
-                                     f"{BLOCKSIZE}-block), got {am.dtype} with {am.numel()}")
+                raise StateDictError(
+                    f"qop: {where}[{am_name!r}] must be float32 with {nb} entries (one per "
+                    f"{BLOCKSIZE}-block), got {am.dtype} with {am.numel()}"
+                )
             if not bool(torch.isfinite(am).all()) or bool((am < 0).any()):
                 raise StateDictError(f"qop: {where}[{am_name!r}] must be finite and >= 0")
             if qmap_name in st:
@@ -127,23 +134,29 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
                     raise StateDictError(f"qop: {where}[{qmap_name!r}] must be a code book of 256 floats")
         else:
             if t.dtype != torch.float32:
-                raise StateDictError(f"qop: {where}[{name!r}] must be float32 (32-bit) or uint8 codes (8-bit), "
-                                     f"got {t.dtype}")
+                raise StateDictError(
+                    f"qop: {where}[{name!r}] must be float32 (32-bit) or uint8 codes (8-bit), got {t.dtype}"
+                )
             for k in (am_name, qmap_name):
                 if k in st:
                     raise StateDictError(f"qop: {where} has {k!r} but {name!r} is float32, not 8-bit codes")
     formats = {st[k].dtype for k in STATE_KEYS[:n_states]}
     if len(formats) > 1:
-        raise StateDictError(f"qop: {where} mixes 8-bit and 32-bit states ({', '.join(STATE_KEYS[:n_states])}): "
-                             "a parameter's states share one format")
+        raise StateDictError(
+            f"qop: {where} mixes 8-bit and 32-bit states ({', '.join(STATE_KEYS[:n_states])}): "
+            "a parameter's states share one format"
+        )
     if "gnorm_vec" in st:
         h = _tensor(where, "gnorm_vec", st["gnorm_vec"])
         if h.dtype != torch.float32 or h.numel() != HISTORY:
-            raise StateDictError(f"qop: {where}['gnorm_vec'] must be float32 with {HISTORY} entries, got {h.dtype} "
-                                 f"with {h.numel()}")
+            raise StateDictError(
+                f"qop: {where}['gnorm_vec'] must be float32 with {HISTORY} entries, got {h.dtype} with {h.numel()}"
+            )
     elif clipped:
-        raise StateDictError(f"qop: {where} lacks 'gnorm_vec': the parameter is clipped at a percentile, and its "
-                             "history of gradient norms is part of its state")
+        raise StateDictError(
+            f"qop: {where} lacks 'gnorm_vec': the parameter is clipped at a percentile, and its "
+            "history of gradient norms is part of its state"
+        )
 
 
 def _tensor(where: str, key: str, value: Any, missing: str = "") -> Tensor:
