@@ -23,6 +23,27 @@ def nearest_code(x: Tensor, code: Tensor) -> Tensor:
     return torch.searchsorted(mids.contiguous(), x.contiguous(), right=False).to(torch.uint8)
 
 
+def unsigned_floor(code: Tensor) -> Tensor:
+    """The smallest code a positive value may take with ``code`` (a 0-d int64 tensor, no host sync).
+
+    A code book is *unsigned* when no entry is negative (or NaN) and some entry is positive, like
+    ``dynamic_map(signed=False)``: the floor is then the number of its zero entries (in a sorted book,
+    the index of the smallest positive entry), so that a positive value never rounds to zero, which
+    would turn a second moment into 0 under a non-zero first moment.  Other books: 0 (no floor).
+    """
+    unsigned = (code >= 0).all() & (code > 0).any()
+    return torch.where(unsigned, (code == 0).sum(), 0)
+
+
+def encode(x: Tensor, normed: Tensor, code: Tensor) -> Tensor:
+    """Codes of values ``x`` normalized by their block's absmax to ``normed``: the nearest code, raised to
+    ``unsigned_floor(code)`` where ``x > 0`` (judged on x, so a positive x whose quotient underflows
+    to 0 still takes the floor)."""
+    q = nearest_code(normed, code)
+    floor = unsigned_floor(code).to(torch.uint8)
+    return torch.where(x > 0, torch.maximum(q, floor), q)
+
+
 def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     """uint8 codes shaped like A and the float32 absmax of each block of ``blocksize`` elements."""
     n = A.numel()
@@ -33,7 +54,7 @@ def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     absmax = blocks.abs().amax(dim=1) if nblocks else torch.zeros(0, device=A.device)
     scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = (blocks / scale[:, None]).reshape(-1)[:n]
-    q = nearest_code(normed, code.float())
+    q = encode(x, normed, code.float())
     return q.view(A.shape), absmax.float()
 
 

@@ -498,9 +498,86 @@ def _quantizer_inputs():
     special = torch.randn(3000, generator=gen)
     special[5], special[300], special[700], special[1200] = float("nan"), float("inf"), -float("inf"), -0.0
     yield "nan_inf", special, dynamic_map(True)
+    yield "tiny_positive_unsigned", tiny_positive_blocks(), dynamic_map(False)
+
+
+def tiny_positive_blocks() -> Tensor:
+    """Blocks with absmax 1, 1e4 and 1e30 holding positive values far below the unsigned map's first
+    midpoint (down to the smallest subnormal), zeros and -0.0: their nearest code is 0."""
+    tiny = torch.tensor([1.6e-7, 1e-7, 1e-8, 1e-20, 1e-30, 1e-38, 1e-40, 1e-45, 0.0, -0.0])
+    gen = torch.Generator().manual_seed(4)
+    blocks = []
+    for top in (1.0, 1e4, 1e30):
+        block = torch.zeros(256)
+        block[0] = top
+        block[1 : 1 + 20 * tiny.numel()] = tiny.repeat(20) * torch.rand(20 * tiny.numel(), generator=gen).add(1)
+        blocks.append(block)
+    return torch.cat(blocks)
 
 
 QUANTIZER_INPUTS = list(_quantizer_inputs())
+
+
+def _quantizers():
+    yield "reference", reference.quantize_blockwise
+    if qop.HAS_CPU_KERNELS:
+        yield "cpu", torch.ops.qop.quantize_blockwise
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,quantize", list(_quantizers()), ids=[n for n, _ in _quantizers()])
+def test_unsigned_map_positive_never_code_zero(name, quantize, dtype):
+    """SEMANTICS.md section 1: a positive value quantized with the unsigned map takes at least the smallest
+    positive code (index 1), even where x / absmax underflows; zeros stay code 0, a zero block has absmax 0."""
+    A = torch.cat([tiny_positive_blocks(), torch.zeros(300)]).to(dtype)
+    code = dynamic_map(False)
+    q, absmax = quantize(A, code, BLOCKSIZE)
+    assert bool((A > 0).any())
+    assert bool((q[A > 0] == 1).any()), "no value near the floor: the test would not see the rule"
+    assert bool((q[A > 0] >= 1).all()) and bool((q[A == 0] == 0).all())
+    assert float(absmax[-1]) == 0.0
+    d = torch.ops.qop.dequantize_blockwise(q, absmax, code, BLOCKSIZE, torch.float32)
+    assert bool((d[-300:] == 0).all())  # zeros, not NaN
+    # the signed map has no floor: the same tiny values round to its zero (index 127)
+    qs, _ = quantize(A, dynamic_map(True), BLOCKSIZE)
+    assert bool((qs[(A > 0) & (A.float() < 1e-30)] == 127).all())
+
+
+def _vanishing_gradient_move(step_8bit, rule: Rule) -> float:
+    """Two 8-bit steps (lr 1e-3) on one 256-block: gradient 1.0 on element 0 and 1e-4 on element 1, then 0
+    on element 1.  Returns how far the second step moves element 1: with its second moment rounded to
+    code 0 it would be m / eps (~4.2)."""
+    case = CASES["ademamix" if rule == Rule.ADEMAMIX else "adam"]
+    hp = case.hp_tensor()
+    hp[HP.LR], hp[HP.WEIGHT_DECAY] = 1e-3, 0.0
+    signed = SIGNED[rule][: case.n_states]
+    codes = [dynamic_map(sg) for sg in signed] + [dynamic_map(True)] * (3 - len(signed))
+    p = torch.zeros(256)
+    states = [[torch.zeros(256, dtype=torch.uint8)] for _ in signed] + [[] for _ in range(3 - len(signed))]
+    absmax = [[torch.zeros(1)] for _ in signed] + [[] for _ in range(3 - len(signed))]
+    steps = [torch.zeros(())]
+    moves = []
+    for g1 in (1e-4, 0.0):
+        g = torch.zeros(256)
+        g[0], g[1] = 1.0, g1
+        before = float(p[1])
+        step_8bit(int(rule), 0, [p], [g], *states, *absmax, steps, hp, *codes, None, None)
+        moves.append(abs(float(p[1]) - before))
+    return moves[1]
+
+
+def _step_8bit_impls():
+    yield "reference", reference.step_8bit
+    if qop.HAS_CPU_KERNELS:
+        yield "cpu", torch.ops.qop.step_8bit.default
+
+
+@pytest.mark.parametrize("rule", [Rule.ADAM, Rule.ADEMAMIX], ids=["adam", "ademamix"])
+@pytest.mark.parametrize("name,step_8bit", list(_step_8bit_impls()), ids=[n for n, _ in _step_8bit_impls()])
+def test_vanishing_gradient_moves_by_lr(name, step_8bit, rule):
+    """A gradient that vanishes after being 1e-4 of its block's largest keeps v above code 0: the element
+    moves by about lr (here ~0.1 lr), never by m / eps."""
+    assert _vanishing_gradient_move(step_8bit, rule) < 10 * 1e-3
 
 
 @needs_kernels

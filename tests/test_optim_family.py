@@ -584,3 +584,20 @@ def test_percentile_clipping(cls, kwargs):
         runs[pc] = params
     moved = [(a - b).abs().max().item() for a, b in zip(runs[100], runs[5])]
     assert max(moved) > 0, "percentile clipping did not change the trajectory"
+
+
+@pytest.mark.parametrize("cls", [Adam8bit, AdamW8bit, AdEMAMix8bit])
+def test_vanishing_gradient_moves_by_lr(cls):
+    """SEMANTICS.md section 1: an element whose gradient was 1e-4 of its block's largest and then vanishes
+    keeps a non-zero second moment (the unsigned map's floor), so it moves by about lr, not by m / eps
+    (4.2 with lr = 1e-3 under plain nearest rounding)."""
+    lr = 1e-3
+    p = torch.nn.Parameter(torch.zeros(BLOCKSIZE))
+    opt = cls([p], lr=lr, min_8bit_size=BLOCKSIZE)
+    for g1 in (1e-4, 0.0):
+        before = float(p[1])
+        p.grad = torch.zeros(BLOCKSIZE)
+        p.grad[0], p.grad[1] = 1.0, g1
+        opt.step()
+    assert opt.state[p]["state1"].dtype == torch.uint8
+    assert abs(float(p[1]) - before) < 10 * lr

@@ -241,7 +241,48 @@ def test_quantize_ties_go_down_and_unsigned_map():
     q_ref, _ = reference.quantize_blockwise(A, code, A.numel())
     assert absmax.item() == 1.0
     assert torch.equal(q, q_ref)
-    assert torch.equal(q[: mids.numel()].long(), torch.arange(mids.numel(), device=DEVICE))
+    # ties go down, except the first midpoint: a positive value never takes the unsigned map's code 0
+    expected = torch.arange(mids.numel(), device=DEVICE).clamp(min=1)
+    assert torch.equal(q[: mids.numel()].long(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_positive_never_code_zero_with_unsigned_map(dtype):
+    """Tiny positive values (down to subnormals) take the smallest positive code; zeros keep code 0."""
+    code = qop.dynamic_map(False, DEVICE)
+    info = torch.finfo(dtype)
+    tiny = torch.tensor([1e-7, 1e-8, 1e-20, 1e-30, info.tiny, 1e-40, 1e-45, 2.0**-24]).to(dtype)
+    if dtype == torch.bfloat16 and not CUDA:  # the interpreter's bfloat16 -> float32 flushes subnormals
+        tiny = tiny[tiny.float() >= info.tiny]
+    tiny = tiny[tiny > 0].to(DEVICE)
+    A = torch.zeros(300, dtype=dtype, device=DEVICE)
+    A[0] = 1.0
+    A[1 : 1 + tiny.numel()] = tiny
+    A[256] = 1e4
+    A[257 : 257 + tiny.numel()] = tiny
+    q, _ = _quant.quantize_blockwise(A, code, 256)
+    assert torch.equal(q, reference.quantize_blockwise(A, code, 256)[0])
+    assert bool((q[A > 0] >= 1).all()) and bool((q[A == 0] == 0).all())
+
+
+@pytest.mark.parametrize("case", ["adamw", "ademamix"])
+def test_step_vanishing_gradient_moves_by_lr(case):
+    """The requantized second moment of an element whose gradient was 1e-4 of its block's largest keeps a
+    non-zero code, so when that gradient vanishes the element moves by about lr, not by m / eps (~4.2)."""
+    _, rule, flags, signed, _ = next(c for c in CASES if c[0] == case)
+    hp = make_hp(LR=1e-3, ALPHA=5.0)
+    codes = [qop.dynamic_map(sg, DEVICE) for sg in signed] + [qop.dynamic_map(True, DEVICE)] * (3 - len(signed))
+    p = torch.zeros(256, device=DEVICE)
+    states = [[torch.zeros(256, dtype=torch.uint8, device=DEVICE)] for _ in signed] + [[]] * (3 - len(signed))
+    absmax = [[torch.zeros(1, device=DEVICE)] for _ in signed] + [[]] * (3 - len(signed))
+    steps = [torch.zeros((), device=DEVICE)]
+    for g1 in (1e-4, 0.0):
+        g = torch.zeros(256, device=DEVICE)
+        g[0], g[1] = 1.0, g1
+        before = float(p[1])
+        _step.step_8bit(int(rule), int(flags), [p], [g], *states, *absmax, steps, hp, *codes, None, None, **SMALL)
+    assert int(states[1][0][1]) >= 1
+    assert abs(float(p[1]) - before) < 10 * 1e-3
 
 
 def test_quantize_empty():

@@ -211,6 +211,14 @@ float absmax_of(const T* x, int64_t n) {
 // With M = (high 16 bits of y) | (low 16 bits of the entry), index = base + (y > M): one look-up and
 // one float compare per value, exact for any code book.  The dynamic maps have no slow bucket: their
 // midpoints are at least 1/128 of a binade apart and none is below 2^-38.
+//
+// Unsigned code books (no entry negative or NaN, some positive: the unsigned dynamic map) have a
+// floor, min_positive, the number of their zero entries: a positive value never takes a code below it (the nearest
+// code of a tiny positive second moment would be 0, and Adam would then step by m / eps).  The rule
+// lives in settle(); the table is built from it, so the fast path pays nothing: positive buckets start
+// at the floor, and the bucket of +0 and the smallest subnormals steps at 0 itself (M = +0.0).
+// normalize() keeps a positive x positive (at least the smallest subnormal) for such books, so the
+// rule follows the sign of x even where x / absmax underflows, as in reference.encode.
 constexpr uint32_t kSlow = 0x80000000u;
 constexpr int kLutSize = 1 << 16;
 // Division by the absmax: x * (1/a) corrected by one FMA residual step (Markstein) is the correctly
@@ -225,9 +233,18 @@ struct Quantizer {
   std::array<float, kCodeSize> code;
   std::array<float, kCodeSize - 1> mids;
   std::unique_ptr<int32_t[]> lut;
+  int min_positive = 0;  // smallest code of a positive value (reference.unsigned_floor)
 
   explicit Quantizer(const std::array<float, kCodeSize>& values) : code(values), lut(new int32_t[kLutSize]) {
     for (int i = 0; i < kCodeSize - 1; ++i) mids[i] = 0.5f * (code[i] + code[i + 1]);
+    bool any_negative = false, any_positive = false;
+    int zeros = 0;
+    for (float c : code) {
+      any_negative = any_negative || !(c >= 0.0f);
+      any_positive = any_positive || c > 0.0f;
+      zeros += c == 0.0f ? 1 : 0;
+    }
+    min_positive = !any_negative && any_positive ? zeros : 0;
     bool sorted = true, tiny_mid = false;
     for (int i = 0; i < kCodeSize - 1; ++i) {
       if (i + 1 < kCodeSize - 1) sorted = sorted && (mids[i] <= mids[i + 1]);
@@ -241,19 +258,28 @@ struct Quantizer {
       // values of the bucket: [lo, hi]; the midpoints that decide between them lie in [lo, hi)
       const float lo = neg ? -hi_mag : lo_mag;
       const float hi = neg ? -lo_mag : hi_mag;
-      const int base = count_below(lo);
-      const int inside = count_below(hi) - base;
+      const int base = settle(lo, count_below(lo));
+      const int inside = settle(hi, count_below(hi)) - base;
+      // the one step inside the bucket: at 0 itself when the floor lifts the positive values above
+      // the code of +0 (the bucket of +0), else at the midpoint mids[base]
+      const bool step_at_zero = !neg && lo == 0.0f && base < min_positive;
       uint32_t entry;
       if (!sorted || exponent == 0xFFu || (tiny_mid && exponent < kExactExponent) || inside > 1) {
         entry = kSlow;
       } else if (inside == 0) {
         entry = (static_cast<uint32_t>(base) << 16) | (neg ? 0x0000u : 0xFFFFu);
+      } else if (step_at_zero) {
+        entry = static_cast<uint32_t>(base) << 16;  // M = +0.0: index = base + (y > 0)
       } else {
         entry = (static_cast<uint32_t>(base) << 16) | (float_to_bits(mids[base]) & 0xFFFFu);
       }
       lut[k] = static_cast<int32_t>(entry);
     }
   }
+
+  // The code of y whose nearest code is i: a positive y takes at least the floor.  The one place of
+  // the rule; the table and the exact search both go through it.
+  int settle(float y, int i) const { return y > 0.0f && i < min_positive ? min_positive : i; }
 
   // Number of sorted midpoints strictly below y.
   int count_below(float y) const {
@@ -274,11 +300,14 @@ struct Quantizer {
     return start;
   }
 
+  // The code of y by the exact search (the slow path).
+  int exact(float y) const { return settle(y, search(y)); }
+
   // Index of an exactly normalized value.
   int index(float y) const {
     const uint32_t u = float_to_bits(y);
     const uint32_t e = static_cast<uint32_t>(lut[u >> 16]);
-    if (e & kSlow) return search(y);
+    if (e & kSlow) return exact(y);
     const float m = bits_to_float((u & 0xFFFF0000u) | (e & 0xFFFFu));
     return static_cast<int>(e >> 16) + (y > m ? 1 : 0);
   }
@@ -324,7 +353,7 @@ struct Quantizer {
     }
     if (__builtin_expect(_mm256_movemask_ps(_mm256_castsi256_ps(slow)) != 0, 0)) {
       for (int64_t k = 0; k < i; ++k) {
-        if (static_cast<uint32_t>(L[bucket(k)]) & kSlow) out[k] = static_cast<uint8_t>(search(y[k]));
+        if (static_cast<uint32_t>(L[bucket(k)]) & kSlow) out[k] = static_cast<uint8_t>(exact(y[k]));
       }
     }
 #endif
@@ -354,32 +383,56 @@ std::shared_ptr<const Quantizer> get_quantizer(const at::Tensor& code) {
 // or 1 when it is 0 or NaN); y may be x.  x * (1/a) with one FMA residual correction is the correctly
 // rounded quotient for finite x and a in [kFastDivMin, kFastDivMax] (see above); every x is finite
 // when absmax is a number.  A NaN absmax (the block may also hold infinities) or one out of that
-// range takes a true division.
-template <class T>
+// range takes a true division.  KEEP_POSITIVE (books with a floor): a positive x whose quotient
+// underflows to 0 gives the smallest subnormal instead, so that y > 0 exactly when x > 0; only the
+// floor can change a code there (no midpoint lies strictly between +0 and the smallest subnormal).
+template <bool KEEP_POSITIVE, class T>
 void normalize(const T* x, int64_t n, float absmax, float* y) {
+  constexpr float kTiny = std::numeric_limits<float>::denorm_min();
   const float a = absmax > 0.0f ? absmax : 1.0f;
   int64_t i = 0;
 #ifdef QOP_AVX2
   const __m256 va = _mm256_set1_ps(a);
+  // max(tiny where x > 0, else -inf, y): y unchanged (NaN included) except a positive x's +0
+  const auto keep = [](__m256 xv, __m256 yv) {
+    if constexpr (KEEP_POSITIVE) {
+      const __m256 low = _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                                          _mm256_set1_ps(kTiny), _mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_GT_OQ));
+      return _mm256_max_ps(low, yv);
+    } else {
+      return yv;
+    }
+  };
   if (absmax >= kFastDivMin && absmax <= kFastDivMax) {
     const __m256 vr = _mm256_set1_ps(1.0f / a);
     for (; i + kLanes <= n; i += kLanes) {
       const __m256 xv = load(Tag<VF>{}, x + i).v;
       const __m256 q0 = _mm256_mul_ps(xv, vr);
-      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, va, xv), vr, q0));
+      _mm256_storeu_ps(y + i, keep(xv, _mm256_fmadd_ps(_mm256_fnmadd_ps(q0, va, xv), vr, q0)));
     }
   } else {
-    for (; i + kLanes <= n; i += kLanes) _mm256_storeu_ps(y + i, _mm256_div_ps(load(Tag<VF>{}, x + i).v, va));
+    for (; i + kLanes <= n; i += kLanes) {
+      const __m256 xv = load(Tag<VF>{}, x + i).v;
+      _mm256_storeu_ps(y + i, keep(xv, _mm256_div_ps(xv, va)));
+    }
   }
 #endif
-  for (; i < n; ++i) y[i] = load(Tag<float>{}, x + i) / a;
+  for (; i < n; ++i) {
+    const float xi = load(Tag<float>{}, x + i);
+    const float yi = xi / a;
+    y[i] = KEEP_POSITIVE && xi > 0.0f && yi < kTiny ? kTiny : yi;
+  }
 }
 
 // Codes of one block of n values x with absmax `absmax` into out; scratch holds n floats (may be x
 // when x is a float buffer the caller owns).
 template <class T>
 void quantize_block(const Quantizer& Q, const T* x, int64_t n, float absmax, float* scratch, uint8_t* out) {
-  normalize(x, n, absmax, scratch);
+  if (Q.min_positive > 0) {
+    normalize<true>(x, n, absmax, scratch);
+  } else {
+    normalize<false>(x, n, absmax, scratch);
+  }
   Q.encode(scratch, n, out);
 }
 

@@ -70,11 +70,19 @@ def _round_to(x, DTYPE: tl.constexpr):
 # ------------------------------------------------------------------------------------- code books
 @triton.jit
 def _code_book(code_ptr):
-    """The 256 code values and their 255 midpoints (slot 255 unused), loaded once per program."""
+    """The 256 code values, their 255 midpoints (slot 255 unused) and the book's floor, once per program.
+
+    The floor is the smallest code of a positive value (``reference.unsigned_floor``): the number of
+    zero entries of an unsigned book (no entry negative or NaN, some positive), else 0.
+    """
     r = tl.arange(0, CODE_SIZE)
     code = tl.load(code_ptr + r)
     upper = tl.load(code_ptr + r + 1, mask=r < CODE_SIZE - 1, other=0.0)
-    return code, 0.5 * (code + upper)
+    negative = tl.sum((~(code >= 0.0)).to(tl.int32), axis=0)
+    positive = tl.sum((code > 0.0).to(tl.int32), axis=0)
+    zeros = tl.sum((code == 0.0).to(tl.int32), axis=0)
+    floor = tl.where((negative == 0) & (positive > 0), zeros, 0)
+    return code, 0.5 * (code + upper), floor
 
 
 @triton.jit
@@ -108,6 +116,14 @@ def _nearest(x, mids, code_ptr, GATHER: tl.constexpr):
         below = _mid(mids, code_ptr, pos + (step - 1), GATHER) < x
         pos = tl.where(below, pos + step, pos)
     return pos
+
+
+@triton.jit
+def _encode(x, scale, mids, floor, code_ptr, GATHER: tl.constexpr):
+    """Codes of x in blocks of absmax ``scale``: the nearest code to ``x / scale``, at least ``floor``
+    where x > 0 (the one place of the unsigned books' rule, as ``reference.encode``)."""
+    q = _nearest(_div(x, scale), mids, code_ptr, GATHER)
+    return tl.where(x > 0, tl.maximum(q, floor), q)
 
 
 # ------------------------------------------------------------------------------------------ launch

@@ -18,9 +18,8 @@ from ._common import (
     CODE_SIZE,
     GATHER,
     _code_book,
-    _div,
+    _encode,
     _lookup,
-    _nearest,
     _round_to,
     is_interpreted,
     launch,
@@ -52,13 +51,13 @@ def _quantize_kernel(a_ptr, code_ptr, q_ptr, absmax_ptr, numel, blocksize, n_blo
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
 
     scale = tl.where(absmax > 0, absmax, 1.0)
-    _, mids = _code_book(code_ptr)
+    _, mids, floor = _code_book(code_ptr)
     for c0 in range(0, blocksize, COLS):
         col = c0 + cols
         offs = first[:, None] + col[None, :]
         mask = (row_ok[:, None] & (col < blocksize)[None, :]) & (offs < numel)
         x = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        q = _nearest(_div(x, scale[:, None]), mids, code_ptr, GATHER)
+        q = _encode(x, scale[:, None], mids, floor, code_ptr, GATHER)
         tl.store(q_ptr + offs, q.to(tl.uint8), mask=mask)
 
 

@@ -29,10 +29,10 @@ from ._common import (
     GATHER,
     _code_book,
     _div,
+    _encode,
     _exp,
     _log,
     _lookup,
-    _nearest,
     _pow,
     _round_to,
     is_interpreted,
@@ -168,13 +168,13 @@ def _load_state(s_ptr, a_ptr, code, code_ptr, offs, mask, blocks, block_mask, QU
 
 
 @triton.jit
-def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, code_ptr, offs, mask, blocks, block_mask, dry,
+def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, floor, code_ptr, offs, mask, blocks, block_mask, dry,
                  QUANT: tl.constexpr, GATHER: tl.constexpr):
     """Write a state tile; 8-bit: requantize each row (256-block) against a fresh absmax."""
     if QUANT:
         absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
         scale = tl.where(absmax > 0, absmax, 1.0)
-        q = _nearest(_div(x, scale[:, None]), mids, code_ptr, GATHER)
+        q = _encode(x, scale[:, None], mids, floor, code_ptr, GATHER)
         tl.store(s_ptr + offs, tl.where(dry, old_q.to(tl.int32), q).to(tl.uint8), mask=mask)
         tl.store(a_ptr + blocks, tl.where(dry, old_absmax, absmax), mask=block_mask)
     else:
@@ -246,16 +246,16 @@ def _step_kernel(
         sum_p2 = tl.load(norms_ptr + 2 * ti + 1)
         clip = _unorm_clip(sum_u2, sum_p2, tl.load(hp_ptr + _HP_MAX_UNORM))
 
-    code1, mids1 = 0.0, 0.0  # placeholders where a state is absent or 32-bit
-    code2, mids2 = 0.0, 0.0
-    code3, mids3 = 0.0, 0.0
+    code1, mids1, floor1 = 0.0, 0.0, 0  # placeholders where a state is absent or 32-bit
+    code2, mids2, floor2 = 0.0, 0.0, 0
+    code3, mids3, floor3 = 0.0, 0.0, 0
     if QUANT:
         if N_STATES >= 1:
-            code1, mids1 = _code_book(code1_ptr)
+            code1, mids1, floor1 = _code_book(code1_ptr)
         if N_STATES >= 2:
-            code2, mids2 = _code_book(code2_ptr)
+            code2, mids2, floor2 = _code_book(code2_ptr)
         if N_STATES >= 3:
-            code3, mids3 = _code_book(code3_ptr)
+            code3, mids3, floor3 = _code_book(code3_ptr)
 
     NB: tl.constexpr = BLOCK // _ROW
     rows = tl.arange(0, NB)
@@ -287,13 +287,13 @@ def _step_kernel(
             new_p = p * decay - lr_eff * clip * u
             tl.store(p_ptr + offs, _round_to(tl.where(dry, p, new_p), p_ptr.dtype.element_ty), mask=mask)
             if N_STATES >= 1:
-                _store_state(s1_ptr, a1_ptr, m1, q1, am1, mids1, code1_ptr, offs, mask, blocks, block_mask, dry,
+                _store_state(s1_ptr, a1_ptr, m1, q1, am1, mids1, floor1, code1_ptr, offs, mask, blocks, block_mask, dry,
                              QUANT, GATHER)
             if N_STATES >= 2:
-                _store_state(s2_ptr, a2_ptr, m2, q2, am2, mids2, code2_ptr, offs, mask, blocks, block_mask, dry,
+                _store_state(s2_ptr, a2_ptr, m2, q2, am2, mids2, floor2, code2_ptr, offs, mask, blocks, block_mask, dry,
                              QUANT, GATHER)
             if N_STATES >= 3:
-                _store_state(s3_ptr, a3_ptr, m3, q3, am3, mids3, code3_ptr, offs, mask, blocks, block_mask, dry,
+                _store_state(s3_ptr, a3_ptr, m3, q3, am3, mids3, floor3, code3_ptr, offs, mask, blocks, block_mask, dry,
                              QUANT, GATHER)
 
     if PASS == 1:
