@@ -28,16 +28,7 @@ from qop.optim import GlobalOptimManager, QopOptimizer
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-OPTIMIZERS = sorted(
-    (
-        obj
-        for name in qop.optim.__all__
-        if isinstance(obj := getattr(qop.optim, name), type)
-        and issubclass(obj, QopOptimizer)
-        and obj is not QopOptimizer
-    ),
-    key=lambda c: c.__name__,
-)
+OPTIMIZERS = qop.optim.CLASSES
 #: steps before the checkpoint and after it
 BEFORE, AFTER = 3, 4
 #: tensors of at least this many elements get 8-bit states (the two weights; the biases stay 32-bit)

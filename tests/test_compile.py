@@ -40,12 +40,7 @@ from qop.optim import QopOptimizer
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-OPTIMIZERS = sorted(
-    (obj for name in qop.optim.__all__
-     if isinstance(obj := getattr(qop.optim, name), type) and issubclass(obj, QopOptimizer)
-     and obj is not QopOptimizer),
-    key=lambda c: c.__name__,
-)
+OPTIMIZERS = qop.optim.CLASSES
 STEPS = 4
 #: numels of the test parameters; none equals the size of any small tensor a step may allocate
 #: (hp: 12, percentile history: 100, absmax: 1-2 blocks, gscale: one per tensor)

@@ -25,16 +25,7 @@ import qop
 from qop import HP
 from qop.optim import QopOptimizer
 
-OPTIMIZERS = sorted(
-    (
-        obj
-        for name in qop.optim.__all__
-        if isinstance(obj := getattr(qop.optim, name), type)
-        and issubclass(obj, QopOptimizer)
-        and obj is not QopOptimizer
-    ),
-    key=lambda c: c.__name__,
-)
+OPTIMIZERS = qop.optim.CLASSES
 #: the classes the reliability reports name, and a 32-bit one
 FAMILY = [
     "Adam8bit",

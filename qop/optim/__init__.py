@@ -66,3 +66,12 @@ __all__ = [
     "SGD8bit",
     "SGD32bit",
 ]
+
+#: Every optimizer class exported here, by name: what the tests, the benchmarks and the docs iterate over.
+CLASSES: tuple[type[QopOptimizer], ...] = tuple(
+    sorted(
+        (c for c in map(globals().get, __all__) if isinstance(c, type) and issubclass(c, QopOptimizer)
+         and c is not QopOptimizer),
+        key=lambda c: c.__name__,
+    )
+)
