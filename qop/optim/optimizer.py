@@ -682,16 +682,20 @@ def _detach_displaced(hp: Tensor, slot: HPSlot, value: Any, view: Any) -> Any:
     return hp[slot]
 
 
-def _check_assigned(key: str, slot: HPSlot, value: Any, view: Any) -> None:
-    """An assigned hyper-parameter (a number, a one-element tensor, or a tuple of them) that ``hp`` accepts."""
+def _assigned(key: str, slot: HPSlot, value: Any, view: Any) -> list[tuple[str, int, Any]]:
+    """(name, hp slot, value) of each element of an assigned hyper-parameter (a number, a one-element tensor, or
+    a tuple of them) that no longer holds its view."""
     if isinstance(slot, tuple):
         _check_tuple(key, value, len(slot))
-        items = [(f"{key}[{i}]", v, w) for i, (v, w) in enumerate(zip(value, view))]
+        items = [(f"{key}[{i}]", s, v, w) for i, (s, v, w) in enumerate(zip(slot, value, view))]
     else:
-        items = [(key, value, view)]
-    for name, v, w in items:
-        if v is w:
-            continue
+        items = [(key, slot, value, view)]
+    return [(name, s, v) for name, s, v, w in items if v is not w]
+
+
+def _check_assigned(key: str, slot: HPSlot, value: Any, view: Any) -> None:
+    """An assigned hyper-parameter that ``hp`` accepts."""
+    for name, _, v in _assigned(key, slot, value, view):
         if isinstance(v, Tensor):
             if v.numel() != 1 or v.is_complex():
                 raise ValueError(f"qop: {name} must be a number or a one-element real tensor, got {v.dtype} of shape "
@@ -714,14 +718,7 @@ def _check_hp(name: str, value: float, unit: bool) -> None:
 
 def _store_hp(hp: Tensor, key: str, slot: HPSlot, value: Any, view: Any) -> None:
     """Write an assigned hyper-parameter (checked by :func:`_check_assigned` in eager mode) into ``hp``."""
-    if isinstance(slot, tuple):
-        _check_tuple(key, value, len(slot))
-        items = [(s, v, w) for s, v, w in zip(slot, value, view)]
-    else:
-        items = [(slot, value, view)]
-    for s, v, w in items:
-        if v is w:
-            continue
+    for _, s, v in _assigned(key, slot, value, view):
         if isinstance(v, Tensor):
             # fill_ reads a 0-d CPU value on the host and a device one on the device: no sync either way
             hp[s].fill_(v.detach().reshape(()))
