@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._schema import BLOCKSIZE, HISTORY, HP_SIZE, Flag, Rule
+from ._schema import ALL_FLAGS, BLOCKSIZE, HISTORY, HP_SIZE, Rule, n_states
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,17 +49,6 @@ def check_dequantize(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dt
         check(t.device == A.device, "{} is on {} but A is on {}", name, t.device, A.device)
 
 
-def n_states(rule: int, flags: int, momentum_state: bool) -> int:
-    """How many state tensors each parameter has for this rule."""
-    if rule == Rule.ADAM:
-        return 3 if flags & Flag.AMSGRAD else 2
-    if rule == Rule.ADEMAMIX:
-        return 3
-    if rule == Rule.MOMENTUM:
-        return 1 if momentum_state else 0
-    return 1
-
-
 def check_step(
     rule: int,
     flags: int,
@@ -76,7 +65,7 @@ def check_step(
 ) -> None:
     """Validate a step op's arguments (both 32-bit and 8-bit forms)."""
     check(rule in {int(r) for r in Rule}, "rule must be one of {}, got {}", [int(r) for r in Rule], rule)
-    check(0 <= flags < 32, "flags must be a combination of qop.Flag, got {}", flags)
+    check(flags >= 0 and flags & ~ALL_FLAGS == 0, "flags must be a combination of qop.Flag, got {}", flags)
     n = len(params)
     check(len(grads) == n, "grads has {} tensors but params has {}", len(grads), n)
     check(len(steps) == n, "steps has {} tensors but params has {}", len(steps), n)

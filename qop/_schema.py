@@ -73,6 +73,26 @@ class HP(enum.IntEnum):
 
 
 HP_SIZE = len(HP)
+#: Every flag a step op accepts; any other bit is refused.
+ALL_FLAGS = int(sum(Flag))
+#: State tensors per parameter of each rule (without the states its flags add, see :func:`n_states`).
+STATE_COUNTS: dict[Rule, int] = {
+    Rule.ADAM: 2,  # m, v (+ vmax with Flag.AMSGRAD)
+    Rule.MOMENTUM: 1,  # the momentum buffer, absent when the optimizer has no momentum
+    Rule.ADAGRAD: 1,
+    Rule.RMSPROP: 1,
+    Rule.LION: 1,
+    Rule.ADEMAMIX: 3,  # m1, nu, m2
+}
+MAX_STATES = 3
+
+
+def n_states(rule: int, flags: int, momentum_state: bool) -> int:
+    """How many state tensors each parameter has for this rule and flags (the one source of the state count)."""
+    if rule == Rule.MOMENTUM and not momentum_state:
+        return 0
+    return STATE_COUNTS[Rule(rule)] + (1 if rule == Rule.ADAM and flags & Flag.AMSGRAD else 0)
+
 #: Gradient norms remembered per parameter by percentile clipping (bitsandbytes' gnorm_vec).
 HISTORY = 100
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import n_states
-from ._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule
+from ._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule, n_states
 
 
 # ----------------------------------------------------------------------------------------- quantize

@@ -13,7 +13,8 @@
 
 namespace qop {
 
-// Mirrors of qop/_schema.py (Rule, Flag, HP, BLOCKSIZE); the Python file is the source of truth.
+// Mirrors of qop/_schema.py (Rule, Flag, HP, BLOCKSIZE, HISTORY, the state counts); the Python file is the source
+// of truth and tests/test_constants.py fails on any drift.
 constexpr int64_t kBlocksize = 256;  // elements per absmax of the 8-bit states
 constexpr int64_t kCodeSize = 256;   // entries of a code book
 
@@ -24,6 +25,7 @@ enum Flag : int {
   NO_BIAS_CORRECTION = 4,
   L2_WEIGHT_DECAY = 8,
   UNORM_CLIP = 16,
+  ALL_FLAGS = 31,  // every flag above, or-ed
 };
 enum HP : int {
   LR = 0,
@@ -48,7 +50,7 @@ inline bool is_param_dtype(at::ScalarType t) {
 
 inline int64_t n_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
 
-// How many state tensors each parameter has for this rule (qop._checks.n_states).
+// How many state tensors each parameter has for this rule (qop._schema.n_states, STATE_COUNTS).
 inline int n_states(int64_t rule, int64_t flags, bool momentum_state) {
   switch (rule) {
     case ADAM:
@@ -102,7 +104,8 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                       at::ScalarType state_dtype, const std::array<at::TensorList, 3>* absmax = nullptr,
                       const std::array<const at::Tensor*, 3>* codes = nullptr) {
   TORCH_CHECK_VALUE(rule >= ADAM && rule <= ADEMAMIX, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
-  TORCH_CHECK_VALUE(flags >= 0 && flags < 32, "qop: flags must be a combination of qop.Flag, got ", flags);
+  TORCH_CHECK_VALUE(flags >= 0 && (flags & ~static_cast<int64_t>(ALL_FLAGS)) == 0,
+                    "qop: flags must be a combination of qop.Flag, got ", flags);
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == n, "qop: grads has ", grads.size(),
                     " tensors but params has ", n);

@@ -34,9 +34,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .. import _checks, ops, paged
+from .. import ops, paged
 from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY, HP, HP_SIZE, Flag, Rule
+from .._schema import BLOCKSIZE, HISTORY, HP, HP_SIZE, Flag, Rule, n_states
 from . import _state_dict
 from ._args import number
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
@@ -185,7 +185,7 @@ class QopOptimizer(torch.optim.Optimizer):
     def n_states(self, group: dict[str, Any]) -> int:
         """Number of state tensors per parameter: the rule's, with this group's flags (one source of truth
         shared with the kernels' checks); SGD/LARS keep no buffer when built with ``momentum == 0``."""
-        return _checks.n_states(self.rule, int(self.flags(group)), bool(group.get(MOMENTUM_BUFFER, True)))
+        return n_states(self.rule, int(self.flags(group)), bool(group.get(MOMENTUM_BUFFER, True)))
 
     def initial_state(self, group: dict[str, Any], index: int) -> float:
         """Value a fresh state tensor starts at (Adagrad's ``initial_accumulator_value``)."""

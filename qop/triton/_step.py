@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from .._schema import BLOCKSIZE, HP, Flag, Rule
+from .._schema import BLOCKSIZE, HP, Flag, Rule, n_states
 from . import _multi_tensor as mt
 from ._common import (
     GATHER,
@@ -347,7 +347,7 @@ _step_single = triton.autotune(CONFIGS, key=_KEY, restore_value=_MUTATED)(_step_
 
 # ------------------------------------------------------------------------------------------ launchers
 def _n_states(rule: int, flags: int, state1: Sequence[Tensor]) -> int:
-    return _checks.n_states(rule, flags, len(state1) > 0)
+    return n_states(rule, flags, len(state1) > 0)
 
 
 def _passes(flags: int) -> tuple[int, ...]:

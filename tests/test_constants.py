@@ -1,0 +1,108 @@
+"""Every constant has one source, ``qop/_schema.py``: the C++ kernels' hand-kept mirror and what every backend
+accepts are checked against it, so a drift fails here.
+
+* the enums and sizes of ``csrc/cpu/checks.h`` are parsed and compared with ``Rule``, ``Flag``, ``HP``,
+  ``BLOCKSIZE``, ``HISTORY`` and ``ALL_FLAGS``;
+* the state count of every rule and flag combination is what each kernel (C++, the reference) accepts, and one
+  state more or fewer is refused;
+* flags beyond ``ALL_FLAGS`` are refused by every kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import qop
+from qop._schema import ALL_FLAGS, BLOCKSIZE, HISTORY, HP, MAX_STATES, STATE_COUNTS, Flag, Rule, n_states
+
+CHECKS_H = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "checks.h"
+
+
+def _enum(text: str, name: str) -> dict[str, int]:
+    """The members of ``enum name : int { ... }`` in C++ source."""
+    body = re.search(rf"enum {name} : int \{{(.*?)\}};", text, re.S)
+    assert body, f"enum {name} not found in {CHECKS_H}"
+    return {m[0]: int(m[1]) for m in re.findall(r"(\w+)\s*=\s*(\d+)", body.group(1))}
+
+
+def _constant(text: str, name: str) -> int:
+    m = re.search(rf"constexpr int64_t {name} = (\d+);", text)
+    assert m, f"{name} not found in {CHECKS_H}"
+    return int(m.group(1))
+
+
+@pytest.mark.skipif(not CHECKS_H.exists(), reason="the C++ sources ship with the source tree only")
+def test_the_cpp_mirror_matches_the_schema() -> None:
+    text = CHECKS_H.read_text()
+    assert _enum(text, "Rule") == {r.name: int(r) for r in Rule}
+    assert _enum(text, "Flag") == {**{f.name: int(f) for f in Flag if f}, "ALL_FLAGS": ALL_FLAGS}
+    assert _enum(text, "HP") == {**{h.name: int(h) for h in HP}, "HP_SIZE": len(HP)}
+    assert _constant(text, "kBlocksize") == BLOCKSIZE
+    assert _constant(text, "kHistory") == HISTORY
+
+
+def test_the_state_counts_cover_every_rule() -> None:
+    assert set(STATE_COUNTS) == set(Rule)
+    assert max(n_states(r, ALL_FLAGS, True) for r in Rule) == MAX_STATES
+    assert ALL_FLAGS == sum(int(f) for f in Flag)
+
+
+def _step_args(rule: Rule, flags: int, k: int, bits: int) -> tuple:
+    """Arguments of a one-tensor step with ``k`` states (a momentum rule with k == 0 has no state)."""
+    n = 300
+    p, g = torch.randn(n), torch.randn(n)
+    hp = torch.zeros(len(HP))
+    hp[HP.LR], hp[HP.EPS], hp[HP.BETA1], hp[HP.BETA2], hp[HP.BETA3] = 1e-3, 1e-8, 0.9, 0.99, 0.999
+    steps = [torch.zeros(())]
+    if bits == 32:
+        states = [[torch.zeros(n)] if j < k else [] for j in range(MAX_STATES)]
+        return (int(rule), flags, [p], [g], *states, steps, hp, None, None)
+    states = [[torch.zeros(n, dtype=torch.uint8)] if j < k else [] for j in range(MAX_STATES)]
+    absmax = [[torch.zeros(2)] if j < k else [] for j in range(MAX_STATES)]
+    codes = [qop.dynamic_map(True)] * MAX_STATES
+    return (int(rule), flags, [p], [g], *states, *absmax, steps, hp, *codes, None, None)
+
+
+def _checked_reference(bits: int):  # type: ignore[no-untyped-def]
+    """The reference with the shared argument checks, as registered for devices without a native kernel."""
+    from qop._register import _checked_reference as table
+
+    return table()[f"step_{bits}bit"]
+
+
+def _kernel(kind: str, bits: int):  # type: ignore[no-untyped-def]
+    if kind == "cpp":
+        if not qop.HAS_CPU_KERNELS:
+            pytest.skip("qop C++ CPU kernels not built")
+        return getattr(torch.ops.qop, f"step_{bits}bit")
+    return _checked_reference(bits)
+
+
+CASES = [(rule, flags) for rule in Rule for flags in ((0, int(Flag.AMSGRAD)) if rule == Rule.ADAM else (0,))]
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("kind", ["cpp", "reference"])
+@pytest.mark.parametrize(("rule", "flags"), CASES, ids=[f"{r.name}-{f}" for r, f in CASES])
+def test_every_kernel_takes_the_schema_state_count(rule: Rule, flags: int, kind: str, bits: int) -> None:
+    op = _kernel(kind, bits)
+    k = n_states(rule, flags, True)
+    op(*_step_args(rule, flags, k, bits))  # accepted
+    for wrong in (k - 1, k + 1):
+        if wrong < 0 or wrong > MAX_STATES or (rule == Rule.MOMENTUM and wrong == 0):
+            continue  # a momentum rule without its state is plain SGD
+        with pytest.raises((ValueError, RuntimeError), match="state"):
+            op(*_step_args(rule, flags, wrong, bits))
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("kind", ["cpp", "reference"])
+def test_unknown_flags_are_refused(kind: str, bits: int) -> None:
+    op = _kernel(kind, bits)
+    op(*_step_args(Rule.LION, 0, 1, bits))
+    with pytest.raises((ValueError, RuntimeError), match="flags"):
+        op(*_step_args(Rule.LION, ALL_FLAGS + 1, 1, bits))
