@@ -23,7 +23,7 @@ from torch import Tensor
 
 import qop
 from qop import BLOCKSIZE, HP, Flag, Rule, reference
-from qop._schema import SCHEMAS
+from qop._schema import SCHEMAS, n_states
 
 needs_kernels = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
 
@@ -67,13 +67,7 @@ class StepCase:
 
     @property
     def n_states(self) -> int:
-        if self.rule == Rule.ADAM:
-            return 3 if self.flags & Flag.AMSGRAD else 2
-        if self.rule == Rule.ADEMAMIX:
-            return 3
-        if self.rule == Rule.MOMENTUM:
-            return 1 if self.momentum_state else 0
-        return 1
+        return n_states(self.rule, self.flags, self.momentum_state)
 
     def hp_tensor(self) -> Tensor:
         values = dict(BASE_HP, **dict(self.hp))
