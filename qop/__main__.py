@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 #: Dispatch keys whose kernels ``doctor`` reports for every qop op.
-DISPATCH_KEYS = ("CPU", "CUDA", "XPU", "MPS", "Meta", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
+BACKEND_KEYS = ("CPU", "CUDA", "XPU", "MPS")
+DISPATCH_KEYS = (*BACKEND_KEYS, "Meta", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
 BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optim.py"
 
 
@@ -29,9 +30,11 @@ def kernel_origin(op: str, key: str) -> str:
 
     name = f"qop::{op}"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+        if key in BACKEND_KEYS and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"):
+            return "reference"  # a backend without a kernel of its own runs the composite one
         return "-"
     for line in torch._C._dispatch_dump(name).splitlines():
-        if not line.startswith(f"{key}:"):
+        if not line.startswith((f"{key}:", f"{key}[alias]:")):
             continue
         where = line.split("registered at", 1)[-1].split("::", 1)[0]
         if ".cpp:" in where or ".cu:" in where:

@@ -1,7 +1,8 @@
 """Registers the reference as the kernel of every device without a native one.
 
-CPU kernels come from the C++ extension and CUDA kernels from ``qop.triton``; the reference is
-registered per dispatch key only where neither exists, so the dispatcher always finds a kernel.
+CPU kernels come from the C++ extension and CUDA kernels from ``qop.triton``, each registered for its backend's
+dispatch key; the checked reference is registered once, for ``CompositeExplicitAutograd``, which the dispatcher
+uses for every backend without a kernel of its own.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import warnings
 import torch
 
 from . import _checks, reference
-
-_REFERENCE_KEYS = ("CUDA", "XPU", "MPS", "CPU")
 
 
 def _checked_reference():
@@ -51,10 +50,6 @@ def _checked_reference():
     }
 
 
-def _has_kernel(name: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"qop::{name}", key)
-
-
 _lib = torch.library.Library("qop", "IMPL")
 
 
@@ -69,7 +64,8 @@ def _register_triton() -> None:
 
 
 _register_triton()
+# One registration for every backend: a kernel registered for a backend's own key (the C++ CPU kernels, the
+# Triton CUDA kernels) takes precedence over CompositeExplicitAutograd whatever the order of registration, and
+# any other device (XPU, MPS, a new one) runs the reference with no change here.
 for _name, _fn in _checked_reference().items():
-    for _key in _REFERENCE_KEYS:
-        if not _has_kernel(_name, _key):
-            _lib.impl(_name, _fn, _key)
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")

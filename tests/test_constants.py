@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import qop
+from qop import _schema
 from qop._schema import ALL_FLAGS, BLOCKSIZE, HISTORY, HP, MAX_STATES, STATE_COUNTS, Flag, Rule, n_states
 
 CHECKS_H = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "checks.h"
@@ -106,3 +107,21 @@ def test_unknown_flags_are_refused(kind: str, bits: int) -> None:
     op(*_step_args(Rule.LION, 0, 1, bits))
     with pytest.raises((ValueError, RuntimeError), match="flags"):
         op(*_step_args(Rule.LION, ALL_FLAGS + 1, 1, bits))
+
+
+def _dispatch_table(op: str) -> dict[str, str]:
+    """The dispatcher's computed kernel per key for ``qop::op``."""
+    table = torch._C._dispatch_dump_table(f"qop::{op}")
+    return dict(line.split(": ", 1) for line in table.splitlines() if ": " in line)
+
+
+@pytest.mark.parametrize("op", list(_schema.SCHEMAS))
+def test_every_backend_has_a_kernel_whatever_the_import_order(op: str) -> None:
+    """Native kernels own their backend's key; every other backend, a new one included, gets the checked reference
+    through one CompositeExplicitAutograd registration."""
+    table = _dispatch_table(op)
+    if qop.HAS_CPU_KERNELS:
+        assert ".cpp" in table["CPU"] and "[kernel]" in table["CPU"]
+    for key in ("XPU", "MPS", "PrivateUse1", *(() if torch.cuda.is_available() else ("CUDA",))):
+        assert "_register.py" in table[key] and "default backend kernel" in table[key], (key, table[key])
+    assert "[kernel]" in table["Meta"]
