@@ -16,6 +16,8 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+#: The extensions use only the stable Python ABI (a module with no functions), so one wheel serves CPython 3.10+.
+LIMITED_API = [("Py_LIMITED_API", "0x030A0000")]
 
 
 def cpu_extension() -> CppExtension:
@@ -26,6 +28,7 @@ def cpu_extension() -> CppExtension:
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", *isa],
         extra_link_args=["-fopenmp"],
+        define_macros=LIMITED_API,
         py_limited_api=True,
     )
 
@@ -40,6 +43,7 @@ def cuda_extension():
         "qop._C_cuda",
         sorted(glob.glob("csrc/cuda/*.cpp")),
         extra_compile_args={"cxx": ["-O2"]},
+        define_macros=LIMITED_API,
         py_limited_api=True,
     )
 

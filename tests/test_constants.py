@@ -125,3 +125,10 @@ def test_every_backend_has_a_kernel_whatever_the_import_order(op: str) -> None:
     for key in ("XPU", "MPS", "PrivateUse1", *(() if torch.cuda.is_available() else ("CUDA",))):
         assert "_register.py" in table[key] and "default backend kernel" in table[key], (key, table[key])
     assert "[kernel]" in table["Meta"]
+
+
+def test_one_version() -> None:
+    """The installed distribution's version is read from ``qop.__version__`` (pyproject declares it dynamic)."""
+    import importlib.metadata
+
+    assert importlib.metadata.version("qop") == qop.__version__
