@@ -54,5 +54,12 @@ class Adagrad(QopOptimizer):
                 raise ValueError(f"qop: initial_accumulator_value must be >= 0, got {v}")
 
 
-Adagrad8bit = variant(Adagrad, "Adagrad8bit", bits=8, defaults={"optim_bits": 8}, doc="8-bit Adagrad.")
-Adagrad32bit = variant(Adagrad, "Adagrad32bit", bits=32, doc="32-bit Adagrad.")
+@variant(bits=8, defaults={'optim_bits': 8})
+class Adagrad8bit(Adagrad):
+    """8-bit Adagrad."""
+
+
+@variant(bits=32)
+class Adagrad32bit(Adagrad):
+    """32-bit Adagrad."""
+

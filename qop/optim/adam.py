@@ -44,7 +44,6 @@ class Adam(QopOptimizer):
         return Flag.AMSGRAD if group["amsgrad"] else Flag.NONE
 
 
-
 class AdamW(Adam):
     """AdamW: Adam with decoupled weight decay, default ``weight_decay=1e-2``."""
 
@@ -67,13 +66,52 @@ class AdamW(Adam):
                          percentile_clipping, block_wise, is_paged)
 
 
-Adam8bit = variant(Adam, "Adam8bit", bits=8, doc="8-bit Adam.")
-Adam32bit = variant(Adam, "Adam32bit", bits=32, doc="32-bit Adam.")
-PagedAdam = variant(Adam, "PagedAdam", paged=True, doc="Paged Adam (states in CUDA unified memory).")
-PagedAdam8bit = variant(Adam, "PagedAdam8bit", bits=8, paged=True, doc="8-bit paged Adam.")
-PagedAdam32bit = variant(Adam, "PagedAdam32bit", bits=32, paged=True, doc="32-bit paged Adam.")
-AdamW8bit = variant(AdamW, "AdamW8bit", bits=8, doc="8-bit AdamW.")
-AdamW32bit = variant(AdamW, "AdamW32bit", bits=32, doc="32-bit AdamW.")
-PagedAdamW = variant(AdamW, "PagedAdamW", paged=True, doc="Paged AdamW.")
-PagedAdamW8bit = variant(AdamW, "PagedAdamW8bit", bits=8, paged=True, doc="8-bit paged AdamW.")
-PagedAdamW32bit = variant(AdamW, "PagedAdamW32bit", bits=32, paged=True, doc="32-bit paged AdamW.")
+@variant(bits=8)
+class Adam8bit(Adam):
+    """8-bit Adam."""
+
+
+@variant(bits=32)
+class Adam32bit(Adam):
+    """32-bit Adam."""
+
+
+@variant(paged=True)
+class PagedAdam(Adam):
+    """Paged Adam (states in CUDA unified memory)."""
+
+
+@variant(bits=8, paged=True)
+class PagedAdam8bit(Adam):
+    """8-bit paged Adam."""
+
+
+@variant(bits=32, paged=True)
+class PagedAdam32bit(Adam):
+    """32-bit paged Adam."""
+
+
+@variant(bits=8)
+class AdamW8bit(AdamW):
+    """8-bit AdamW."""
+
+
+@variant(bits=32)
+class AdamW32bit(AdamW):
+    """32-bit AdamW."""
+
+
+@variant(paged=True)
+class PagedAdamW(AdamW):
+    """Paged AdamW."""
+
+
+@variant(bits=8, paged=True)
+class PagedAdamW8bit(AdamW):
+    """8-bit paged AdamW."""
+
+
+@variant(bits=32, paged=True)
+class PagedAdamW32bit(AdamW):
+    """32-bit paged AdamW."""
+

@@ -73,7 +73,6 @@ class AdEMAMix(QopOptimizer):
         return state_dict
 
 
-
 def _split_bnb_state(st: dict[str, Any]) -> dict[str, Any]:
     """bitsandbytes keeps m1 and m2 stacked in state1 (and their absmax in absmax1); qop has m2 in state3."""
     st = dict(st)
@@ -93,11 +92,27 @@ def _split_bnb_state(st: dict[str, Any]) -> dict[str, Any]:
     return st
 
 
-AdEMAMix8bit = variant(AdEMAMix, "AdEMAMix8bit", bits=8, drop=("optim_bits",), doc="8-bit AdEMAMix.")
-AdEMAMix32bit = variant(AdEMAMix, "AdEMAMix32bit", bits=32, drop=("optim_bits",), doc="32-bit AdEMAMix.")
-PagedAdEMAMix = variant(AdEMAMix, "PagedAdEMAMix", paged=True, drop=("is_paged",),
-                        doc="Paged AdEMAMix (states in CUDA unified memory).")
-PagedAdEMAMix8bit = variant(AdEMAMix, "PagedAdEMAMix8bit", bits=8, paged=True, drop=("optim_bits", "is_paged"),
-                            doc="8-bit paged AdEMAMix.")
-PagedAdEMAMix32bit = variant(AdEMAMix, "PagedAdEMAMix32bit", bits=32, paged=True,
-                             drop=("optim_bits", "is_paged"), doc="32-bit paged AdEMAMix.")
+@variant(bits=8, drop=('optim_bits',))
+class AdEMAMix8bit(AdEMAMix):
+    """8-bit AdEMAMix."""
+
+
+@variant(bits=32, drop=('optim_bits',))
+class AdEMAMix32bit(AdEMAMix):
+    """32-bit AdEMAMix."""
+
+
+@variant(paged=True, drop=('is_paged',))
+class PagedAdEMAMix(AdEMAMix):
+    """Paged AdEMAMix (states in CUDA unified memory)."""
+
+
+@variant(bits=8, paged=True, drop=('optim_bits', 'is_paged'))
+class PagedAdEMAMix8bit(AdEMAMix):
+    """8-bit paged AdEMAMix."""
+
+
+@variant(bits=32, paged=True, drop=('optim_bits', 'is_paged'))
+class PagedAdEMAMix32bit(AdEMAMix):
+    """32-bit paged AdEMAMix."""
+

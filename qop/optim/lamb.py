@@ -60,6 +60,12 @@ class LAMB(QopOptimizer):
         return flags
 
 
+@variant(bits=8, drop=('optim_bits',))
+class LAMB8bit(LAMB):
+    """8-bit LAMB."""
 
-LAMB8bit = variant(LAMB, "LAMB8bit", bits=8, drop=("optim_bits",), doc="8-bit LAMB.")
-LAMB32bit = variant(LAMB, "LAMB32bit", bits=32, drop=("optim_bits",), doc="32-bit LAMB.")
+
+@variant(bits=32, drop=('optim_bits',))
+class LAMB32bit(LAMB):
+    """32-bit LAMB."""
+

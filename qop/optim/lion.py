@@ -36,12 +36,27 @@ class Lion(QopOptimizer):
                          args=args)
 
 
+@variant(bits=8, drop=('optim_bits',))
+class Lion8bit(Lion):
+    """8-bit Lion."""
 
-Lion8bit = variant(Lion, "Lion8bit", bits=8, drop=("optim_bits",), doc="8-bit Lion.")
-Lion32bit = variant(Lion, "Lion32bit", bits=32, drop=("optim_bits",), doc="32-bit Lion.")
-PagedLion = variant(Lion, "PagedLion", paged=True, drop=("is_paged",),
-                    doc="Paged Lion (states in CUDA unified memory).")
-PagedLion8bit = variant(Lion, "PagedLion8bit", bits=8, paged=True, drop=("optim_bits", "is_paged"),
-                        doc="8-bit paged Lion.")
-PagedLion32bit = variant(Lion, "PagedLion32bit", bits=32, paged=True, drop=("optim_bits", "is_paged"),
-                         doc="32-bit paged Lion.")
+
+@variant(bits=32, drop=('optim_bits',))
+class Lion32bit(Lion):
+    """32-bit Lion."""
+
+
+@variant(paged=True, drop=('is_paged',))
+class PagedLion(Lion):
+    """Paged Lion (states in CUDA unified memory)."""
+
+
+@variant(bits=8, paged=True, drop=('optim_bits', 'is_paged'))
+class PagedLion8bit(Lion):
+    """8-bit paged Lion."""
+
+
+@variant(bits=32, paged=True, drop=('optim_bits', 'is_paged'))
+class PagedLion32bit(Lion):
+    """32-bit paged Lion."""
+

@@ -53,5 +53,12 @@ class RMSprop(QopOptimizer):
         check_range(group, "alpha", 0.0, 1.0)
 
 
-RMSprop8bit = variant(RMSprop, "RMSprop8bit", bits=8, drop=("optim_bits",), doc="8-bit RMSprop.")
-RMSprop32bit = variant(RMSprop, "RMSprop32bit", bits=32, drop=("optim_bits",), doc="32-bit RMSprop.")
+@variant(bits=8, drop=('optim_bits',))
+class RMSprop8bit(RMSprop):
+    """8-bit RMSprop."""
+
+
+@variant(bits=32, drop=('optim_bits',))
+class RMSprop32bit(RMSprop):
+    """32-bit RMSprop."""
+

@@ -95,7 +95,22 @@ class LARS(SGD):
         return super().flags(group) | Flag.UNORM_CLIP
 
 
-SGD8bit = variant(SGD, "SGD8bit", bits=8, drop=("optim_bits",), doc="8-bit SGD.")
-SGD32bit = variant(SGD, "SGD32bit", bits=32, drop=("optim_bits",), doc="32-bit SGD.")
-LARS8bit = variant(LARS, "LARS8bit", bits=8, drop=("optim_bits",), doc="8-bit LARS.")
-LARS32bit = variant(LARS, "LARS32bit", bits=32, drop=("optim_bits",), doc="32-bit LARS.")
+@variant(bits=8, drop=('optim_bits',))
+class SGD8bit(SGD):
+    """8-bit SGD."""
+
+
+@variant(bits=32, drop=('optim_bits',))
+class SGD32bit(SGD):
+    """32-bit SGD."""
+
+
+@variant(bits=8, drop=('optim_bits',))
+class LARS8bit(LARS):
+    """8-bit LARS."""
+
+
+@variant(bits=32, drop=('optim_bits',))
+class LARS32bit(LARS):
+    """32-bit LARS."""
+
