@@ -1,0 +1,259 @@
+"""Optimizer states of DTensor parameters (FSDP2's ``fully_shard``): local shards, global norms, checkpoints.
+
+A parameter sharded by FSDP2 is a DTensor whose local tensor holds a contiguous range of rows of the global
+parameter, so a contiguous range ``[start, start + numel)`` of its row-major flattening.  Its optimizer
+state lives on each rank for that range only, as plain local tensors:
+
+* float32 states: shaped like the local shard;
+* 8-bit states: uint8 codes shaped like the local shard and one float32 absmax per 256-block of the
+  *global* flattening that the range touches.  When ``start`` is not a multiple of 256 the first block is
+  partial (the *head*, stepped as a separate entry of the same op call) and every other block is a whole
+  global block.  The blocks of a shard are thus exactly the global blocks cut at shard boundaries, so the
+  only difference from the unsharded state is that a block split between two ranks has an absmax per rank.
+
+Whether a parameter gets 8-bit states depends on its global size (``DTensor.numel()``), so every rank agrees.
+
+Norms that clipping reads are norms of the whole parameter: the squared norms of the local pieces are
+summed across the ranks that shard it (a functional ``all_reduce`` on the device, no host sync) and handed to
+the ops: ``percentile_clip`` gets each global gradient norm as a one-element tensor (whose norm it is), the
+step ops get the squared norms of the update and of the parameter through their ``unorm`` input.
+
+Checkpoints (``state_dict``, and ``torch.distributed.checkpoint`` through ``get_optimizer_state_dict``) hold
+the *unsharded* format: codes as DTensors laid out like the parameter, absmax as a DTensor of the global
+block count sharded on dim 0, ``step`` and percentile histories as plain tensors (equal on every rank).
+Before that, each block split between ranks is made canonical in the live state: the piece whose absmax is
+smaller is requantized against the larger one (at most one code step, in at most one block per shard
+boundary), so the checkpoint is exact, resuming with any number of ranks (or one process) is exact, and the
+run that saved goes on from the very state it saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .. import ops, reference
+from .._schema import BLOCKSIZE, Flag
+
+if TYPE_CHECKING:
+    from .optimizer import QopOptimizer, _Bucket
+
+_STATE_KEYS = ("state1", "state2", "state3")
+_ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
+
+
+def _dtensor_type() -> type | None:
+    """``DTensor`` when torch.distributed is built in (it is not on some platforms)."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (a parameter of a model wrapped by ``fully_shard``)."""
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, ``t`` itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
+# --------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """Where a parameter's local shard sits in its global row-major flattening, and its 8-bit blocks."""
+
+    start: int  # first global (flat) index of the local shard
+    numel: int  # elements of the local shard
+    total: int  # elements of the global parameter
+    local_shape: tuple[int, ...]
+
+    @property
+    def head(self) -> int:
+        """Elements before the first 256-aligned global index (0 when the shard starts on a block)."""
+        return min(self.numel, -self.start % BLOCKSIZE)
+
+    @property
+    def first_block(self) -> int:
+        return self.start // BLOCKSIZE
+
+    @property
+    def nblocks(self) -> int:
+        """Global blocks the shard touches: the length of its absmax."""
+        if self.numel == 0:
+            return 0
+        return -(-(self.start + self.numel) // BLOCKSIZE) - self.first_block
+
+
+def layout(p: Tensor) -> Layout:
+    """The layout of ``p``'s local shard (the whole tensor for a plain tensor)."""
+    if not is_sharded(p):
+        return Layout(0, p.numel(), p.numel(), tuple(p.shape))
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for pl in p.placements:
+        if not (type(pl) is Replicate or (type(pl) is Shard and pl.dim == 0)):
+            raise NotImplementedError(
+                f"qop: DTensor parameters must be sharded on dim 0 (FSDP2's default) or replicated, got "
+                f"{p.placements}"
+            )
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = math.prod(p.shape[1:]) if p.dim() > 0 else 1
+    start = offset[0] * row if p.dim() > 0 else 0
+    return Layout(start, math.prod(local_shape), p.numel(), tuple(local_shape))
+
+
+def n_blocks(p: Tensor) -> int:
+    """Length of the absmax of an 8-bit state of ``p`` (on this rank)."""
+    return layout(p).nblocks
+
+
+def shard_key(p: Tensor) -> Hashable | None:
+    """Parameters with equal keys share a bucket: same mesh and placements (None for plain tensors)."""
+    if not is_sharded(p):
+        return None
+    return (p.device_mesh, tuple(p.placements))
+
+
+def _groups(p: Tensor) -> list[Any]:
+    """The process groups across which ``p`` is sharded (one per sharded mesh dimension)."""
+    mesh = p.device_mesh
+    return [mesh.get_group(d) for d, pl in enumerate(p.placements) if pl.is_shard()]
+
+
+def all_reduce_sum(t: Tensor, groups: Sequence[Any]) -> Tensor:
+    """Sum ``t`` over ``groups`` on the device (functional collectives: traceable, no host sync)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    for g in groups:
+        t = funcol.wait_tensor(funcol.all_reduce(t, "sum", g))
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ step
+@dataclass
+class ShardPlan:
+    """What a bucket of DTensor parameters needs at each step (built eagerly with the bucket)."""
+
+    groups: list[Any]
+    layouts: list[Layout]
+    expand: Tensor | None = None  # entry -> parameter position, when some parameter has a head entry
+    heads: list[bool] = field(default_factory=list)
+
+    @staticmethod
+    def build(params: Sequence[Tensor], bits: int, device: torch.device) -> ShardPlan:
+        layouts = [layout(p) for p in params]
+        heads = [bits == 8 and lay.head > 0 for lay in layouts]
+        plan = ShardPlan(_groups(params[0]), layouts, heads=heads)
+        if any(heads):
+            index = [i for i, h in enumerate(heads) for _ in range(1 + h)]
+            plan.expand = torch.tensor(index, dtype=torch.long).to(device)
+        return plan
+
+
+def step_bucket(
+    opt: QopOptimizer,
+    b: _Bucket,
+    params: list[Tensor],
+    grads: list[Tensor],
+    hp: Tensor,
+    flags: int,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """One fused op call over the local shards of a bucket of DTensor parameters, with global norms."""
+    plan: ShardPlan = b.shard
+    lp = [local(p) for p in params]
+    lg = [local(g).contiguous() for g in grads]
+    if b.clips:  # percentile clipping: the history records global gradient norms
+        sq = torch.stack([g.float().square().sum() for g in lg])
+        norms = all_reduce_sum(sq, plan.groups).sqrt()
+        gscale = opt._gscale(b, [norms[i : i + 1] for i in range(len(lg))], grad_scale)
+    else:
+        gscale = opt._gscale(b, lg, grad_scale)
+    unorm = None
+    if flags & Flag.UNORM_CLIP:
+        unorm = all_reduce_sum(_update_sums(opt, b, lp, lg, hp, flags, gscale), plan.groups)
+    fi = None if found_inf is None else found_inf.to(b.device)
+    k = len(b.states)
+    if b.bits != 8:
+        states = [[s.view(-1) for s in b.states[j]] for j in range(k)]
+        ops.step_32bit(int(opt.rule), flags, [p.view(-1) for p in lp], [g.view(-1) for g in lg], states,
+                       b.steps, hp, gscale, fi, unorm)
+        return
+    P: list[Tensor] = []
+    G: list[Tensor] = []
+    S: list[list[Tensor]] = [[] for _ in range(k)]
+    A: list[list[Tensor]] = [[] for _ in range(k)]
+    steps: list[Tensor] = []
+    for i, (p, g) in enumerate(zip(lp, lg)):
+        pf, gf = p.view(-1), g.view(-1)
+        cuts = [0]
+        if plan.heads[i]:
+            h = plan.layouts[i].head
+            cuts.append(h)
+            steps.append(b.steps[i].clone())  # the head entry steps a copy: the op increments each entry's step
+        steps.append(b.steps[i])
+        bounds = [*cuts, pf.numel()]
+        for e in range(len(cuts)):
+            lo, hi = bounds[e], bounds[e + 1]
+            P.append(pf[lo:hi])
+            G.append(gf[lo:hi])
+            for j in range(k):
+                S[j].append(b.states[j][i].view(-1)[lo:hi])
+                am = b.absmax[j][i]
+                A[j].append(am[:1] if len(cuts) == 2 and e == 0 else am[1:] if len(cuts) == 2 else am)
+    if plan.expand is not None:
+        gscale = None if gscale is None else gscale.index_select(0, plan.expand)
+        unorm = None if unorm is None else unorm.index_select(0, plan.expand)
+    ops.step_8bit(int(opt.rule), flags, P, G, S, A, steps, hp, b.codes, gscale, fi, unorm)
+
+
+def _update_sums(
+    opt: QopOptimizer, b: _Bucket, lp: list[Tensor], lg: list[Tensor], hp: Tensor, flags: int,
+    gscale: Tensor | None,
+) -> Tensor:
+    """Per local shard, the squared norms of its update and of itself (``[n, 2]``), in the reference's math.
+
+    The update-norm clip needs the norm of the whole update before any shard is written, so the sums are
+    computed here, reduced across ranks, and handed to the step op (which then skips its own first pass).
+    """
+    rows = []
+    rflags = flags & ~int(Flag.UNORM_CLIP)
+    for i, (p, g) in enumerate(zip(lp, lg)):
+        pf = p.float().reshape(-1)
+        gf = g.float().reshape(-1)
+        if gscale is not None:
+            gf = gf * gscale[i]
+        if b.bits == 8:
+            states = [_dequantize_local(b.states[j][i], b.absmax[j][i], b.codes[j], b.shard.layouts[i])
+                      for j in range(len(b.states))]
+        else:
+            states = [b.states[j][i].reshape(-1) for j in range(len(b.states))]
+        t = b.steps[i] + 1
+        _, u, _, _ = reference.rule_update(int(opt.rule), rflags, pf, gf, states, t, hp)
+        rows.append(torch.stack([u.square().sum(), pf.square().sum()]))
+    return torch.stack(rows).float()
+
+
+def _dequantize_local(q: Tensor, absmax: Tensor, code: Tensor, lay: Layout) -> Tensor:
+    """Float32 values of a local 8-bit state (head block and aligned blocks), flattened."""
+    q = q.reshape(-1)
+    h = lay.head
+    if h == 0:
+        return ops.dequantize_blockwise(q, absmax, code, BLOCKSIZE, torch.float32)
+    head = ops.dequantize_blockwise(q[:h], absmax[:1], code, BLOCKSIZE, torch.float32)
+    body = ops.dequantize_blockwise(q[h:], absmax[1:], code, BLOCKSIZE, torch.float32)
+    return torch.cat([head, body])
