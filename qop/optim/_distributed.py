@@ -176,7 +176,9 @@ def step_bucket(
     """One fused op call over the local shards of a bucket of DTensor parameters, with global norms."""
     plan: ShardPlan = b.shard
     lp = [local(p) for p in params]
-    lg = [local(g).contiguous() for g in grads]
+    # viewed with their static local shape first: under torch.compile the grads of DTensor params come with
+    # symbolic sizes, and flattening those fails in AOTAutograd (torch 2.13)
+    lg = [local(g).contiguous().view(lay.local_shape) for g, lay in zip(grads, plan.layouts)]
     if b.clips:  # percentile clipping: the history records global gradient norms
         sq = torch.stack([g.float().square().sum() for g in lg])
         norms = all_reduce_sum(sq, plan.groups).sqrt()
@@ -257,3 +259,109 @@ def _dequantize_local(q: Tensor, absmax: Tensor, code: Tensor, lay: Layout) -> T
     head = ops.dequantize_blockwise(q[:h], absmax[:1], code, BLOCKSIZE, torch.float32)
     body = ops.dequantize_blockwise(q[h:], absmax[1:], code, BLOCKSIZE, torch.float32)
     return torch.cat([head, body])
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _params_by_index(opt: QopOptimizer) -> list[Tensor]:
+    """Parameters in the order of ``state_dict()``'s integer keys."""
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _block_range(lay: Layout, b: int) -> tuple[int, int]:
+    """Local element range of the shard's ``b``-th block."""
+    h = lay.head
+    if h and b == 0:
+        return 0, h
+    lo = h + (b - (1 if h else 0)) * BLOCKSIZE
+    return lo, min(lay.numel, lo + BLOCKSIZE)
+
+
+def _requantize(q: Tensor, absmax: Tensor, target: Tensor, code: Tensor) -> Tensor:
+    """Codes of the values ``code[q] * absmax`` against the larger block absmax ``target`` (0-d tensors)."""
+    values = ops.dequantize_blockwise(q, absmax.reshape(1), code, max(q.numel(), 1), torch.float32)
+    # quantize with the block's absmax forced to ``target``: an extra element equal to it sets the absmax
+    padded = torch.cat([values, target.reshape(1)])
+    codes, _ = ops.quantize_blockwise(padded, code, padded.numel())
+    return codes[:-1]
+
+
+def _canonical_absmax(p: Tensor, lay: Layout, st: dict[str, Any], j: int, code: Tensor) -> Tensor:
+    """The full absmax of state ``j`` in global blocks; blocks split between ranks are made canonical in the live
+    state first (the piece with the smaller absmax requantized against the larger one, on every rank)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    absmax, q = st[_ABSMAX_KEYS[j]], st[_STATE_KEYS[j]].view(-1)
+    full = torch.zeros(-(-lay.total // BLOCKSIZE), dtype=torch.float32, device=absmax.device)
+    full[lay.first_block : lay.first_block + lay.nblocks] = absmax
+    for g in _groups(p):
+        full = funcol.wait_tensor(funcol.all_reduce(full, "max", g))
+    for b in {0, lay.nblocks - 1} if lay.nblocks else ():
+        target = full[lay.first_block + b]
+        if bool(absmax[b] < target):  # a piece of a split block whose other piece has the larger absmax
+            lo, hi = _block_range(lay, b)
+            q[lo:hi] = _requantize(q[lo:hi], absmax[b], target, code)
+            absmax[b] = target
+    return full
+
+
+def export_state(opt: QopOptimizer, sd: dict[str, Any]) -> None:
+    """Turn the local states of DTensor parameters in ``sd`` (from ``state_dict()``) into the unsharded format.
+
+    Codes and float32 states become DTensors laid out like their parameter; each absmax becomes a DTensor of
+    the global block count, sharded on dim 0 where the parameter is.  A collective: every rank calls it.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    params = _params_by_index(opt)
+    for i, p in enumerate(params):
+        if not is_sharded(p) or i not in sd["state"]:
+            continue
+        st = dict(sd["state"][i])  # never the optimizer's own dict
+        lay = layout(p)
+        mesh, placements = p.device_mesh, p.placements
+        for j, name in enumerate(_STATE_KEYS):
+            if name not in st:
+                continue
+            if st[name].dtype == torch.uint8:
+                code = opt._codes[st[name].device][j]
+                full = _canonical_absmax(p, lay, st, j, code)
+                replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+                st[_ABSMAX_KEYS[j]] = replicated.redistribute(
+                    mesh, [Shard(0) if pl.is_shard() else Replicate() for pl in placements])
+            st[name] = DTensor.from_local(st[name], mesh, placements, run_check=False, shape=p.shape,
+                                          stride=p.stride())
+        sd["state"][i] = st
+
+
+def _local_part(t: Tensor, p: Tensor, lay: Layout) -> Tensor:
+    """The local shard (of ``p``'s layout) of a state given as a DTensor or as a full tensor."""
+    if is_sharded(t):
+        if t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements):
+            return t.to_local().reshape(lay.local_shape).contiguous()
+        t = t.full_tensor()
+    return t.reshape(-1)[lay.start : lay.start + lay.numel].reshape(lay.local_shape).contiguous()
+
+
+def localize_states(opt: QopOptimizer) -> None:
+    """After ``load_state_dict``: put the states of DTensor parameters (DTensors or full tensors, in the
+    unsharded format) back in the local layout, keeping this rank's shard and its blocks.
+
+    Loading is exact for any number of ranks: the blocks of a shard are global blocks (a block split between
+    ranks takes the global block's absmax on each side, as the canonical form saved it).
+    """
+    for p in _params_by_index(opt):
+        st = opt.state.get(p)
+        if not is_sharded(p) or not st:
+            continue
+        lay = layout(p)
+        for j, name in enumerate(_STATE_KEYS):
+            if name not in st:
+                continue
+            if st[name].dtype == torch.uint8:
+                am = st[_ABSMAX_KEYS[j]]
+                full = am.full_tensor() if is_sharded(am) else am
+                st[_ABSMAX_KEYS[j]] = full[lay.first_block : lay.first_block + lay.nblocks].float().clone()
+            st[name] = _local_part(st[name], p, lay)
+        for key in ("step", "gnorm_vec"):
+            if key in st and is_sharded(st[key]):
+                st[key] = st[key].full_tensor()

@@ -478,6 +478,7 @@ class QopOptimizer(torch.optim.Optimizer):
             for key in _MOMENTUM_BOUNDS:
                 if isinstance(g.get(key), Tensor):
                     g[key] = float(g[key])
+        _distributed.export_state(self, sd)  # DTensor params: the unsharded format (a collective)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -524,6 +525,7 @@ class QopOptimizer(torch.optim.Optimizer):
         self.state.update(new_state)
         self._plans.clear()
         self._static.clear()
+        _distributed.localize_states(self)  # DTensor params: back to their local shards
 
     def _convert_codes(self, p: Tensor, st: dict[str, Any]) -> None:
         """Requantize loaded 8-bit states whose code book (bitsandbytes' ``qmapN``) differs from ours."""
