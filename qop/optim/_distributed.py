@@ -106,8 +106,7 @@ def layout(p: Tensor) -> Layout:
     for pl in p.placements:
         if not (type(pl) is Replicate or (type(pl) is Shard and pl.dim == 0)):
             raise NotImplementedError(
-                f"qop: DTensor parameters must be sharded on dim 0 (FSDP2's default) or replicated, got "
-                f"{p.placements}"
+                f"qop: DTensor parameters must be sharded on dim 0 (FSDP2's default) or replicated, got {p.placements}"
             )
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     row = math.prod(p.shape[1:]) if p.dim() > 0 else 1
@@ -192,8 +191,18 @@ def step_bucket(
     k = len(b.states)
     if b.bits != 8:
         states = [[s.view(-1) for s in b.states[j]] for j in range(k)]
-        ops.step_32bit(int(opt.rule), flags, [p.view(-1) for p in lp], [g.view(-1) for g in lg], states,
-                       b.steps, hp, gscale, fi, unorm)
+        ops.step_32bit(
+            int(opt.rule),
+            flags,
+            [p.view(-1) for p in lp],
+            [g.view(-1) for g in lg],
+            states,
+            b.steps,
+            hp,
+            gscale,
+            fi,
+            unorm,
+        )
         return
     P: list[Tensor] = []
     G: list[Tensor] = []
@@ -224,7 +233,12 @@ def step_bucket(
 
 
 def _update_sums(
-    opt: QopOptimizer, b: _Bucket, lp: list[Tensor], lg: list[Tensor], hp: Tensor, flags: int,
+    opt: QopOptimizer,
+    b: _Bucket,
+    lp: list[Tensor],
+    lg: list[Tensor],
+    hp: Tensor,
+    flags: int,
     gscale: Tensor | None,
 ) -> Tensor:
     """Per local shard, the squared norms of its update and of itself (``[n, 2]``), in the reference's math.
@@ -240,8 +254,10 @@ def _update_sums(
         if gscale is not None:
             gf = gf * gscale[i]
         if b.bits == 8:
-            states = [_dequantize_local(b.states[j][i], b.absmax[j][i], b.codes[j], b.shard.layouts[i])
-                      for j in range(len(b.states))]
+            states = [
+                _dequantize_local(b.states[j][i], b.absmax[j][i], b.codes[j], b.shard.layouts[i])
+                for j in range(len(b.states))
+            ]
         else:
             states = [b.states[j][i].reshape(-1) for j in range(len(b.states))]
         t = b.steps[i] + 1
@@ -327,9 +343,9 @@ def export_state(opt: QopOptimizer, sd: dict[str, Any]) -> None:
                 full = _canonical_absmax(p, lay, st, j, code)
                 replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
                 st[_ABSMAX_KEYS[j]] = replicated.redistribute(
-                    mesh, [Shard(0) if pl.is_shard() else Replicate() for pl in placements])
-            st[name] = DTensor.from_local(st[name], mesh, placements, run_check=False, shape=p.shape,
-                                          stride=p.stride())
+                    mesh, [Shard(0) if pl.is_shard() else Replicate() for pl in placements]
+                )
+            st[name] = DTensor.from_local(st[name], mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
         sd["state"][i] = st
 
 
