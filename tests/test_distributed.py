@@ -1,9 +1,10 @@
 """Distributed training with qop optimizers: FSDP2, DCP checkpoints, DDP and compiled steps.
 
-Every test spawns 2 processes (gloo on the CPU, initialised through a file in a temporary directory: no
-ports), runs several checks per spawn (starting torch takes seconds), writes what it measured to files and
-lets the parent assert.  Process groups and joins are bounded by ``TIMEOUT``, so a failing or hanging rank
-ends the test; a spawn whose ranks did not all reach the process group is retried once.
+Three spawns of 2 processes each (gloo on the CPU, initialised through a file in a temporary directory: no
+ports) run several checks each (starting torch and qop takes seconds per process), write what they measured to
+files and let the parent assert.  Collectives time out after ``TIMEOUT`` seconds and a spawn is killed after
+its own deadline, so a failing rank ends the test (the others are terminated at once) and so does a hung one;
+a spawn whose ranks did not all reach the process group is retried once.
 
 The single-process runs that the distributed ones are compared with see the same global batch: each of the
 two ranks takes half of it, and FSDP2/DDP average the gradients.
@@ -58,19 +59,20 @@ def _worker(rank: int, fn: Callable[..., None], world: int, run_dir: str, args: 
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., None], tmp_path: Path, *args: Any, world: int = WORLD) -> Path:
-    """Run ``fn(rank, world, run_dir, *args)`` on ``world`` spawned ranks; returns ``run_dir``."""
+def launch(fn: Callable[..., None], tmp_path: Path, *args: Any, world: int = WORLD, timeout: float = TIMEOUT) -> Path:
+    """Run ``fn(rank, world, run_dir, *args)`` on ``world`` spawned ranks within ``timeout`` seconds; returns
+    ``run_dir``."""
     for attempt in range(2):
         run_dir = tmp_path / f"run{attempt}"
         run_dir.mkdir()
         ctx = mp.start_processes(
             _worker, args=(fn, world, str(run_dir), args), nprocs=world, join=False, start_method="spawn"
         )
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{fn.__name__}: ranks still running after {TIMEOUT:.0f} s")
+                    raise TimeoutError(f"{fn.__name__}: ranks still running after {timeout:.0f} s")
             return run_dir
         except mp.ProcessExitedException:
             joined = sum(Path(run_dir, f"joined{r}").exists() for r in range(world))
@@ -83,6 +85,12 @@ def launch(fn: Callable[..., None], tmp_path: Path, *args: Any, world: int = WOR
                     p.kill()
                 p.join(5)
     raise AssertionError("unreachable")
+
+
+def run_all(rank: int, world: int, run_dir: Path, *fns: Callable[[int, int, Path], None]) -> None:
+    """Several checks in one spawn (starting torch and qop in a process takes seconds)."""
+    for fn in fns:
+        fn(rank, world, run_dir)
 
 
 # ------------------------------------------------------------------------------------- models, data
@@ -210,10 +218,16 @@ def _fsdp_parity(rank: int, world: int, run_dir: Path) -> None:
     torch.save(results, run_dir / f"fsdp{rank}.pt")
 
 
-def test_fsdp2_matches_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def parity_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One spawn for the FSDP2 and the DDP comparisons."""
+    return launch(run_all, tmp_path_factory.mktemp("parity"), _fsdp_parity, _ddp_parity, timeout=2 * TIMEOUT)
+
+
+def test_fsdp2_matches_one_process(parity_run):
     """FSDP2 (2 ranks, reshard_after_forward True and False, uneven and empty shards, 8- and 32-bit states in
     one group) against one process on the same global batches, for every optimizer."""
-    run_dir = launch(_fsdp_parity, tmp_path)
+    run_dir = parity_run
     r0, r1 = (torch.load(run_dir / f"fsdp{r}.pt") for r in range(WORLD))
     for key, res in r0.items():
         if key == "layout":
@@ -403,8 +417,9 @@ def _ddp_parity(rank: int, world: int, run_dir: Path) -> None:
     torch.save(results, run_dir / f"ddp{rank}.pt")
 
 
-def test_ddp_matches_one_process(tmp_path):
-    run_dir = launch(_ddp_parity, tmp_path)
+def test_ddp_matches_one_process(parity_run):
+    """DDP with each optimizer matches one process on the same global batches."""
+    run_dir = parity_run
     results = torch.load(run_dir / "ddp0.pt")
     for name, res in results.items():
         lr = LR.get(name, 1e-2)
@@ -437,11 +452,17 @@ def _compiled_step(rank: int, world: int, run_dir: Path) -> None:
     torch.save({"diff": max_diff(*runs), "graphs": graphs}, run_dir / f"compiled{rank}.pt")
 
 
-def test_compiled_fsdp2_step(tmp_path):
+@pytest.fixture(scope="module")
+def docs_and_compile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One spawn for the documentation's examples and the compiled step."""
+    return launch(run_all, tmp_path_factory.mktemp("docs"), _run_docs, _compiled_step, timeout=2 * TIMEOUT)
+
+
+def test_compiled_fsdp2_step(docs_and_compile_run):
     """``torch.compile(opt.step, fullgraph=True)`` over FSDP2 parameters: one graph (no graph break, no
     recompile over three steps) that computes what the eager step does.  (The optimizer step alone: the
     FSDP2 forward/backward are left eager.)"""
-    run_dir = launch(_compiled_step, tmp_path)
+    run_dir = docs_and_compile_run
     for k in range(WORLD):
         res = torch.load(run_dir / f"compiled{k}.pt")
         assert res["graphs"] == 1, res
@@ -455,17 +476,21 @@ def doc_blocks() -> list[str]:
 
 
 def _run_docs(rank: int, world: int, run_dir: Path) -> None:
-    os.chdir(run_dir)
-    namespace: dict[str, Any] = {"__name__": "docs"}
-    for block in doc_blocks():
-        exec(compile(block, str(DOCS), "exec"), namespace)
+    cwd = os.getcwd()
+    os.chdir(run_dir)  # the examples write their checkpoints to relative paths
+    try:
+        namespace: dict[str, Any] = {"__name__": "docs"}
+        for block in doc_blocks():
+            exec(compile(block, str(DOCS), "exec"), namespace)
+    finally:
+        os.chdir(cwd)
     torch.save({"ok": True}, run_dir / f"docs{rank}.pt")
 
 
-def test_docs_examples_run(tmp_path):
+def test_docs_examples_run(docs_and_compile_run):
     """Every code block of docs/distributed.md runs, on 2 ranks, in order."""
     assert len(doc_blocks()) >= 2
-    run_dir = launch(_run_docs, tmp_path)
+    run_dir = docs_and_compile_run
     assert all(torch.load(run_dir / f"docs{k}.pt")["ok"] for k in range(WORLD))
 
 
