@@ -1,13 +1,11 @@
 """Distributed training with qop optimizers: FSDP2, DCP checkpoints, DDP and compiled steps.
 
-Three spawns of 2 processes each (gloo on the CPU, initialised through a file in a temporary directory: no
-ports) run several checks each (starting torch and qop takes seconds per process), write what they measured to
-files and let the parent assert.  Collectives time out after ``TIMEOUT`` seconds and a spawn is killed after
-its own deadline, so a failing rank ends the test (the others are terminated at once) and so does a hung one;
-a spawn whose ranks did not all reach the process group is retried once.
-
-The single-process runs that the distributed ones are compared with see the same global batch: each of the
-two ranks takes half of it, and FSDP2/DDP average the gradients.
+Three spawns of 2 processes and one of 3 (gloo on the CPU, initialised through a file in a temporary directory:
+no ports) run several checks each (starting torch and qop takes seconds per process), write what they measured to
+files and let the parent assert.  A rank that raises ends its spawn at once (the others are terminated);
+collectives time out after ``TIMEOUT`` seconds, so a rank stuck in one fails too; and each spawn is killed
+after its own deadline (a few ``TIMEOUT``, since the machine may be shared), so no test hangs.  A spawn whose
+ranks did not all reach the process group is retried once.
 """
 
 from __future__ import annotations
@@ -59,7 +57,9 @@ def _worker(rank: int, fn: Callable[..., None], world: int, run_dir: str, args: 
         dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., None], tmp_path: Path, *args: Any, world: int = WORLD, timeout: float = TIMEOUT) -> Path:
+def launch(
+    fn: Callable[..., None], tmp_path: Path, *args: Any, world: int = WORLD, timeout: float = 2 * TIMEOUT
+) -> Path:
     """Run ``fn(rank, world, run_dir, *args)`` on ``world`` spawned ranks within ``timeout`` seconds; returns
     ``run_dir``."""
     for attempt in range(2):
@@ -221,7 +221,7 @@ def _fsdp_parity(rank: int, world: int, run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def parity_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One spawn for the FSDP2 and the DDP comparisons."""
-    return launch(run_all, tmp_path_factory.mktemp("parity"), _fsdp_parity, _ddp_parity, timeout=2 * TIMEOUT)
+    return launch(run_all, tmp_path_factory.mktemp("parity"), _fsdp_parity, _ddp_parity, timeout=3 * TIMEOUT)
 
 
 def test_fsdp2_matches_one_process(parity_run):
@@ -330,8 +330,8 @@ def local_block_values(absmax: Tensor, lay: Any) -> Tensor:
 
 def test_dcp_resume_and_reshard(tmp_path):
     """DCP: saved on 2 ranks, resumed on 2 ranks bit-identically; loaded into one process (no process group)
-    exactly as saved, within one code of the states before saving, and training goes on; the gathered state
-    dict and the DCP checkpoint describe the same state."""
+    and on 3 ranks exactly as saved, within one code step of the states before saving, and training goes on;
+    the gathered state dict and the DCP checkpoint describe the same state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict, set_state_dict
 
@@ -397,8 +397,48 @@ def test_dcp_resume_and_reshard(tmp_path):
     xs, ys = batches(base, 6)
     train(model, opt, xs[3:], ys[3:])
     final = r[0]["final"]
-    diff = max(float((p - final[n]).abs().max()) for n, p in model.named_parameters())
+    diff = torch.no_grad()(lambda: max(float((p - final[n]).abs().max()) for n, p in model.named_parameters()))()
     assert diff <= 1e-2, diff
+
+    # and on 3 ranks: other shard boundaries, other blocks split between ranks
+    three_dir = launch(_dcp_load_on_three, tmp_path / "three", run_dir, world=3)
+    for k in range(3):
+        res = torch.load(three_dir / f"three{k}.pt")
+        assert not res["unequal"], res["unequal"]
+        assert res["diff"] <= 1e-2, res["diff"]
+
+
+def _dcp_load_on_three(rank: int, world: int, run_dir: Path, saved: Path) -> None:
+    """Load the 2-rank checkpoint on 3 ranks: the states are the saved ones, training goes on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    base = make_net(uneven=True)
+    model = shard(copy.deepcopy(base))
+    opt = make_opt(CKPT_OPT, model)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=str(saved / "ckpt"))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    gathered = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    expected = torch.load(saved / "gathered.pt", weights_only=False)
+    unequal = [
+        f"{n}.{k}"
+        for n, st in expected["state"].items()
+        for k, v in st.items()
+        if not torch.equal(gathered["state"][n][k], v)
+    ]
+    xs, ys = batches(base, 6)
+    train(model, opt, xs[3:], ys[3:])  # the whole batch on every rank: the averaged gradient is the same
+    final = torch.load(saved / "dcp0.pt", weights_only=False)["final"]
+    with torch.no_grad():
+        diff = max(float((full(p) - final[n]).abs().max()) for n, p in model.named_parameters())
+    torch.save({"unequal": unequal, "diff": diff}, run_dir / f"three{rank}.pt")
 
 
 # ------------------------------------------------------------------------------------------------ DDP
@@ -455,7 +495,7 @@ def _compiled_step(rank: int, world: int, run_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def docs_and_compile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One spawn for the documentation's examples and the compiled step."""
-    return launch(run_all, tmp_path_factory.mktemp("docs"), _run_docs, _compiled_step, timeout=2 * TIMEOUT)
+    return launch(run_all, tmp_path_factory.mktemp("docs"), _run_docs, _compiled_step, timeout=3 * TIMEOUT)
 
 
 def test_compiled_fsdp2_step(docs_and_compile_run):

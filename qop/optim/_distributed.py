@@ -211,21 +211,18 @@ def step_bucket(
     steps: list[Tensor] = []
     for i, (p, g) in enumerate(zip(lp, lg)):
         pf, gf = p.view(-1), g.view(-1)
-        cuts = [0]
-        if plan.heads[i]:
-            h = plan.layouts[i].head
-            cuts.append(h)
-            steps.append(b.steps[i].clone())  # the head entry steps a copy: the op increments each entry's step
-        steps.append(b.steps[i])
-        bounds = [*cuts, pf.numel()]
-        for e in range(len(cuts)):
-            lo, hi = bounds[e], bounds[e + 1]
+        h = plan.layouts[i].head if plan.heads[i] else 0
+        # entries (elements, absmax entries, step): the partial first block on its own, then whole blocks; the
+        # head steps a copy of the step, since the op increments the step of every entry
+        entries = [((0, h), (0, 1), b.steps[i].clone())] if h else []
+        entries.append(((h, pf.numel()), (1 if h else 0, None), b.steps[i]))
+        for (lo, hi), (a0, a1), step in entries:
             P.append(pf[lo:hi])
             G.append(gf[lo:hi])
+            steps.append(step)
             for j in range(k):
                 S[j].append(b.states[j][i].view(-1)[lo:hi])
-                am = b.absmax[j][i]
-                A[j].append(am[:1] if len(cuts) == 2 and e == 0 else am[1:] if len(cuts) == 2 else am)
+                A[j].append(b.absmax[j][i][a0:a1])
     if plan.expand is not None:
         gscale = None if gscale is None else gscale.index_select(0, plan.expand)
         unorm = None if unorm is None else unorm.index_select(0, plan.expand)
