@@ -401,6 +401,7 @@ def test_dcp_resume_and_reshard(tmp_path):
     assert diff <= 1e-2, diff
 
     # and on 3 ranks: other shard boundaries, other blocks split between ranks
+    (tmp_path / "three").mkdir()
     three_dir = launch(_dcp_load_on_three, tmp_path / "three", run_dir, world=3)
     for k in range(3):
         res = torch.load(three_dir / f"three{k}.pt")
