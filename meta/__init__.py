@@ -26,16 +26,16 @@ def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int
 
 
 @torch.library.register_fake("qop::step_32bit")
-def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf) -> None:
+def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None) -> None:
     _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale, found_inf,
-                       torch.float32)
+                       torch.float32, unorm=unorm)
 
 
 @torch.library.register_fake("qop::step_8bit")
 def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-              code1, code2, code3, gscale, found_inf) -> None:
+              code1, code2, code3, gscale, found_inf, unorm=None) -> None:
     _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale, found_inf,
-                       torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3))
+                       torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3), unorm)
 
 
 @torch.library.register_fake("qop::percentile_clip")

@@ -62,6 +62,7 @@ def check_step(
     state_dtype: torch.dtype,
     absmax: Sequence[Sequence[Tensor]] | None = None,
     codes: Sequence[Tensor] | None = None,
+    unorm: Tensor | None = None,
 ) -> None:
     """Validate a step op's arguments (both 32-bit and 8-bit forms)."""
     check(rule in {int(r) for r in Rule}, "rule must be one of {}, got {}", [int(r) for r in Rule], rule)
@@ -81,13 +82,16 @@ def check_step(
     if found_inf is not None:
         check(found_inf.numel() == 1 and found_inf.is_floating_point(),
               "found_inf must be a floating-point scalar tensor, got {} {}", found_inf.dtype, tuple(found_inf.shape))
+    if unorm is not None:
+        check(unorm.dtype == torch.float32 and tuple(unorm.shape) == (n, 2),
+              "unorm must be float32 of shape ({}, 2), got {} {}", n, unorm.dtype, tuple(unorm.shape))
     if absmax is not None:
         for j in range(k):
             check(len(absmax[j]) == n, "absmax{} has {} tensors but params has {}", j + 1, len(absmax[j]), n)
     if n == 0:
         return
     device, dtype = params[0].device, params[0].dtype
-    for name, t in (("hp", hp), ("gscale", gscale), ("found_inf", found_inf)):
+    for name, t in (("hp", hp), ("gscale", gscale), ("found_inf", found_inf), ("unorm", unorm)):
         if t is not None:
             check(t.device == device, "{} is on {} but params are on {}", name, t.device, device)
     for i in range(n):

@@ -25,17 +25,18 @@ def _checked_reference():
         _checks.check_dequantize(A, absmax, code, blocksize, dtype)
         return reference.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
-    def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf):
+    def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None):
         _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale,
-                           found_inf, torch.float32)
-        reference.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf)
+                           found_inf, torch.float32, unorm=unorm)
+        reference.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf,
+                             unorm)
 
     def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                  code1, code2, code3, gscale, found_inf):
+                  code1, code2, code3, gscale, found_inf, unorm=None):
         _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale,
-                           found_inf, torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3))
+                           found_inf, torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3), unorm)
         reference.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3,
-                            steps, hp, code1, code2, code3, gscale, found_inf)
+                            steps, hp, code1, code2, code3, gscale, found_inf, unorm)
 
     def percentile_clip(grads, gnorm_vecs, steps, percentile, prescale):
         _checks.check_percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)

@@ -13,7 +13,10 @@ schedulable hyper-parameter from tensors, so no value is baked into a traced gra
   ``found_inf`` is set), the rule using ``t = steps[i] + 1``;
 * ``gscale`` -- optional float32 vector, one gradient multiplier per tensor (percentile clipping,
   inverse AMP scale);
-* ``found_inf`` -- optional float32 0-d tensor; when non-zero the whole call is a no-op.
+* ``found_inf`` -- optional float32 0-d tensor; when non-zero the whole call is a no-op;
+* ``unorm`` -- optional float32 ``[n, 2]``: per tensor, the squared norms of its update and of itself, summed
+  over the whole parameter when the tensor is one shard of it.  With ``Flag.UNORM_CLIP`` the op then clips
+  with these instead of the norms of the tensors it is given (and skips its first pass); ignored otherwise.
 
 ``percentile_clip`` computes the ``gscale`` of percentile clipping for a whole list of gradients at
 once: it records each gradient's norm in that parameter's 100-entry history and returns the clip
@@ -104,13 +107,13 @@ SCHEMAS: dict[str, str] = {
     "step_32bit": (
         "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
         "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor hp, "
-        "Tensor? gscale, Tensor? found_inf) -> ()"
+        "Tensor? gscale, Tensor? found_inf, Tensor? unorm=None) -> ()"
     ),
     "step_8bit": (
         "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
         "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] absmax1, Tensor(f!)[] absmax2, "
         "Tensor(g!)[] absmax3, Tensor(h!)[] steps, Tensor hp, Tensor code1, Tensor code2, "
-        "Tensor code3, Tensor? gscale, Tensor? found_inf) -> ()"
+        "Tensor code3, Tensor? gscale, Tensor? found_inf, Tensor? unorm=None) -> ()"
     ),
     "percentile_clip": (
         "(Tensor[] grads, Tensor(a!)[] gnorm_vecs, Tensor[] steps, int percentile, Tensor prescale) -> Tensor"

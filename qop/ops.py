@@ -32,10 +32,11 @@ def step_32bit(
     hp: Tensor,
     gscale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    unorm: Tensor | None = None,
 ) -> None:
     """One fused step over a list of tensors with float32 states (``states``: up to three lists)."""
     s1, s2, s3 = [*states, [], [], []][:3]
-    torch.ops.qop.step_32bit(rule, flags, params, grads, s1, s2, s3, steps, hp, gscale, found_inf)
+    torch.ops.qop.step_32bit(rule, flags, params, grads, s1, s2, s3, steps, hp, gscale, found_inf, unorm)
 
 
 def step_8bit(
@@ -50,13 +51,14 @@ def step_8bit(
     codes: Sequence[Tensor],
     gscale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    unorm: Tensor | None = None,
 ) -> None:
     """One fused step over a list of tensors with blockwise 8-bit states and their code books."""
     s1, s2, s3 = [*states, [], [], []][:3]
     a1, a2, a3 = [*absmax, [], [], []][:3]
     c1, c2, c3 = [*codes, codes[0], codes[0], codes[0]][:3]
     torch.ops.qop.step_8bit(rule, flags, params, grads, s1, s2, s3, a1, a2, a3, steps, hp, c1, c2, c3,
-                            gscale, found_inf)
+                            gscale, found_inf, unorm)
 
 
 def percentile_clip(

@@ -148,8 +148,16 @@ def rule_update(
 
 def unorm_scale(u: Tensor, p: Tensor, max_unorm: Tensor) -> Tensor:
     """Update-norm clip: ``max_unorm * ||p|| / ||u||`` when ``||u||`` exceeds ``max_unorm * ||p||``."""
-    unorm = torch.linalg.vector_norm(u)
-    limit = max_unorm * torch.linalg.vector_norm(p)
+    return _clip_scale(torch.linalg.vector_norm(u), torch.linalg.vector_norm(p), max_unorm)
+
+
+def unorm_scale_from_sums(sum_u2: Tensor, sum_p2: Tensor, max_unorm: Tensor) -> Tensor:
+    """:func:`unorm_scale` from the squared norms (e.g. summed over the shards of a parameter)."""
+    return _clip_scale(torch.sqrt(sum_u2.float()), torch.sqrt(sum_p2.float()), max_unorm)
+
+
+def _clip_scale(unorm: Tensor, pnorm: Tensor, max_unorm: Tensor) -> Tensor:
+    limit = max_unorm * pnorm
     clip = (max_unorm > 0) & (unorm > limit)
     return torch.where(clip, limit / torch.where(clip, unorm, torch.ones_like(unorm)), 1.0)
 
@@ -163,15 +171,20 @@ def _apply(
     step: Tensor,
     hp: Tensor,
     gscale: Tensor | None,
+    unorm: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """One parameter's step in float32: returns the new parameter and new states."""
+    """One parameter's step in float32: returns the new parameter and new states (``unorm``: given squared
+    norms of the update and of the parameter, used by the update-norm clip instead of this tensor's)."""
     pf = p.float().reshape(-1)
     gf = g.float().reshape(-1)
     if gscale is not None:
         gf = gf * gscale
     t = step.float() + 1
     new, u, lr_eff, decay = rule_update(rule, flags, pf, gf, states, t, hp.float())
-    scale = unorm_scale(u, pf, hp[HP.MAX_UNORM]) if flags & Flag.UNORM_CLIP else 1.0
+    scale: Tensor | float = 1.0
+    if flags & Flag.UNORM_CLIP:
+        scale = (unorm_scale(u, pf, hp[HP.MAX_UNORM]) if unorm is None
+                 else unorm_scale_from_sums(unorm[0], unorm[1], hp[HP.MAX_UNORM]))
     return pf * decay - lr_eff * scale * u, new
 
 
@@ -187,13 +200,15 @@ def step_32bit(
     hp: Tensor,
     gscale: Tensor | None,
     found_inf: Tensor | None,
+    unorm: Tensor | None = None,
 ) -> None:
     """Reference of ``qop::step_32bit``: float32 states, updated in place."""
     lists = [state1, state2, state3]
     for i, (p, g) in enumerate(zip(params, grads)):
         k = n_states(rule, flags, bool(state1))
         states = [lists[j][i].reshape(-1) for j in range(k)]
-        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i))
+        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i),
+                            None if unorm is None else unorm[i])
         keep = _keep(found_inf, p.device)
         p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
         for old, s in zip(states, new):
@@ -219,6 +234,7 @@ def step_8bit(
     code3: Tensor,
     gscale: Tensor | None,
     found_inf: Tensor | None,
+    unorm: Tensor | None = None,
 ) -> None:
     """Reference of ``qop::step_8bit``: blockwise 8-bit states, dequantized, stepped, requantized."""
     codes = [code1, code2, code3]
@@ -229,7 +245,8 @@ def step_8bit(
             dequantize_blockwise(qs[j][i], ams[j][i], codes[j], BLOCKSIZE, torch.float32).reshape(-1)
             for j in range(k)
         ]
-        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i))
+        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i),
+                            None if unorm is None else unorm[i])
         keep = _keep(found_inf, p.device)
         p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
         for j, s in enumerate(new):

@@ -118,6 +118,7 @@ class StepInputs:
     codes: list[Tensor]
     gscale: Tensor | None = None
     found_inf: Tensor | None = None
+    unorm: Tensor | None = None
 
     def clone(self) -> StepInputs:
         def c(ts):
@@ -127,16 +128,18 @@ class StepInputs:
             self, params=c(self.params), states=[c(s) for s in self.states], absmax=[c(a) for a in self.absmax],
             steps=c(self.steps), hp=self.hp.clone(),
             gscale=None if self.gscale is None else self.gscale.clone(),
-            found_inf=None if self.found_inf is None else self.found_inf.clone())
+            found_inf=None if self.found_inf is None else self.found_inf.clone(),
+            unorm=None if self.unorm is None else self.unorm.clone())
 
     def args(self, grads: list[Tensor]) -> tuple:
         k = self.case.n_states
         states = self.states + [[] for _ in range(3 - k)]
         head = (int(self.case.rule), int(self.case.flags), self.params, grads, *states)
+        tail = () if self.unorm is None else (self.unorm,)
         if self.bits == 32:
-            return (*head, self.steps, self.hp, self.gscale, self.found_inf)
+            return (*head, self.steps, self.hp, self.gscale, self.found_inf, *tail)
         absmax = self.absmax + [[] for _ in range(3 - k)]
-        return (*head, *absmax, self.steps, self.hp, *self.codes, self.gscale, self.found_inf)
+        return (*head, *absmax, self.steps, self.hp, *self.codes, self.gscale, self.found_inf, *tail)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the op may write."""
@@ -185,6 +188,21 @@ def make_grads(params: list[Tensor], step: int) -> list[Tensor]:
             g.view(-1)[BLOCKSIZE: 2 * BLOCKSIZE] = 0
         grads.append(g)
     return grads
+
+
+def update_sums(inp: StepInputs, grads: list[Tensor]) -> Tensor:
+    """Per tensor, the squared norms of its update and of itself (what the ``unorm`` input carries)."""
+    case, rows = inp.case, []
+    for i, (p, g) in enumerate(zip(inp.params, grads)):
+        states = [reference.dequantize_blockwise(inp.states[j][i], inp.absmax[j][i], inp.codes[j], BLOCKSIZE,
+                                                 torch.float32).reshape(-1) if inp.bits == 8
+                  else inp.states[j][i].reshape(-1) for j in range(case.n_states)]
+        gf = g.float().reshape(-1) * (1.0 if inp.gscale is None else inp.gscale[i])
+        pf = p.float().reshape(-1)
+        _, u, _, _ = reference.rule_update(case.rule, case.flags & ~Flag.UNORM_CLIP, pf, gf, states,
+                                           inp.steps[i] + 1, inp.hp)
+        rows.append(torch.stack([u.square().sum(), pf.square().sum()]))
+    return torch.stack(rows).float() if rows else torch.zeros(0, 2)
 
 
 def step_op(bits: int):
@@ -338,6 +356,14 @@ def _step_samples():
                 return inp.args(make_grads(inp.params, 0))
 
             yield f"step_{bits}bit_{name}_{dtype}", step_op(bits), build
+    for bits in (32, 8):  # with the squared norms of a whole parameter handed in
+        def build_unorm(bits=bits):
+            inp = make_inputs(CASES["lamb"], torch.float32, bits, shapes=[(0,), (257,), (33, 65)], seed=7)
+            grads = make_grads(inp.params, 0)
+            inp.unorm = update_sums(inp, grads)
+            return inp.args(grads)
+
+        yield f"step_{bits}bit_lamb_unorm", step_op(bits), build_unorm
 
 
 def _percentile_samples():
@@ -445,6 +471,43 @@ def test_parallel_matches_reference_and_thread_count(case, bits):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@needs_kernels
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("case", ["lamb", "lars"])
+def test_unorm_pieces_step_like_the_whole(case, bits, impl):
+    """A tensor stepped as two pieces (cut on a block boundary), with the squared norms of the whole handed in
+    through ``unorm``, is stepped as the whole is: what a parameter sharded across ranks relies on."""
+    op = step_op(bits) if impl == "kernel" else step_reference(bits)
+    whole = make_inputs(CASES[case], torch.float32, bits, shapes=[(1000,)], gscale=True)
+    grads = make_grads(whole.params, 0)
+    sums = update_sums(whole, grads)
+    assert float(sums[0, 0]) > 0.02**2 * float(sums[0, 1])  # the clip is active
+    cut = 2 * BLOCKSIZE
+    pieces = whole.clone()
+    pieces.params = [whole.params[0][:cut].clone(), whole.params[0][cut:].clone()]
+    pieces.states = [[s[0][:cut].clone(), s[0][cut:].clone()] for s in whole.states]
+    pieces.absmax = [[a[0][:2].clone(), a[0][2:].clone()] for a in whole.absmax]
+    pieces.steps = [whole.steps[0].clone(), whole.steps[0].clone()]
+    pieces.gscale = whole.gscale.expand(2).clone()
+    pieces.unorm = sums.expand(2, 2).clone()
+    alone = pieces.clone()
+    alone.unorm = None
+    op(*whole.args(grads))
+    op(*pieces.args([grads[0][:cut], grads[0][cut:]]))
+    op(*alone.args([grads[0][:cut], grads[0][cut:]]))
+    joined = torch.cat(pieces.params)
+    torch.testing.assert_close(joined, whole.params[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.cat(alone.params), whole.params[0], rtol=1e-5, atol=1e-6)  # norms matter
+    for j in range(CASES[case].n_states):
+        got = torch.cat(pieces.states[j])
+        if bits == 32:
+            torch.testing.assert_close(got, whole.states[j][0], rtol=1e-5, atol=1e-7)
+        else:
+            assert int((got.int() - whole.states[j][0].int()).abs().max()) <= 1
+    assert all(float(s) == 1 for s in pieces.steps)
 
 
 # ------------------------------------------------------------------------------------------ found_inf
@@ -648,6 +711,9 @@ def _step_errors():
         ("found_inf_shape", lambda inp, grads: (_set(inp, found_inf=torch.zeros(2)), grads), r"found_inf"),
         ("found_inf_dtype", lambda inp, grads: (_set(inp, found_inf=torch.zeros((), dtype=torch.int32)), grads),
          r"found_inf"),
+        ("unorm_shape", lambda inp, grads: (_set(inp, unorm=torch.zeros(2)), grads), r"unorm"),
+        ("unorm_dtype", lambda inp, grads: (_set(inp, unorm=torch.zeros(2, 2, dtype=torch.float64)), grads),
+         r"unorm"),
         ("state_count", lambda inp, grads: (_set(inp, states=[inp.states[0][:1], inp.states[1]]), grads), r"state1"),
         ("state_numel", state0(lambda s: s[:-1].clone()), r"state1\[0\]"),
         ("state_non_contiguous", state0(lambda s: torch.empty_like(s.repeat(2))[::2]), r"state1\[0\]"),

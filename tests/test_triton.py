@@ -765,3 +765,19 @@ def test_paged_managed_memory():
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(RuntimeError, match="free"):
         paged.paged_empty((free // 4 + 2**28,), dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.parametrize("multi", [True, False], ids=["multi", "single"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_step_given_unorm(bits, multi):
+    """With ``unorm`` (the squared norms of whole sharded parameters) the kernel clips with those, as the
+    reference does, and leaves the tensor it was given unchanged."""
+    problem = Problem(CASES[3], torch.float32, bits)  # lamb
+    unorm = torch.rand(len(problem.params), 2, generator=torch.Generator().manual_seed(3)).to(DEVICE) * 50
+    unorm[:, 1] *= 1e-3  # a small ||p||: the clip is active
+    given = unorm.clone()
+    expected = problem.clone()
+    problem.run(_step, unorm=unorm, multi=multi, **SMALL)
+    expected.run(reference, unorm=unorm)
+    assert_same_step(problem, expected)
+    assert torch.equal(unorm, given)

@@ -102,7 +102,8 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                       const std::array<at::TensorList, 3>& states, at::TensorList steps, const at::Tensor& hp,
                       const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
                       at::ScalarType state_dtype, const std::array<at::TensorList, 3>* absmax = nullptr,
-                      const std::array<const at::Tensor*, 3>* codes = nullptr) {
+                      const std::array<const at::Tensor*, 3>* codes = nullptr,
+                      const std::optional<at::Tensor>& unorm = std::nullopt) {
   TORCH_CHECK_VALUE(rule >= ADAM && rule <= ADEMAMIX, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
   TORCH_CHECK_VALUE(flags >= 0 && (flags & ~static_cast<int64_t>(ALL_FLAGS)) == 0,
                     "qop: flags must be a combination of qop.Flag, got ", flags);
@@ -134,6 +135,12 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                       "qop: found_inf must be a floating-point scalar tensor, got ", found_inf->scalar_type(), " ",
                       found_inf->sizes());
   }
+  if (unorm.has_value()) {
+    TORCH_CHECK_VALUE(unorm->scalar_type() == at::kFloat && unorm->dim() == 2 && unorm->size(0) == n &&
+                          unorm->size(1) == 2,
+                      "qop: unorm must be float32 of shape (", n, ", 2), got ", unorm->scalar_type(), " ",
+                      unorm->sizes());
+  }
   if (n == 0) return k;
   const auto device = params[0].device();
   const auto dtype = params[0].scalar_type();
@@ -145,6 +152,10 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
   if (found_inf.has_value()) {
     TORCH_CHECK_VALUE(found_inf->device() == device, "qop: found_inf is on ", found_inf->device(),
                       " but params are on ", device);
+  }
+  if (unorm.has_value()) {
+    TORCH_CHECK_VALUE(unorm->device() == device, "qop: unorm is on ", unorm->device(), " but params are on ",
+                      device);
   }
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];

@@ -562,6 +562,7 @@ struct StepCall {
   std::array<const Quantizer*, 3> quant{};
   std::vector<Item> items;
   std::vector<int64_t> cost;  // prefix sums of item costs, size items + 1
+  const float* given_norms = nullptr;  // the op's `unorm`: per job, sums of u^2 and p^2 (null: computed here)
 };
 
 constexpr int64_t kChunk = 16 * kBlocksize;  // elements per work item
@@ -758,10 +759,17 @@ void run_pass(const StepCall& call, std::vector<double>* partial) {
   });
 }
 
-// reference.unorm_scale from the per-item partial sums, then lrs = lr_eff * scale.
-void apply_unorm_scales(StepCall& call, const std::vector<double>& partial, float max_unorm) {
+// reference.unorm_scale from the per-item partial sums (or, when `given` is set, from its per-tensor sums:
+// the squared norms of a whole sharded parameter), then lrs = lr_eff * scale.
+void apply_unorm_scales(StepCall& call, const std::vector<double>& partial, float max_unorm, const float* given) {
   std::vector<double> uu(call.jobs.size(), 0.0), pp(call.jobs.size(), 0.0);
-  for (size_t i = 0; i < call.items.size(); ++i) {  // in item order: deterministic for any thread count
+  if (given != nullptr) {
+    for (size_t t = 0; t < call.jobs.size(); ++t) {
+      uu[t] = given[2 * t];
+      pp[t] = given[2 * t + 1];
+    }
+  }
+  for (size_t i = 0; given == nullptr && i < call.items.size(); ++i) {  // in item order: deterministic
     uu[call.items[i].job] += partial[2 * i];
     pp[call.items[i].job] += partial[2 * i + 1];
   }
@@ -777,9 +785,12 @@ void apply_unorm_scales(StepCall& call, const std::vector<double>& partial, floa
 template <int R, int F, class PT, bool Q8>
 void run_step(StepCall& call, bool unorm, float max_unorm) {
   if (unorm) {
-    std::vector<double> partial(2 * call.items.size(), 0.0);
-    run_pass<R, F, PT, Q8, true>(call, &partial);
-    apply_unorm_scales(call, partial, max_unorm);
+    std::vector<double> partial;
+    if (call.given_norms == nullptr) {
+      partial.assign(2 * call.items.size(), 0.0);
+      run_pass<R, F, PT, Q8, true>(call, &partial);
+    }
+    apply_unorm_scales(call, partial, max_unorm, call.given_norms);
   }
   run_pass<R, F, PT, Q8, false>(call, nullptr);
 }
@@ -900,9 +911,10 @@ Consts make_consts(int rule, int flags, const float* h, float t, float gs) {
 void step_cpu(bool q8, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
               const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
               at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
-              const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& unorm) {
   const int k = check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf,
-                           q8 ? at::kByte : at::kFloat, absmax, codes);
+                           q8 ? at::kByte : at::kFloat, absmax, codes, unorm);
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // the whole call is a no-op
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) return;
@@ -919,6 +931,11 @@ void step_cpu(bool q8, int64_t rule, int64_t flags, at::TensorList params, at::T
 
   StepCall call;
   call.jobs.resize(n);
+  at::Tensor unorm_tensor;
+  if (unorm.has_value() && (flags & UNORM_CLIP)) {
+    unorm_tensor = unorm->contiguous();
+    call.given_norms = unorm_tensor.data_ptr<float>();
+  }
   std::shared_ptr<const Quantizer> held[3];
   if (q8) {
     for (int j = 0; j < k; ++j) {
@@ -953,11 +970,11 @@ void step_cpu(bool q8, int64_t rule, int64_t flags, at::TensorList params, at::T
 
   int rflags = static_cast<int>(flags) & ~UNORM_CLIP;
   if (rule == MOMENTUM && k == 1) rflags |= kHasState;
-  const bool unorm = (flags & UNORM_CLIP) != 0;
+  const bool clip = (flags & UNORM_CLIP) != 0;
   if (q8) {
-    dispatch_dtype<true>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, unorm, h[MAX_UNORM]);
+    dispatch_dtype<true>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
   } else {
-    dispatch_dtype<false>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, unorm, h[MAX_UNORM]);
+    dispatch_dtype<false>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
   }
 }
 
@@ -1106,20 +1123,20 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
 void step_32bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
                     at::TensorList state1, at::TensorList state2, at::TensorList state3, at::TensorList steps,
                     const at::Tensor& hp, const std::optional<at::Tensor>& gscale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm) {
   step_cpu(false, rule, flags, params, grads, {state1, state2, state3}, nullptr, steps, hp, nullptr, gscale,
-           found_inf);
+           found_inf, unorm);
 }
 
 void step_8bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads, at::TensorList state1,
                    at::TensorList state2, at::TensorList state3, at::TensorList absmax1, at::TensorList absmax2,
                    at::TensorList absmax3, at::TensorList steps, const at::Tensor& hp, const at::Tensor& code1,
                    const at::Tensor& code2, const at::Tensor& code3, const std::optional<at::Tensor>& gscale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm) {
   const std::array<at::TensorList, 3> absmax{absmax1, absmax2, absmax3};
   const std::array<const at::Tensor*, 3> codes{&code1, &code2, &code3};
   step_cpu(true, rule, flags, params, grads, {state1, state2, state3}, &absmax, steps, hp, &codes, gscale,
-           found_inf);
+           found_inf, unorm);
 }
 
 

@@ -126,7 +126,8 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
                     f"qop: {where}[{am_name!r}] must be float32 with {nb} entries (one per "
                     f"{BLOCKSIZE}-block), got {am.dtype} with {am.numel()}"
                 )
-            if not bool(torch.isfinite(am).all()) or bool((am < 0).any()):
+            whole = _whole(am)
+            if not bool(torch.isfinite(whole).all()) or bool((whole < 0).any()):
                 raise StateDictError(f"qop: {where}[{am_name!r}] must be finite and >= 0")
             if qmap_name in st:
                 q = _tensor(where, qmap_name, st[qmap_name])
@@ -173,6 +174,18 @@ def _check_data(where: str, key: str, t: Tensor) -> None:
         raise StateDictError(f"qop: {where}[{key!r}] holds no data ({t.device.type} device, {t.layout})")
 
 
+def _whole(t: Tensor) -> Tensor:
+    """A DTensor's whole value (a collective; only where a state changes format), any other tensor itself."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def _shaped(t: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """``t`` in ``shape``; left alone when it has it (a sharded DTensor saved like its parameter cannot be
+    flattened without redistribution)."""
+    return t if tuple(t.shape) == tuple(shape) or (shape == (-1,) and t.dim() == 1) else t.reshape(shape)
+
+
 def convert(st: dict[str, Any], p: Tensor, n_states: int, bits: int, signed: tuple[bool, ...]) -> dict[str, Any]:
     """A validated loaded state as a new dict in the optimizer's layout: on ``p``'s device, float32 step, states
     in ``bits`` (quantized, dequantized or requantized to our code books where they differ)."""
@@ -185,19 +198,19 @@ def convert(st: dict[str, Any], p: Tensor, n_states: int, bits: int, signed: tup
         t = st[name].detach().to(p.device)
         ours = dynamic_map(signed[j], p.device)
         if t.dtype == torch.uint8:
-            absmax = st[am_name].detach().to(p.device).reshape(-1).contiguous()
+            absmax = _shaped(st[am_name].detach().to(p.device), (-1,))
             theirs = st.get(QMAP_KEYS[j])
             code = ours if theirs is None else theirs.detach().to(p.device, torch.float32).reshape(-1)
-            t = t.reshape(-1).contiguous()
-            if bits == 8 and torch.equal(code, ours):
-                out[name], out[am_name] = t.clone().reshape(p.shape), absmax.clone()
+            if bits == 8 and torch.equal(code, ours):  # kept as saved (a DTensor keeps its layout)
+                out[name], out[am_name] = _shaped(t, p.shape).contiguous().clone(), absmax.contiguous().clone()
                 continue
-            t = ops.dequantize_blockwise(t, absmax, code, BLOCKSIZE, torch.float32)
+            t = ops.dequantize_blockwise(_whole(t).reshape(-1).contiguous(), _whole(absmax).contiguous(), code,
+                                         BLOCKSIZE, torch.float32)
         if bits == 8:
-            codes, absmax = ops.quantize_blockwise(t.reshape(-1).contiguous(), ours, BLOCKSIZE)
+            codes, absmax = ops.quantize_blockwise(_whole(t).reshape(-1).contiguous(), ours, BLOCKSIZE)
             out[name], out[am_name] = codes.reshape(p.shape), absmax
         else:
-            out[name] = t.reshape(p.shape).contiguous().clone()
+            out[name] = _shaped(t, p.shape).contiguous().clone()
     if "gnorm_vec" in st:
         out["gnorm_vec"] = st["gnorm_vec"].detach().to(p.device, torch.float32).reshape(-1).clone()
     return out

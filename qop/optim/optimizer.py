@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import ops, paged
 from .._maps import dynamic_map
 from .._schema import BLOCKSIZE, HISTORY, HP, HP_SIZE, Flag, Rule, n_states
-from . import _state_dict
+from . import _distributed, _state_dict
 from ._args import number
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
 from ._state_dict import STATE_KEYS as _STATE_KEYS
@@ -85,6 +85,7 @@ class _Bucket:
     percentiles: list[int] = field(default_factory=list)
     clips: list[_Clip] = field(default_factory=list)  # the tensors clipped, one entry per percentile
     paged: list[Tensor] = field(default_factory=list)
+    shard: Any = None  # DTensor params: the bucket key's (mesh, placements), then a _distributed.ShardPlan
 
     def tensors(self) -> Iterable[Tensor]:
         """The optimizer's own tensors (not the params, which dynamo marks static itself)."""
@@ -283,19 +284,23 @@ class QopOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        bits = self._bits(group, p)
+        bits = self._bits(group, p)  # on the global size, for a DTensor
         nblocks = -(-p.numel() // BLOCKSIZE)
+        like = p
+        if _distributed.is_sharded(p):  # states of the local shard only (see _distributed)
+            nblocks = _distributed.n_blocks(p) if bits == 8 else 0
+            like = _distributed.local(p)
         for j in range(self.n_states(group)):
             init = self.initial_state(group, j)
             if bits == 8:
-                q = self._zeros(group, p, torch.uint8)
-                absmax = self._zeros(group, p, torch.float32, nblocks)
+                q = self._zeros(group, like, torch.uint8)
+                absmax = self._zeros(group, like, torch.float32, nblocks)
                 if init:  # every element equals absmax: code 1.0, the last entry of both maps
                     q.fill_(255)
                     absmax.fill_(init)
                 state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
             else:
-                state[_STATE_KEYS[j]] = self._zeros(group, p, torch.float32).fill_(init)
+                state[_STATE_KEYS[j]] = self._zeros(group, like, torch.float32).fill_(init)
 
     def _percentile(self, group: dict[str, Any], p: Tensor) -> int:
         return GlobalOptimManager.get_instance().config_for(p).get("percentile_clipping", group["percentile_clipping"])
@@ -404,6 +409,9 @@ class QopOptimizer(torch.optim.Optimizer):
                 hp = hp.to(b.device)
             if b.hp_slots is not None:  # per-parameter overrides (GlobalOptimManager)
                 hp = hp.index_put((b.hp_slots,), b.hp_values)
+            if b.shard is not None:  # DTensor params (FSDP2): the op runs on local shards, norms are global
+                _distributed.step_bucket(self, b, params, grads, hp, flags, grad_scale, found_inf)
+                continue
             gscale = self._gscale(b, grads, grad_scale)
             fi = None if found_inf is None else found_inf.to(b.device)
             if b.bits == 8:
@@ -445,12 +453,13 @@ class QopOptimizer(torch.optim.Optimizer):
             bits = 8 if "absmax1" in st else 32
             override = manager.hp_override(p, self.hp_keys)
             # overridden hyper-parameters get a bucket of their own
-            bkey = (p.device, p.dtype, bits, id(p) if override else None)
+            shard = _distributed.shard_key(p)  # DTensor params: a bucket per mesh and placements
+            bkey = (p.device, p.dtype, bits, id(p) if override else None, shard)
             b = buckets.get(bkey)
             if b is None:
                 codes = self._codes[p.device] if bits == 8 else []
                 b = buckets[bkey] = _Bucket(bits, p.device, codes=codes, states=[[] for _ in range(k)],
-                                            absmax=[[] for _ in range(k)] if bits == 8 else [])
+                                            absmax=[[] for _ in range(k)] if bits == 8 else [], shard=shard)
                 if override:
                     b.hp_slots = torch.tensor(list(override), dtype=torch.long).to(p.device)
                     b.hp_values = torch.tensor(list(override.values()), dtype=torch.float32).to(p.device)
@@ -469,6 +478,8 @@ class QopOptimizer(torch.optim.Optimizer):
             if self._paged(group, p):
                 b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
         for b in buckets.values():
+            if b.shard is not None:
+                b.shard = _distributed.ShardPlan.build(b.params, b.bits, b.device)
             by_percentile: dict[int, list[int]] = {}
             for i, k in enumerate(b.percentiles):
                 if k < 100:
@@ -519,6 +530,7 @@ class QopOptimizer(torch.optim.Optimizer):
             for key in _MOMENTUM_BOUNDS:
                 if isinstance(g.get(key), Tensor):
                     g[key] = float(g[key])
+        _distributed.export_state(self, sd)  # DTensor params: the unsharded format (a collective)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -610,6 +622,7 @@ class QopOptimizer(torch.optim.Optimizer):
         self.state.update(new_state)
         self._plans.clear()
         self._static.clear()
+        _distributed.localize_states(self)  # DTensor params: back to their local shards
 
 
 def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:

@@ -111,14 +111,14 @@ def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
     return _quant.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
 
-def _step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf):
-    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf)
+def _step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None):
+    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm)
 
 
 def _step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-               code1, code2, code3, gscale, found_inf):
+               code1, code2, code3, gscale, found_inf, unorm=None):
     _step.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                    code1, code2, code3, gscale, found_inf)
+                    code1, code2, code3, gscale, found_inf, unorm)
 
 
 # ----------------------------------------------------------------------------- traced (decomposition)
@@ -130,15 +130,16 @@ def _dequantize_blockwise_traced(A, absmax, code, blocksize, dtype):
     return _quant.dequantize_blockwise(A, absmax, code, blocksize, dtype, traced=True)
 
 
-def _step_32bit_traced(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf):
-    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf,
+def _step_32bit_traced(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf,
+                       unorm=None):
+    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm,
                      multi=False)
 
 
 def _step_8bit_traced(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                      code1, code2, code3, gscale, found_inf):
+                      code1, code2, code3, gscale, found_inf, unorm=None):
     _step.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                    code1, code2, code3, gscale, found_inf, multi=False)
+                    code1, code2, code3, gscale, found_inf, unorm, multi=False)
 
 
 def _percentile_clip(grads, gnorm_vecs, steps, percentile, prescale):

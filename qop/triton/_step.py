@@ -350,11 +350,15 @@ def _n_states(rule: int, flags: int, state1: Sequence[Tensor]) -> int:
     return n_states(rule, flags, len(state1) > 0)
 
 
-def _passes(flags: int) -> tuple[int, ...]:
-    return (1, 2) if flags & Flag.UNORM_CLIP else (0,)
+def _passes(flags: int, unorm: Tensor | None) -> tuple[int, ...]:
+    """Launches of a step: the whole step, or with UNORM_CLIP the norms then the step (the norms alone when
+    ``unorm`` gives them: they are copied into the sums that the second pass reads and resets)."""
+    if not flags & Flag.UNORM_CLIP:
+        return (0,)
+    return (2,) if unorm is not None else (1, 2)
 
 
-def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf,
+def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm,
                chunk: int | None, config: dict | None) -> None:
     """One launch (two with UNORM_CLIP) over all tensors, driven by cached device metadata."""
     n = len(params)
@@ -377,13 +381,15 @@ def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gsc
     like_absmax = [absmax[j][0] if quant and j < k else hp for j in range(3)]
     args = _args(params[0], grads[0], like, like_absmax, steps[0], codes, hp, gscale, found_inf,
                  meta.table, meta.chunks, meta.work, meta.norms, 0, 0, total)
-    for pass_ in _passes(flags):
+    if unorm is not None and flags & Flag.UNORM_CLIP:
+        meta.norms.copy_(unorm)
+    for pass_ in _passes(flags, unorm):
         consts = _consts(rule, flags, k, quant, pass_, True, gscale, found_inf, meta.aligned, chunk)
         key = ("step", total.bit_length(), params[0].dtype, *consts.values())
         launch(_step_multi, (meta.n_chunks,), key, params[0].device, config, **args, **consts)
 
 
-def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf,
+def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm,
                 chunk: int | None, config: dict | None) -> None:
     """One launch per tensor with every tensor an explicit argument: what torch.compile traces."""
     n = len(params)
@@ -394,6 +400,8 @@ def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gs
     chunk = chunk or mt.CHUNK
     work = torch.zeros(1 + n, dtype=torch.int32, device=hp.device)
     norms = torch.zeros(n, 2, dtype=torch.float32, device=hp.device) if flags & Flag.UNORM_CLIP else hp
+    if unorm is not None and flags & Flag.UNORM_CLIP:
+        norms = unorm.clone()  # the second pass resets the sums it reads: never the caller's tensor
     for i in range(n):
         numel = params[i].numel()
         st = [states[j][i] if j < k else hp for j in range(3)]
@@ -401,7 +409,7 @@ def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gs
         args = _args(params[i], grads[i], st, am, steps[i], codes, hp, gscale, found_inf, hp, hp, work, norms,
                      numel, i, numel)
         grid = (mt.n_programs(numel, chunk),)
-        for pass_ in _passes(flags):
+        for pass_ in _passes(flags, unorm):
             consts = _consts(rule, flags, k, quant, pass_, False, gscale, found_inf, False, chunk)
             if config is not None or is_interpreted(_step_single):
                 key = ("step1", tuning_size(numel), params[i].dtype, *consts.values())
@@ -432,14 +440,14 @@ def _consts(rule, flags, n_states, quant, pass_, multi, gscale, found_inf, align
 
 
 def _step(multi: bool, rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf,
-          chunk, config) -> None:
+          unorm, chunk, config) -> None:
     if config is not None and (config["BLOCK"] % BLOCKSIZE or config["BLOCK"] <= 0):
         raise ValueError(f"qop: BLOCK must be a positive multiple of {BLOCKSIZE}, got {config['BLOCK']}")
     run = _run_multi if multi else _run_single
-    run(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, chunk, config)
+    run(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm, chunk, config)
 
 
-def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, *,
+def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None, *,
                multi: bool = True, chunk: int | None = None, config: dict | None = None) -> None:
     """``qop::step_32bit`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors).
 
@@ -447,14 +455,16 @@ def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gs
     ``chunk`` / ``config`` (``{"BLOCK": ..., "num_warps": ...}``) override the defaults, for tests.
     """
     states = (state1, state2, state3)
-    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.float32)
-    _step(multi, rule, flags, params, grads, states, None, steps, hp, None, gscale, found_inf, chunk, config)
+    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.float32, unorm=unorm)
+    _step(multi, rule, flags, params, grads, states, None, steps, hp, None, gscale, found_inf, unorm, chunk, config)
 
 
 def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-              code1, code2, code3, gscale, found_inf, *, multi: bool = True, chunk: int | None = None,
+              code1, code2, code3, gscale, found_inf, unorm=None, *, multi: bool = True, chunk: int | None = None,
               config: dict | None = None) -> None:
     """``qop::step_8bit`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors); see :func:`step_32bit`."""
     states, absmax, codes = (state1, state2, state3), (absmax1, absmax2, absmax3), (code1, code2, code3)
-    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.uint8, absmax, codes)
-    _step(multi, rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, chunk, config)
+    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.uint8, absmax, codes,
+                       unorm)
+    _step(multi, rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm, chunk,
+          config)
