@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,9 +34,9 @@ from torch import Tensor
 
 from .. import ops, paged
 from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY, HP, HP_SIZE, Flag, Rule, n_states
-from . import _distributed, _state_dict
-from ._args import number
+from .._schema import BLOCKSIZE, HISTORY, Flag, Rule, n_states
+from . import _distributed, _hparams, _state_dict, _torch_internals
+from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
 from ._state_dict import STATE_KEYS as _STATE_KEYS
 from .manager import GlobalOptimManager
@@ -48,12 +46,8 @@ ENGINE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise
 #: Engine keys that say how states are stored: ``load_state_dict`` keeps the optimizer's own and converts the
 #: loaded states to that format (a 32-bit state dict loads into an 8-bit optimizer, and back).
 FORMAT_KEYS = ("optim_bits", "min_8bit_size", "block_wise", "is_paged")
-#: OneCycleLR/CyclicLR keep their momentum bounds in each group; as device tensors they make OneCycleLR's
-#: annealed momentum a tensor, which the next step copies into ``hp`` with no recompile (see ``_sync_hp``).
-_MOMENTUM_BOUNDS = ("max_momentum", "base_momentum")
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
-HPSlot = HP | tuple[HP, ...]
 
 
 @dataclass
@@ -166,7 +160,8 @@ class QopOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._init_runtime()
         for group in self.param_groups:
-            self._bind_views(group, {k: group[k] for k in self.hp_keys if k in group})
+            self._hp_views.append(_hparams.bind_views(self.hp_keys, group, {k: group[k] for k in self.hp_keys
+                                                                              if k in group}))
             self._add_codes(group["params"])
 
     @property
@@ -194,16 +189,7 @@ class QopOptimizer(torch.optim.Optimizer):
 
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's arguments; every error names the argument."""
-        for key, slot in self.hp_keys.items():
-            if key not in group:
-                continue
-            value = group[key]
-            if isinstance(slot, tuple):
-                _check_tuple(key, value, len(slot))
-                for i, v in enumerate(value):
-                    _check_hp(f"{key}[{i}]", number(f"{key}[{i}]", v), unit=True)
-            else:
-                _check_hp(key, number(key, value), unit=False)
+        _hparams.check_values(self.hp_keys, group)
         bits = group.get("optim_bits", 32)
         if bits not in (8, 32) or isinstance(bits, bool):
             raise ValueError(f"qop: optim_bits must be 8 or 32, got {bits!r}")
@@ -231,32 +217,9 @@ class QopOptimizer(torch.optim.Optimizer):
 
     def _bind_hp(self, group: dict[str, Any]) -> None:
         params = group["params"]
-        device = params[0].device if params else torch.device("cpu")
-        values = [0.0] * HP_SIZE
-        for key, slot in self.hp_keys.items():
-            if key not in group:
-                continue
-            if isinstance(slot, tuple):
-                for s, v in zip(slot, group[key]):
-                    values[s] = number(key, v)
-            else:
-                values[slot] = number(key, group[key])
-        group["hp"] = torch.tensor(values, dtype=torch.float32).to(device)
-        self._bind_views(group)
+        group["hp"] = _hparams.new_vector(self.hp_keys, group, params[0].device if params else torch.device("cpu"))
+        self._hp_views.append(_hparams.bind_views(self.hp_keys, group))
         self._add_codes(params)
-
-    def _bind_views(self, group: dict[str, Any], values: dict[str, Any] | None = None) -> None:
-        """Make each hyper-parameter key of the group a 0-d view of ``group["hp"]`` (after copying ``values``)."""
-        hp = group["hp"]
-        views: dict[str, Any] = {}
-        for key, slot in self.hp_keys.items():
-            if key not in group:
-                continue
-            views[key] = tuple(hp[s] for s in slot) if isinstance(slot, tuple) else hp[slot]
-            if values is not None and key in values:
-                _store_hp(hp, key, slot, values[key], views[key])
-            group[key] = views[key]
-        self._hp_views.append(views)
 
     def _add_codes(self, params: Iterable[Tensor]) -> None:
         # code books per device, made here (eagerly) so that a traced first step only looks them up
@@ -324,9 +287,8 @@ class QopOptimizer(torch.optim.Optimizer):
         self._called[0] = True  # ``_opt_called``, read by lr schedulers
         return loss
 
-    # Schedulers wrap ``opt.step`` in a tracking function that dynamo cannot trace; this marker makes them
-    # leave our step alone (it records ``_opt_called`` itself), so a compiled step has no graph break.
-    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    # schedulers leave our step alone (it records ``_opt_called`` itself): a compiled step has no graph break
+    step = _torch_internals.leave_to_lr_schedulers(step)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``, which dynamo refuses to trace; this one ends a compiled
@@ -358,40 +320,13 @@ class QopOptimizer(torch.optim.Optimizer):
                 if has_grad:
                     _check_grad(f"param_groups[{index}]['params'][{i}]", p, p.grad)
             if not torch.compiler.is_compiling():
-                for key, view in self._hp_views[index].items():
-                    if not _holds(group[key], view):
-                        _check_assigned(key, self.hp_keys[key], group[key], view)
+                _hparams.check_assigned_in(self.hp_keys, self._hp_views[index], group)
 
     def _sync_hp(self, index: int, group: dict[str, Any]) -> None:
-        """Copy hyper-parameters that were *assigned* to the group into ``hp`` in place; put the views back.
-
-        Schedulers fill ``group["lr"]`` in place, but OneCycleLR/CyclicLR assign ``group["betas"] = (m, ...)``
-        and users may write ``group["weight_decay"] = 0.1``.  A key still holding its view costs an identity
-        test (a guard when compiled).  An assigned tensor is copied on the device (no recompile when compiled);
-        an assigned Python number is a constant of the first compiled graph, so its first change recompiles
-        once (dynamo then makes it a graph input).  OneCycleLR's momentum bounds are turned into tensors on
-        ``hp``'s device so that the momentum it assigns at every step is a tensor.  A captured CUDA graph sees
-        in-place changes only.
-
-        In eager mode a displaced view is first detached from ``hp`` (it keeps its value) and the key gets a fresh
-        view: whoever put the view aside and puts it back later restores the value it had, as with any tensor.
-        ``torch.distributed.checkpoint``'s state-dict helpers do exactly that with ``lr`` around a step.
-        """
-        hp = group["hp"]
-        views = self._hp_views[index]
-        for key, view in views.items():
-            value = group[key]
-            if _holds(value, view):
-                continue
-            slot = self.hp_keys[key]
-            if not torch.compiler.is_compiling():
-                view = views[key] = _detach_displaced(hp, slot, value, view)
-            _store_hp(hp, key, slot, value, view)
-            group[key] = view
-        for key in _MOMENTUM_BOUNDS:
-            value = group.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                group[key] = torch.full((), value, dtype=torch.float32, device=hp.device)
+        """Copy hyper-parameters that were *assigned* to the group into ``hp``; put the views back (see
+        :mod:`qop.optim._hparams`: OneCycleLR/CyclicLR assign ``betas``, users ``group["lr"] = 1e-4``, DCP's
+        state-dict helpers set ``lr`` aside and put it back)."""
+        _hparams.sync(self.hp_keys, self._hp_views[index], group)
 
     def _step_group(
         self, group: dict[str, Any], plan: list[_Bucket], grad_scale: Tensor | None, found_inf: Tensor | None
@@ -508,36 +443,24 @@ class QopOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ state dicts
     # torch.optim runs its state-dict hooks inside ``state_dict``/``load_state_dict``; ours run them around our
-    # own work so that post-hooks see what ``state_dict()`` returns and load hooks run at all.  Hook tables:
-    # ``_optimizer_{load_,}state_dict_{pre,post}_hooks`` (torch.optim.Optimizer, checked on torch 2.11-2.13).
-    @torch._disable_dynamo
+    # own work so that post-hooks see what ``state_dict()`` returns and load hooks run at all.
+    @_torch_internals.disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """Like torch.optim's, with hyper-parameters as plain numbers and the ``hp`` vector left out."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+        for pre_hook in _torch_internals.state_dict_hooks(self, "pre"):
             pre_hook(self)
-        hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
-        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = OrderedDict(), OrderedDict()
-        try:
+        with _torch_internals.without_state_dict_hooks(self):
             sd = super().state_dict()
-        finally:
-            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = hooks
         for g in sd["param_groups"]:
-            g.pop("hp", None)
-            for key, slot in self.hp_keys.items():
-                if key in g:
-                    v = g[key]
-                    g[key] = tuple(float(x) for x in v) if isinstance(slot, tuple) else float(v)
-            for key in _MOMENTUM_BOUNDS:
-                if isinstance(g.get(key), Tensor):
-                    g[key] = float(g[key])
+            _hparams.export(self.hp_keys, g)
         _distributed.export_state(self, sd)  # DTensor params: the unsharded format (a collective)
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
+        for post_hook in _torch_internals.state_dict_hooks(self, "post"):
             result = post_hook(self, sd)
             if result is not None:
                 sd = result
         return sd
 
-    @torch._disable_dynamo
+    @_torch_internals.disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load our own state dict, a bitsandbytes one (quantized tensors under ``BNB_QUANT_KEY``) or one of
         another qop format (see :mod:`qop.optim._state_dict`).
@@ -550,12 +473,12 @@ class QopOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict):
             raise ValueError(f"qop: state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+        for pre_hook in _torch_internals.load_state_dict_hooks(self, "pre"):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         self._load(self._preprocess_state_dict(state_dict))
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+        for post_hook in _torch_internals.load_state_dict_hooks(self, "post"):
             post_hook(self)
 
     def _preprocess_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -604,20 +527,8 @@ class QopOptimizer(torch.optim.Optimizer):
             for p, st, group, n in entries if st
         }
         # everything is valid: from here on nothing raises
-        for index, (ours, group) in enumerate(zip(self.param_groups, merged)):
-            hp = ours["hp"]
-            views = self._hp_views[index]
-            for key, value in group.items():
-                if key in ("params", "hp"):
-                    continue
-                slot = self.hp_keys.get(key)
-                if slot is None or key not in views:
-                    ours[key] = value
-                    continue
-                with torch.no_grad():
-                    for s, v in zip(slot, value) if isinstance(slot, tuple) else [(slot, value)]:
-                        hp[s].fill_(number(key, v))
-                ours[key] = views[key]
+        for ours, group, views in zip(self.param_groups, merged, self._hp_views):
+            _hparams.load(self.hp_keys, views, ours, group)
         self.state.clear()
         self.state.update(new_state)
         self._plans.clear()
@@ -625,6 +536,7 @@ class QopOptimizer(torch.optim.Optimizer):
         _distributed.localize_states(self)  # DTensor params: back to their local shards
 
 
+@_torch_internals.mark_constant_result
 def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
     """Create the missing states and buckets of the optimizer ``token`` for the parameters flagged in ``haves``.
 
@@ -634,30 +546,16 @@ def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
     gradients that its traced backward is about to produce.
     """
     opt = _LIVE[token]
-    dynamo_loaded = "torch._dynamo" in sys.modules  # (torch.compiler.is_compiling() is False here in 2.11)
+    dynamo_loaded = _torch_internals.dynamo_loaded()
     for index, have in enumerate(haves):  # what building a plan could refuse, before any state is made
         if (index, have) not in opt._plans:
             opt._check_plan(index, have)
     for index, have in enumerate(haves):
         plan = opt._plan(index, have)
         if dynamo_loaded and (index, have) not in opt._static:
-            _mark_static(itertools.chain([opt.param_groups[index]["hp"]], *(b.tensors() for b in plan)))
+            _torch_internals.mark_static(itertools.chain([opt.param_groups[index]["hp"]], *(b.tensors() for b in plan)))
             opt._static.add((index, have))
     return 0
-
-
-# what @torch._dynamo.assume_constant_result does, without importing dynamo with qop
-_prepare._dynamo_marked_constant = True  # type: ignore[attr-defined]
-
-
-def _mark_static(tensors: Iterable[Tensor]) -> None:
-    """Mark the optimizer's tensors as static inputs, as dynamo does for ``torch.optim``'s: CUDA graphs
-    (``mode="reduce-overhead"``) then use them in place, and a graph may mutate them, instead of skipping."""
-    from torch._dynamo import mark_static_address
-
-    for t in tensors:
-        if getattr(t, "_dynamo_static_input_type", None) is None:
-            mark_static_address(t, guard=True)
 
 
 def _check_grad(where: str, p: Tensor, g: Any) -> None:
@@ -673,69 +571,3 @@ def _check_grad(where: str, p: Tensor, g: Any) -> None:
         raise RuntimeError(f"qop: {where}.grad is {g.dtype}, its parameter {p.dtype}")
     if g.device != p.device:
         raise RuntimeError(f"qop: {where}.grad is on {g.device}, its parameter on {p.device}")
-
-
-def _holds(value: Any, view: Any) -> bool:
-    """Whether a group key still holds its view(s) of ``hp`` (nothing was assigned to it)."""
-    if isinstance(view, tuple):
-        return isinstance(value, tuple) and len(value) == len(view) and all(v is w for v, w in zip(value, view))
-    return value is view
-
-
-def _detach_displaced(hp: Tensor, slot: HPSlot, value: Any, view: Any) -> Any:
-    """Give each view displaced by ``value`` its own storage (keeping its value) and return fresh views for them."""
-    if isinstance(slot, tuple):
-        if not isinstance(value, tuple) or len(value) != len(slot):
-            return view  # _store_hp refuses it
-        return tuple(_detach_displaced(hp, s, v, w) for s, v, w in zip(slot, value, view))
-    if value is view:
-        return view
-    with torch.no_grad():
-        view.set_(view.clone())
-    return hp[slot]
-
-
-def _assigned(key: str, slot: HPSlot, value: Any, view: Any) -> list[tuple[str, int, Any]]:
-    """(name, hp slot, value) of each element of an assigned hyper-parameter (a number, a one-element tensor, or
-    a tuple of them) that no longer holds its view."""
-    if isinstance(slot, tuple):
-        _check_tuple(key, value, len(slot))
-        items = [(f"{key}[{i}]", s, v, w) for i, (s, v, w) in enumerate(zip(slot, value, view))]
-    else:
-        items = [(key, slot, value, view)]
-    return [(name, s, v) for name, s, v, w in items if v is not w]
-
-
-def _check_assigned(key: str, slot: HPSlot, value: Any, view: Any) -> None:
-    """An assigned hyper-parameter that ``hp`` accepts."""
-    for name, _, v in _assigned(key, slot, value, view):
-        if isinstance(v, Tensor):
-            if v.numel() != 1 or v.is_complex():
-                raise ValueError(f"qop: {name} must be a number or a one-element real tensor, got {v.dtype} of shape "
-                                 f"{tuple(v.shape)}")
-        else:
-            _check_hp(name, number(name, v), unit=isinstance(slot, tuple))
-
-
-def _check_tuple(key: str, value: Any, n: int) -> None:
-    if isinstance(value, Tensor) or not isinstance(value, (tuple, list)) or len(value) != n:
-        raise ValueError(f"qop: {key} must be a tuple of {n} numbers, got {value!r}")
-
-
-def _check_hp(name: str, value: float, unit: bool) -> None:
-    if unit and not 0.0 <= value < 1.0:
-        raise ValueError(f"qop: {name} must be in [0, 1), got {value}")
-    if not unit and value < 0:
-        raise ValueError(f"qop: {name} must be >= 0, got {value}")
-
-
-def _store_hp(hp: Tensor, key: str, slot: HPSlot, value: Any, view: Any) -> None:
-    """Write an assigned hyper-parameter (checked by :func:`_check_assigned` in eager mode) into ``hp``."""
-    for _, s, v in _assigned(key, slot, value, view):
-        if isinstance(v, Tensor):
-            # fill_ reads a 0-d CPU value on the host and a device one on the device: no sync either way
-            hp[s].fill_(v.detach().reshape(()))
-            continue
-        # not fill_(v): once dynamo makes a changing number a graph input, AOTAutograd turns it into a tensor
-        # for add_ but specializes it (recompiling at every change) for fill_
-        hp[s].zero_().add_(v)
