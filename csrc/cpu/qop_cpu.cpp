@@ -611,8 +611,8 @@ struct KBoth {
   }
 };
 
-// A sum of squares accumulated in double (the reference's torch.linalg.vector_norm sums with float32
-// cascades; a plain float sum would drift on long tensors).
+// A sum of squares accumulated in double, as reference.l2_norm does (float32 squares overflow or vanish
+// at extreme magnitudes, and a plain float sum would drift on long tensors).
 struct SquareSum {
   double s = 0.0;
 #ifdef QOP_AVX2
@@ -1134,7 +1134,9 @@ at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, 
   for (int64_t i = 0; i < n; ++i) {
     t[i] = *steps[i].const_data_ptr<float>() + 1.0f;
     slot[i] = history_slot(t[i]);
-    TORCH_CHECK_VALUE(slot[i] >= 0, "qop: steps[", i, "] must hold a finite step count, got ", t[i] - 1.0f);
+    // t < 1 would index the sorted history below its start (the reference fails there too)
+    TORCH_CHECK_VALUE(slot[i] >= 0 && t[i] >= 1.0f, "qop: steps[", i, "] must hold a finite step count >= 0, got ",
+                      t[i] - 1.0f);
   }
   // Sums of squares over pieces of every gradient in one parallel region, added up per tensor in order.
   std::vector<Item> items;
