@@ -426,9 +426,13 @@ void normalize(const T* x, int64_t n, float absmax, float* y) {
 
 // Codes of one block of n values x with absmax `absmax` into out; scratch holds n floats (may be x
 // when x is a float buffer the caller owns).
+// A positive x / absmax can only underflow to 0 when absmax > 1: below, x / absmax > x >= 2^-149 (also
+// through the fast division, whose error is 2^-24 relative), so most blocks of second moments skip the lift.
+constexpr float kMayUnderflow = 1.0f;
+
 template <class T>
 void quantize_block(const Quantizer& Q, const T* x, int64_t n, float absmax, float* scratch, uint8_t* out) {
-  if (Q.min_positive > 0) {
+  if (Q.min_positive > 0 && absmax > kMayUnderflow) {
     normalize<true>(x, n, absmax, scratch);
   } else {
     normalize<false>(x, n, absmax, scratch);
