@@ -146,9 +146,16 @@ def rule_update(
     return new, u, lr_eff, decay
 
 
+def l2_norm(x: Tensor) -> Tensor:
+    """``||x||`` summed in float64 and rounded to float32: float32 squares overflow above ~1.8e19 and vanish
+    below ~1e-23, which would make a representable norm inf or 0 (MPS has no float64: float32 there)."""
+    acc = torch.float32 if x.device.type == "mps" else torch.float64
+    return torch.linalg.vector_norm(x, dtype=acc).float()
+
+
 def unorm_scale(u: Tensor, p: Tensor, max_unorm: Tensor) -> Tensor:
     """Update-norm clip: ``max_unorm * ||p|| / ||u||`` when ``||u||`` exceeds ``max_unorm * ||p||``."""
-    return _clip_scale(torch.linalg.vector_norm(u), torch.linalg.vector_norm(p), max_unorm)
+    return _clip_scale(l2_norm(u), l2_norm(p), max_unorm)
 
 
 def unorm_scale_from_sums(sum_u2: Tensor, sum_p2: Tensor, max_unorm: Tensor) -> Tensor:
@@ -266,7 +273,7 @@ def percentile_clip(
     pre = prescale.reshape(()).float()
     scales = []
     for g, history, step in zip(grads, gnorm_vecs, steps):
-        gnorm = torch.linalg.vector_norm(g, dtype=torch.float32) * pre
+        gnorm = l2_norm(g) * pre
         t = step.reshape(()) + 1
         slot = torch.remainder(t, HISTORY).long().reshape(1)
         history.index_copy_(0, slot, gnorm.reshape(1))

@@ -245,8 +245,8 @@ def make_clip_inputs(dtype: torch.dtype, seed: int, shapes=((0,), (1,), (257,), 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("percentile", [1, 5, 50, 99])
 def test_percentile_clip_matches_reference(dtype, percentile):
-    """Several calls in a row: the recorded norms and the clip factors agree with the reference (the C++
-    kernel sums squares in double, torch's norm in float32: to float rounding of the norm)."""
+    """Several calls in a row: the recorded norms and the clip factors agree with the reference (both sum
+    squares in double, in different orders: to float rounding of the norm)."""
     got = make_clip_inputs(dtype, seed=percentile)
     want = got.clone()
     for call in range(3):

@@ -285,6 +285,69 @@ def test_step_vanishing_gradient_moves_by_lr(case):
     assert abs(float(p[1]) - before) < 10 * 1e-3
 
 
+@pytest.mark.parametrize("blocksize", [256, 2048])
+def test_quantize_nan_and_inf_like_reference(blocksize):
+    """A NaN makes its block's absmax NaN (torch.amax) and takes the last code, as does +-inf over an
+    infinite absmax (a NaN quotient); the other blocks are untouched."""
+    A = torch.randn(3 * blocksize, generator=torch.Generator().manual_seed(2))
+    A[5], A[blocksize + 7], A[blocksize + 9], A[2 * blocksize - 1] = float("nan"), float("inf"), -float("inf"), 1.0
+    for signed in (True, False):
+        x = A if signed else A.abs()
+        code = qop.dynamic_map(signed, DEVICE)
+        q, absmax = _quant.quantize_blockwise(x.to(DEVICE), code, blocksize)
+        q_ref, absmax_ref = reference.quantize_blockwise(x, code.cpu(), blocksize)
+        assert torch.equal(q.cpu(), q_ref)
+        torch.testing.assert_close(absmax.cpu(), absmax_ref, rtol=0, atol=0, equal_nan=True)
+        assert bool(absmax[0].isnan()) and int(q[5]) == 255 and int(q[blocksize + 7]) == 255
+
+
+def test_step_amsgrad_nan_stays_nan():
+    """AMSGrad's vmax = max(vmax, v) keeps a NaN (torch.maximum), so the parameter becomes NaN as in the
+    reference instead of stepping on as if vmax were v."""
+    hp = make_hp(LR=1e-2)
+    p, g = torch.ones(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    m, v, vmax = (torch.zeros(4, device=DEVICE) for _ in range(3))
+    vmax[1] = float("nan")
+    ours = [t.clone() for t in (p, m, v, vmax)]
+    steps = [torch.zeros((), device=DEVICE)]
+    _step.step_32bit(int(Rule.ADAM), int(Flag.AMSGRAD), [ours[0]], [g], [ours[1]], [ours[2]], [ours[3]], steps, hp,
+                     None, None, **SMALL)
+    ref = [t.cpu().clone() for t in (p, m, v, vmax)]
+    reference.step_32bit(int(Rule.ADAM), int(Flag.AMSGRAD), [ref[0]], [g.cpu()], [ref[1]], [ref[2]], [ref[3]],
+                         [torch.zeros(())], hp.cpu(), None, None)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.cpu(), b, equal_nan=True)
+    assert bool(ours[0][1].isnan()) and not bool(ours[0][0].isnan())
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e19], ids=["tiny", "huge"])
+def test_norms_in_float64_like_reference(scale):
+    """Gradient norms (percentile clipping) and LAMB's update/parameter norms of values whose float32 squares
+    vanish or overflow: summed in float64 like the reference, not 0 or inf."""
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(700, generator=gen) * scale
+    history = torch.full((100,), float("inf"))
+    history[:10] = float(reference.l2_norm(g)) * torch.linspace(0.5, 2.0, 10)
+    ours_h, ref_h = history.to(DEVICE), history.clone()
+    step = [torch.tensor(10.0, device=DEVICE)]
+    scales = _clip.percentile_clip([g.to(DEVICE)], [ours_h], step, 5, torch.tensor(1.0, device=DEVICE), **SMALL)
+    expected = reference.percentile_clip([g], [ref_h], [torch.tensor(10.0)], 5, torch.tensor(1.0))
+    torch.testing.assert_close(scales.cpu(), expected, rtol=2e-6, atol=0)
+    assert float(expected) < 1.0
+    hp = make_hp(LR=1e-2, MAX_UNORM=1e-3)
+    p = torch.randn(700, generator=gen) * scale
+    results = []
+    for impl, dev in ((_step, DEVICE), (reference, torch.device("cpu"))):
+        pi, m, v = p.clone().to(dev), torch.zeros(700, device=dev), torch.zeros(700, device=dev)
+        kw = SMALL if impl is _step else {}
+        impl.step_32bit(int(Rule.ADAM), int(Flag.UNORM_CLIP), [pi], [g.to(dev)], [m], [v], [],
+                        [torch.zeros((), device=dev)], hp.to(dev), None, None, **kw)
+        results.append(pi.cpu())
+    if scale < 1:  # clipped to max_unorm * ||p|| with ||p||^2 below float32's range (a huge p barely moves)
+        assert not torch.equal(results[1], p)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=0)
+
+
 def test_quantize_empty():
     code = qop.dynamic_map(True, DEVICE)
     q, absmax = _quant.quantize_blockwise(torch.empty(0, device=DEVICE), code, 256)
@@ -507,7 +570,7 @@ def step_sig(p, s):
     return {**ptr("p_ptr", "g_ptr", t=p), **ptr("s1_ptr", "s2_ptr", "s3_ptr", t=s),
             **ptr("a1_ptr", "a2_ptr", "a3_ptr", "step_ptr", "code1_ptr", "code2_ptr", "code3_ptr", "hp_ptr",
                   "gscale_ptr", "found_inf_ptr"),
-            **ptr("table_ptr", "chunks_ptr", t="*i64"), "work_ptr": "*i32", "norms_ptr": "*fp32",
+            **ptr("table_ptr", "chunks_ptr", t="*i64"), "work_ptr": "*i32", "norms_ptr": "*fp64",
             "numel": "i32", "tensor_index": "i32", "size_class": "i32"}
 
 base = dict(HAS_GSCALE=True, HAS_FOUND_INF=True, CHUNK=16384, BLOCK=1024)
@@ -524,7 +587,7 @@ compile_(_quant._dequantize_kernel, {"q_ptr": "*u8", **ptr("absmax_ptr", "code_p
          "numel": "i32", "blocksize": "i32", "size_class": "i32"}, dict(BLOCK=1024, GATHER=True))
 for multi in (True, False):
     compile_(_clip._clip_kernel, {**ptr("g_ptr", t="*bf16"), **ptr("h_ptr", "step_ptr", "pre_ptr", "out_ptr"),
-             **ptr("table_ptr", "chunks_ptr", t="*i64"), "work_ptr": "*i32", "norms_ptr": "*fp32",
+             **ptr("table_ptr", "chunks_ptr", t="*i64"), "work_ptr": "*i32", "norms_ptr": "*fp64",
              "numel": "i32", "tensor_index": "i32", "size_class": "i32"},
              dict(PERCENTILE=5, MULTI=multi, CHUNK=16384, BLOCK=2048))
 print("compiled")

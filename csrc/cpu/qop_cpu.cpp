@@ -426,9 +426,13 @@ void normalize(const T* x, int64_t n, float absmax, float* y) {
 
 // Codes of one block of n values x with absmax `absmax` into out; scratch holds n floats (may be x
 // when x is a float buffer the caller owns).
+// A positive x / absmax can only underflow to 0 when absmax > 1: below, x / absmax > x >= 2^-149 (also
+// through the fast division, whose error is 2^-24 relative), so most blocks of second moments skip the lift.
+constexpr float kMayUnderflow = 1.0f;
+
 template <class T>
 void quantize_block(const Quantizer& Q, const T* x, int64_t n, float absmax, float* scratch, uint8_t* out) {
-  if (Q.min_positive > 0) {
+  if (Q.min_positive > 0 && absmax > kMayUnderflow) {
     normalize<true>(x, n, absmax, scratch);
   } else {
     normalize<false>(x, n, absmax, scratch);
@@ -612,8 +616,8 @@ struct KBoth {
   }
 };
 
-// A sum of squares accumulated in double (the reference's torch.linalg.vector_norm sums with float32
-// cascades; a plain float sum would drift on long tensors).
+// A sum of squares accumulated in double, as reference.l2_norm does (float32 squares overflow or vanish
+// at extreme magnitudes, and a plain float sum would drift on long tensors).
 struct SquareSum {
   double s = 0.0;
 #ifdef QOP_AVX2
@@ -1151,7 +1155,9 @@ at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, 
   for (int64_t i = 0; i < n; ++i) {
     t[i] = *steps[i].const_data_ptr<float>() + 1.0f;
     slot[i] = history_slot(t[i]);
-    TORCH_CHECK_VALUE(slot[i] >= 0, "qop: steps[", i, "] must hold a finite step count, got ", t[i] - 1.0f);
+    // t < 1 would index the sorted history below its start (the reference fails there too)
+    TORCH_CHECK_VALUE(slot[i] >= 0 && t[i] >= 1.0f, "qop: steps[", i, "] must hold a finite step count >= 0, got ",
+                      t[i] - 1.0f);
   }
   // Sums of squares over pieces of every gradient in one parallel region, added up per tensor in order.
   std::vector<Item> items;

@@ -57,10 +57,10 @@ def _clip_kernel(
     n_chunks = tl.maximum((numel + CHUNK - 1) // CHUNK, 1)
     end = tl.minimum(start + CHUNK, numel)
 
-    acc = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK,), tl.float64)  # float64 sums, as reference.l2_norm
     for off in range(start, end, BLOCK):
         offs = off + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + offs, mask=offs < end, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=offs < end, other=0.0).to(tl.float64)
         acc += g * g
     tl.atomic_add(norms_ptr + 2 * ti, tl.sum(acc))
     done = tl.atomic_add(work_ptr + 1 + ti, 1)
@@ -69,7 +69,7 @@ def _clip_kernel(
         tl.store(norms_ptr + 2 * ti, 0.0)
         tl.store(work_ptr + 1 + ti, 0)
         pre = tl.load(pre_ptr)
-        gnorm = tl.sqrt_rn(total) * pre
+        gnorm = tl.sqrt(total).to(tl.float32) * pre  # float64 sum, correctly rounded sqrt
         t = tl.load(step_ptr) + 1.0
         hundred = tl.full((), 100.0, tl.float32)
         slot = (t - tl.floor(_div(t, hundred)) * hundred).to(tl.int32)  # torch.remainder(t, 100)
@@ -119,7 +119,7 @@ def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps
                CHUNK=chunk)
         return out
     work = torch.zeros(1 + n, dtype=torch.int32, device=device)
-    norms = torch.zeros(n, 2, dtype=torch.float32, device=device)
+    norms = torch.zeros(n, 2, dtype=torch.float64, device=device)
     for i in range(n):
         numel = grads[i].numel()
         args = dict(g_ptr=grads[i], h_ptr=gnorm_vecs[i], step_ptr=steps[i], pre_ptr=prescale, out_ptr=out,

@@ -121,9 +121,25 @@ def _nearest(x, mids, code_ptr, GATHER: tl.constexpr):
 @triton.jit
 def _encode(x, scale, mids, floor, code_ptr, GATHER: tl.constexpr):
     """Codes of x in blocks of absmax ``scale``: the nearest code to ``x / scale``, at least ``floor``
-    where x > 0 (the one place of the unsigned books' rule, as ``reference.encode``)."""
-    q = _nearest(_div(x, scale), mids, code_ptr, GATHER)
+    where x > 0 (the one place of the unsigned books' rule, as ``reference.encode``); a NaN quotient
+    (x NaN, or +-inf over an infinite absmax) takes the last code, as torch.searchsorted puts it."""
+    y = _div(x, scale)
+    q = _nearest(y, mids, code_ptr, GATHER)
+    q = tl.where(y != y, CODE_SIZE - 1, q)
     return tl.where(x > 0, tl.maximum(q, floor), q)
+
+
+@triton.jit
+def _nan_max(a, b):
+    """``torch.maximum``: NaN when either is NaN (tl.maximum may return the other operand)."""
+    return tl.where((a != a) | (b != b), a + b, tl.maximum(a, b))
+
+
+@triton.jit
+def _row_absmax(x):
+    """max |x| of each row of a 2-D tile, NaN for a row holding a NaN (torch.amax)."""
+    has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
+    return tl.where(has_nan, float("nan"), tl.max(tl.abs(x), axis=1))
 
 
 # ------------------------------------------------------------------------------------------ launch

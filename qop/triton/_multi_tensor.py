@@ -10,7 +10,8 @@ One launch updates every tensor of a call.  The host describes the call once, in
   single program only advances the step counter);
 * ``work``   int32 ``[1 + n]``: a dry-run flag (set only while the autotuner times configs) and one
   chunk counter per tensor: the last program of a tensor to finish resets it to 0;
-* ``norms``  float32 ``[n, 2]``: the update-norm clip's sums of u^2 and p^2, reset to 0 the same way.
+* ``norms``  float64 ``[n, 2]``: the update-norm clip's sums of u^2 and p^2, reset to 0 the same way
+  (float64 like the reference's and the C++ kernel's: float32 squares overflow or vanish at extremes).
 
 Descriptions are cached per (device, chunk, addresses, sizes), so a step that sees the same tensors
 again (every step of a training loop, and every replay of a captured CUDA graph) reuses the same
@@ -124,7 +125,7 @@ def _build(ptrs: list[list[int]], chunk: int, device: torch.device) -> Metadata:
         table=packed[: n * N_SLOTS].view(n, N_SLOTS),
         chunks=packed[n * N_SLOTS :].view(-1, 2),
         work=torch.zeros(1 + n, dtype=torch.int32, device=device),
-        norms=torch.zeros(n, 2, dtype=torch.float32, device=device),
+        norms=torch.zeros(n, 2, dtype=torch.float64, device=device),
         n_chunks=owner.numel(),
         aligned=aligned,
         host=host,

@@ -20,7 +20,9 @@ from ._common import (
     _code_book,
     _encode,
     _lookup,
+    _nan_max,
     _round_to,
+    _row_absmax,
     is_interpreted,
     launch,
     tuning_size,
@@ -47,7 +49,7 @@ def _quantize_kernel(a_ptr, code_ptr, q_ptr, absmax_ptr, numel, blocksize, n_blo
         offs = first[:, None] + col[None, :]
         mask = (row_ok[:, None] & (col < blocksize)[None, :]) & (offs < numel)
         x = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+        absmax = _nan_max(absmax, _row_absmax(x))
     tl.store(absmax_ptr + rows, absmax, mask=row_ok)
 
     scale = tl.where(absmax > 0, absmax, 1.0)

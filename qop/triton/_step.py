@@ -33,8 +33,10 @@ from ._common import (
     _exp,
     _log,
     _lookup,
+    _nan_max,
     _pow,
     _round_to,
+    _row_absmax,
     is_interpreted,
     launch,
     tuning_size,
@@ -110,7 +112,7 @@ def _rule(p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3
         m2 = b2 * m2 + (1.0 - b2) * g * g
         vd = m2
         if _AMSGRAD & FLAGS:
-            m3 = tl.maximum(m3, m2)
+            m3 = _nan_max(m3, m2)  # torch.maximum: NaN stays NaN
             vd = m3
         u = _div(_div(c2, c1) * m1, tl.sqrt_rn(vd) + eps * c2)
     elif RULE == _MOMENTUM:
@@ -146,8 +148,8 @@ def _rule(p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3
 @triton.jit
 def _unorm_clip(sum_u2, sum_p2, max_unorm):
     """``max_unorm * ||p|| / ||u||`` when ``||u||`` exceeds ``max_unorm * ||p||`` (and max_unorm > 0), else 1."""
-    unorm = tl.sqrt_rn(sum_u2)
-    limit = max_unorm * tl.sqrt_rn(sum_p2)
+    unorm = tl.sqrt(sum_u2).to(tl.float32)  # float64 sums, a correctly rounded float64 sqrt
+    limit = max_unorm * tl.sqrt(sum_p2).to(tl.float32)
     clip = tl.where(unorm > limit, _div(limit, unorm), 1.0)
     return tl.where(max_unorm > 0, clip, 1.0)
 
@@ -172,7 +174,7 @@ def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, floor, code_ptr, offs
                  QUANT: tl.constexpr, GATHER: tl.constexpr):
     """Write a state tile; 8-bit: requantize each row (256-block) against a fresh absmax."""
     if QUANT:
-        absmax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+        absmax = _row_absmax(tl.where(mask, x, 0.0))
         scale = tl.where(absmax > 0, absmax, 1.0)
         q = _encode(x, scale[:, None], mids, floor, code_ptr, GATHER)
         tl.store(s_ptr + offs, tl.where(dry, old_q.to(tl.int32), q).to(tl.uint8), mask=mask)
@@ -260,8 +262,8 @@ def _step_kernel(
     NB: tl.constexpr = BLOCK // _ROW
     rows = tl.arange(0, NB)
     tile = rows[:, None] * _ROW + tl.arange(0, _ROW)[None, :]
-    acc_u2 = tl.zeros((NB, _ROW), tl.float32)
-    acc_p2 = tl.zeros((NB, _ROW), tl.float32)
+    acc_u2 = tl.zeros((NB, _ROW), tl.float64)  # float64 sums, as reference.l2_norm
+    acc_p2 = tl.zeros((NB, _ROW), tl.float64)
     for off in range(start, end, BLOCK):
         offs = off + tile
         mask = offs < end
@@ -281,8 +283,9 @@ def _step_kernel(
         m1, m2, m3, u = _rule(p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3_t,
                               RULE, FLAGS, N_STATES)
         if PASS == 1:
-            acc_u2 += tl.where(mask, u * u, 0.0)
-            acc_p2 += tl.where(mask, p * p, 0.0)
+            u64, p64 = u.to(tl.float64), p.to(tl.float64)
+            acc_u2 += tl.where(mask, u64 * u64, 0.0)
+            acc_p2 += tl.where(mask, p64 * p64, 0.0)
         else:
             new_p = p * decay - lr_eff * clip * u
             tl.store(p_ptr + offs, _round_to(tl.where(dry, p, new_p), p_ptr.dtype.element_ty), mask=mask)
@@ -399,9 +402,9 @@ def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gs
     quant = absmax is not None
     chunk = chunk or mt.CHUNK
     work = torch.zeros(1 + n, dtype=torch.int32, device=hp.device)
-    norms = torch.zeros(n, 2, dtype=torch.float32, device=hp.device) if flags & Flag.UNORM_CLIP else hp
+    norms = torch.zeros(n, 2, dtype=torch.float64, device=hp.device) if flags & Flag.UNORM_CLIP else hp
     if unorm is not None and flags & Flag.UNORM_CLIP:
-        norms = unorm.clone()  # the second pass resets the sums it reads: never the caller's tensor
+        norms = unorm.to(torch.float64, copy=True)  # the second pass resets the sums it reads: never the caller's
     for i in range(n):
         numel = params[i].numel()
         st = [states[j][i] if j < k else hp for j in range(3)]
