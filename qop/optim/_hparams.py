@@ -102,8 +102,9 @@ def sync(hp_keys: Mapping[str, HPSlot], views: dict[str, Any], group: dict[str, 
             group[key] = torch.full((), value, dtype=torch.float32, device=hp.device)
 
 
-def load(hp_keys: Mapping[str, HPSlot], views: Mapping[str, Any], ours: dict[str, Any], theirs: Mapping[str, Any]
-         ) -> None:
+def load(
+    hp_keys: Mapping[str, HPSlot], views: Mapping[str, Any], ours: dict[str, Any], theirs: Mapping[str, Any]
+) -> None:
     """Take a loaded (checked) group's values: hyper-parameters into ``hp`` (the keys keep their views), the rest
     as they are."""
     hp = ours["hp"]
@@ -167,8 +168,10 @@ def check_assigned(key: str, slot: HPSlot, value: Any, view: Any) -> None:
     for name, _, v in changed(key, slot, value, view):
         if isinstance(v, Tensor):
             if v.numel() != 1 or v.is_complex():
-                raise ValueError(f"qop: {name} must be a number or a one-element real tensor, got {v.dtype} of shape "
-                                 f"{tuple(v.shape)}")
+                raise ValueError(
+                    f"qop: {name} must be a number or a one-element real tensor, got {v.dtype} of shape "
+                    f"{tuple(v.shape)}"
+                )
         else:
             check_hp(name, number(name, v), unit=isinstance(slot, tuple))
 

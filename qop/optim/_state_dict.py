@@ -18,7 +18,7 @@ loaded by a 32-bit optimizer is dequantized, 8-bit codes of another code book ar
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -27,11 +27,17 @@ from .. import ops
 from .._maps import dynamic_map
 from .._schema import BLOCKSIZE, HISTORY
 
+if TYPE_CHECKING:
+    from .optimizer import QopOptimizer
+
 STATE_KEYS = ("state1", "state2", "state3")
 ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
 QMAP_KEYS = ("_qmap1", "_qmap2", "_qmap3")
 #: Every key a loaded parameter state may hold (after bitsandbytes' nesting is flattened).
 KNOWN_KEYS = frozenset({"step", "gnorm_vec", *STATE_KEYS, *ABSMAX_KEYS, *QMAP_KEYS})
+#: Group keys that say how states are stored: a load keeps the optimizer's own and converts the loaded states to
+#: that format (a 32-bit state dict loads into an 8-bit optimizer, and back).
+FORMAT_KEYS = ("optim_bits", "min_8bit_size", "block_wise", "is_paged")
 #: bitsandbytes keeps its quantized tensors under this key of each parameter's state.
 BNB_QUANT_KEY = "__bnb_optimizer_quant_state__"
 #: bitsandbytes' per-tensor (not block-wise) 8-bit states; qop's are always block-wise.
@@ -204,8 +210,9 @@ def convert(st: dict[str, Any], p: Tensor, n_states: int, bits: int, signed: tup
             if bits == 8 and torch.equal(code, ours):  # kept as saved (a DTensor keeps its layout)
                 out[name], out[am_name] = _shaped(t, p.shape).contiguous().clone(), absmax.contiguous().clone()
                 continue
-            t = ops.dequantize_blockwise(_whole(t).reshape(-1).contiguous(), _whole(absmax).contiguous(), code,
-                                         BLOCKSIZE, torch.float32)
+            t = ops.dequantize_blockwise(
+                _whole(t).reshape(-1).contiguous(), _whole(absmax).contiguous(), code, BLOCKSIZE, torch.float32
+            )
         if bits == 8:
             codes, absmax = ops.quantize_blockwise(_whole(t).reshape(-1).contiguous(), ours, BLOCKSIZE)
             out[name], out[am_name] = codes.reshape(p.shape), absmax
@@ -214,3 +221,47 @@ def convert(st: dict[str, Any], p: Tensor, n_states: int, bits: int, signed: tup
     if "gnorm_vec" in st:
         out["gnorm_vec"] = st["gnorm_vec"].detach().to(p.device, torch.float32).reshape(-1).clone()
     return out
+
+
+def prepare(opt: QopOptimizer, state_dict: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[Tensor, dict[str, Any]]]:
+    """Validate ``state_dict`` for ``opt`` and build what loading it makes: each group's new keys (its own format
+    keys kept) and each parameter's new state, converted to the format ``opt`` keeps for it.  Raises before
+    ``opt`` changes; changes nothing itself."""
+    if not isinstance(state_dict.get("state"), dict) or not isinstance(state_dict.get("param_groups"), list):
+        raise ValueError("qop: state_dict must have a dict 'state' and a list 'param_groups'")
+    state_dict = from_bnb(state_dict)
+    groups = state_dict["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"qop: state_dict has {len(groups)} param groups, the optimizer has {len(opt.param_groups)}")
+    merged: list[dict[str, Any]] = []
+    id_map: dict[Any, tuple[int, Tensor]] = {}
+    for index, (ours, theirs) in enumerate(zip(opt.param_groups, groups)):
+        where = f"state_dict['param_groups'][{index}]"
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("params"), list):
+            raise ValueError(f"qop: {where} must be a dict with a list 'params'")
+        if len(ours["params"]) != len(theirs["params"]):
+            raise ValueError(
+                f"qop: {where} has {len(theirs['params'])} params, the optimizer's group "
+                f"{index} has {len(ours['params'])}"
+            )
+        group = {**ours, **{k: v for k, v in theirs.items() if k not in ("params", "hp", *FORMAT_KEYS)}}
+        try:
+            opt.check_group({k: v for k, v in group.items() if k not in ("params", "hp")})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"qop: {where}: {str(exc).removeprefix('qop: ')}") from exc
+        merged.append(group)
+        for pid, p in zip(theirs["params"], ours["params"]):
+            if not isinstance(pid, (int, str)) or isinstance(pid, bool) or pid in id_map:
+                raise ValueError(f"qop: {where}['params'] has a repeated or invalid parameter id {pid!r}")
+            id_map[pid] = (index, p)
+    entries = []
+    for key, st in state_dict["state"].items():
+        if key not in id_map:
+            raise ValueError(f"qop: state_dict['state'] has an unknown parameter id {key!r}")
+        index, p = id_map[key]
+        n = opt.n_states(merged[index])
+        clipped = opt._percentile(merged[index], p) < 100
+        check_param_state(f"state_dict['state'][{key!r}]", st, p, n, clipped)
+        entries.append((p, st, merged[index], n))
+    new_state = {p: convert(st, p, n, opt._bits(group, p), opt.state_signed) for p, st, group, n in entries if st}
+    return merged, new_state

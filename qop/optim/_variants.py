@@ -39,10 +39,13 @@ def variant(
         unknown = dropped.union(defaults or {}) - set(base_sig.parameters)
         if unknown:
             raise TypeError(f"qop: {base.__name__} has no argument(s) {sorted(unknown)}")
-        sig = base_sig.replace(parameters=[
-            p.replace(default=(defaults or {}).get(n, p.default))
-            for n, p in base_sig.parameters.items() if n not in dropped
-        ])
+        sig = base_sig.replace(
+            parameters=[
+                p.replace(default=(defaults or {}).get(n, p.default))
+                for n, p in base_sig.parameters.items()
+                if n not in dropped
+            ]
+        )
         name = cls.__name__
 
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -53,8 +56,10 @@ def variant(
             if bits is not None and "optim_bits" in arguments:
                 given, default = arguments["optim_bits"], sig.parameters["optim_bits"].default
                 if given != default or isinstance(given, bool):
-                    raise ValueError(f"qop: {name} runs with {bits}-bit states; its optim_bits is kept for "
-                                     f"compatibility and only takes its default {default}, got {given!r}")
+                    raise ValueError(
+                        f"qop: {name} runs with {bits}-bit states; its optim_bits is kept for "
+                        f"compatibility and only takes its default {default}, got {given!r}"
+                    )
             extra: dict[str, Any] = {}
             if bits is not None:
                 extra["optim_bits"] = bits

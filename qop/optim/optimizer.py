@@ -43,9 +43,6 @@ from .manager import GlobalOptimManager
 
 #: Group keys that configure the engine (not the kernel): validated once, never read by kernels.
 ENGINE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
-#: Engine keys that say how states are stored: ``load_state_dict`` keeps the optimizer's own and converts the
-#: loaded states to that format (a 32-bit state dict loads into an 8-bit optimizer, and back).
-FORMAT_KEYS = ("optim_bits", "min_8bit_size", "block_wise", "is_paged")
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
 
@@ -467,8 +464,8 @@ class QopOptimizer(torch.optim.Optimizer):
 
         The whole state dict is validated before anything changes; a refused one raises ``ValueError`` naming the
         parameter and the key and leaves the optimizer as it was.  Group keys that say how states are stored
-        (``FORMAT_KEYS``) stay the optimizer's own, the loaded states being converted to its format; group keys
-        missing from the state dict keep their current values.
+        (``_state_dict.FORMAT_KEYS``) stay the optimizer's own, the loaded states being converted to its format;
+        group keys missing from the state dict keep their current values.
         """
         if not isinstance(state_dict, dict):
             raise ValueError(f"qop: state_dict must be a dict, got {type(state_dict).__name__}")
@@ -486,46 +483,7 @@ class QopOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def _load(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict.get("state"), dict) or not isinstance(state_dict.get("param_groups"), list):
-            raise ValueError("qop: state_dict must have a dict 'state' and a list 'param_groups'")
-        state_dict = _state_dict.from_bnb(state_dict)
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(
-                f"qop: state_dict has {len(groups)} param groups, the optimizer has {len(self.param_groups)}"
-            )
-        merged: list[dict[str, Any]] = []
-        id_map: dict[Any, tuple[int, Tensor]] = {}
-        for index, (ours, theirs) in enumerate(zip(self.param_groups, groups)):
-            where = f"state_dict['param_groups'][{index}]"
-            if not isinstance(theirs, dict) or not isinstance(theirs.get("params"), list):
-                raise ValueError(f"qop: {where} must be a dict with a list 'params'")
-            if len(ours["params"]) != len(theirs["params"]):
-                raise ValueError(f"qop: {where} has {len(theirs['params'])} params, the optimizer's group "
-                                 f"{index} has {len(ours['params'])}")
-            group = {**ours, **{k: v for k, v in theirs.items() if k not in ("params", "hp", *FORMAT_KEYS)}}
-            try:
-                self.check_group({k: v for k, v in group.items() if k not in ("params", "hp")})
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"qop: {where}: {str(exc).removeprefix('qop: ')}") from exc
-            merged.append(group)
-            for pid, p in zip(theirs["params"], ours["params"]):
-                if not isinstance(pid, (int, str)) or isinstance(pid, bool) or pid in id_map:
-                    raise ValueError(f"qop: {where}['params'] has a repeated or invalid parameter id {pid!r}")
-                id_map[pid] = (index, p)
-        entries = []
-        for key, st in state_dict["state"].items():
-            if key not in id_map:
-                raise ValueError(f"qop: state_dict['state'] has an unknown parameter id {key!r}")
-            index, p = id_map[key]
-            n = self.n_states(merged[index])
-            clipped = self._percentile(merged[index], p) < 100
-            _state_dict.check_param_state(f"state_dict['state'][{key!r}]", st, p, n, clipped)
-            entries.append((p, st, merged[index], n))
-        new_state = {
-            p: _state_dict.convert(st, p, n, self._bits(group, p), self.state_signed)
-            for p, st, group, n in entries if st
-        }
+        merged, new_state = _state_dict.prepare(self, state_dict)
         # everything is valid: from here on nothing raises
         for ours, group, views in zip(self.param_groups, merged, self._hp_views):
             _hparams.load(self.hp_keys, views, ours, group)
