@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 def _load_meta() -> None:
     """Import the fake kernels: ``qop/meta`` in a wheel, ``meta/`` beside ``qop/`` in a source tree."""
     try:
-        from . import meta  # noqa: F401
+        from . import meta  # type: ignore[attr-defined]  # noqa: F401  (meta/, installed as qop.meta)
         return
     except ImportError:
         pass
@@ -37,7 +37,7 @@ def _load_meta() -> None:
 def _load_cpu_kernels() -> bool:
     """Import the compiled extension, whose static initializers register the CPU kernels."""
     try:
-        from . import _C  # noqa: F401
+        from . import _C  # type: ignore[attr-defined]  # noqa: F401  (the compiled extension)
     except ImportError as exc:
         warnings.warn(
             f"qop: C++ CPU kernels not built ({exc}); CPU ops fall back to the slow reference. "

@@ -20,7 +20,7 @@ def _load_extension() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        from . import _C_cuda  # noqa: F401  (registers torch.ops.qop_paged.*)
+        from . import _C_cuda  # type: ignore[attr-defined]  # noqa: F401  (registers torch.ops.qop_paged.*)
     except ImportError:
         return False
     return True

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -59,12 +59,16 @@ def _dtensor_type() -> type | None:
 _DTENSOR = _dtensor_type()
 
 
+#: A DTensor where :func:`is_sharded` says so (DTensor's attributes are not on ``Tensor`` for type checkers).
+DTensorLike = Any
+
+
 def is_sharded(t: Any) -> bool:
     """Whether ``t`` is a DTensor (a parameter of a model wrapped by ``fully_shard``)."""
     return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
-def local(t: Tensor) -> Tensor:
+def local(t: DTensorLike) -> Tensor:
     """The local shard of a DTensor, ``t`` itself otherwise."""
     return t.to_local() if is_sharded(t) else t
 
@@ -96,7 +100,7 @@ class Layout:
         return -(-(self.start + self.numel) // BLOCKSIZE) - self.first_block
 
 
-def layout(p: Tensor) -> Layout:
+def layout(p: DTensorLike) -> Layout:
     """The layout of ``p``'s local shard (the whole tensor for a plain tensor)."""
     if not is_sharded(p):
         return Layout(0, p.numel(), p.numel(), tuple(p.shape))
@@ -119,14 +123,14 @@ def n_blocks(p: Tensor) -> int:
     return layout(p).nblocks
 
 
-def shard_key(p: Tensor) -> Hashable | None:
+def shard_key(p: DTensorLike) -> Hashable | None:
     """Parameters with equal keys share a bucket: same mesh and placements (None for plain tensors)."""
     if not is_sharded(p):
         return None
     return (p.device_mesh, tuple(p.placements))
 
 
-def _groups(p: Tensor) -> list[Any]:
+def _groups(p: DTensorLike) -> list[Any]:
     """The process groups across which ``p`` is sharded (one per sharded mesh dimension)."""
     mesh = p.device_mesh
     return [mesh.get_group(d) for d, pl in enumerate(p.placements) if pl.is_shard()]
@@ -214,7 +218,9 @@ def step_bucket(
         h = plan.layouts[i].head if plan.heads[i] else 0
         # entries (elements, absmax entries, step): the partial first block on its own, then whole blocks; the
         # head steps a copy of the step, since the op increments the step of every entry
-        entries = [((0, h), (0, 1), b.steps[i].clone())] if h else []
+        entries: list[tuple[tuple[int, int], tuple[int, int | None], Tensor]] = (
+            [((0, h), (0, 1), b.steps[i].clone())] if h else []
+        )
         entries.append(((h, pf.numel()), (1 if h else 0, None), b.steps[i]))
         for (lo, hi), (a0, a1), step in entries:
             P.append(pf[lo:hi])
@@ -329,6 +335,7 @@ def export_state(opt: QopOptimizer, sd: dict[str, Any]) -> None:
     for i, p in enumerate(params):
         if not is_sharded(p) or i not in sd["state"]:
             continue
+        p = cast(Any, p)  # a DTensor
         st = dict(sd["state"][i])  # never the optimizer's own dict
         lay = layout(p)
         mesh, placements = p.device_mesh, p.placements
@@ -346,7 +353,7 @@ def export_state(opt: QopOptimizer, sd: dict[str, Any]) -> None:
         sd["state"][i] = st
 
 
-def _local_part(t: Tensor, p: Tensor, lay: Layout) -> Tensor:
+def _local_part(t: DTensorLike, p: DTensorLike, lay: Layout) -> Tensor:
     """The local shard (of ``p``'s layout) of a state given as a DTensor or as a full tensor."""
     if is_sharded(t):
         if t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements):

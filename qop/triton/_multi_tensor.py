@@ -81,12 +81,19 @@ def n_programs(numel: int, chunk: int) -> int:
     return torch.sym_max(1, (numel + chunk - 1) // chunk)
 
 
+def _numel(p: Tensor | None) -> int:
+    assert p is not None  # every row has its parameter
+    return p.numel()
+
+
 def metadata(rows: list[list[Tensor | None]], chunk: int = CHUNK) -> Metadata:
     """The cached description of a call; ``rows[i]`` holds tensor i's slots SLOT_P .. SLOT_STEP."""
     if chunk <= 0 or chunk % BLOCKSIZE:
         raise ValueError(f"qop: chunk must be a positive multiple of {BLOCKSIZE}, got {chunk}")
-    device = rows[0][SLOT_P].device
-    ptrs = [[0 if t is None else t.data_ptr() for t in row] + [row[SLOT_P].numel()] for row in rows]
+    first = rows[0][SLOT_P]
+    assert first is not None  # every row has its parameter
+    device = first.device
+    ptrs = [[0 if t is None else t.data_ptr() for t in row] + [_numel(row[SLOT_P])] for row in rows]
     key = (device, chunk, tuple(v for row in ptrs for v in row))
     with _lock:
         meta = _cache.get(key)
