@@ -52,7 +52,7 @@ _load_meta()
 HAS_CPU_KERNELS = _load_cpu_kernels()
 
 # registration needs the schema and the compiled kernels first
-from . import _register, ops, optim  # noqa: E402, F401
+from . import _register, nn, ops, optim  # noqa: E402, F401
 
 __all__ = [
     "BLOCKSIZE",
@@ -62,6 +62,7 @@ __all__ = [
     "Rule",
     "create_dynamic_map",
     "dynamic_map",
+    "nn",
     "ops",
     "optim",
 ]

@@ -1,4 +1,5 @@
-"""``python -m qop demo | bench | doctor``: train a demo model, run the benchmark, check the installation."""
+"""``python -m qop demo | bench | doctor | docs-table``: train a demo model, run the benchmark, check the
+installation, print the generated parts of the docs."""
 
 from __future__ import annotations
 
@@ -103,15 +104,16 @@ def bench(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch ``demo``, ``bench`` and ``doctor``; each takes its own options (``--help``)."""
+    """Dispatch ``demo``, ``bench``, ``doctor`` and ``docs-table``; each takes its own options (``--help``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {"demo": "train a small LM with qop Adam8bit beside torch AdamW",
                 "bench": "optimizer step benchmark (benchmarks/bench_optim.py)",
-                "doctor": "versions, kernels, threads"}
+                "doctor": "versions, kernels, threads",
+                "docs-table": "the generated parts of docs/ (optimizer table, op reference)"}
     if not args or args[0] in ("-h", "--help") or args[0] not in commands:
-        print("usage: python -m qop {demo,bench,doctor} [options]\n")
+        print("usage: python -m qop {demo,bench,doctor,docs-table} [options]\n")
         for name, text in commands.items():
-            print(f"  {name:<7} {text}")
+            print(f"  {name:<10} {text}")
         return 0 if args and args[0] in ("-h", "--help") else 2
     command, rest = args[0], args[1:]
     if command == "demo":
@@ -120,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo.main(rest)
     if command == "bench":
         return bench(rest)
+    if command == "docs-table":
+        from . import _docs
+
+        return _docs.main(rest)
     return doctor(rest)
 
 
