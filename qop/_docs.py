@@ -67,13 +67,26 @@ def _position(cls: type) -> int:
     return names.index(cls.__name__)
 
 
-def _effective(cls: type) -> tuple[int, bool]:
+def _effective(cls: type, **kwargs: Any) -> tuple[int, bool]:
     """``(optim_bits, is_paged)`` a class really runs with: built on one CPU tensor and read back."""
     required = {n: 1e-3 for n, p in inspect.signature(cls).parameters.items()
                 if p.default is inspect.Parameter.empty and n != "params"}
-    opt = cls([torch.zeros(1, requires_grad=True)], **required)
+    opt = cls([torch.zeros(1, requires_grad=True)], **required, **kwargs)
     group = opt.param_groups[0]
     return int(group["optim_bits"]), bool(group["is_paged"])
+
+
+def _states(cls: type) -> str:
+    """``8-bit``/``32-bit`` for a class with fixed states, else its ``optim_bits`` default."""
+    bits, _ = _effective(cls)
+    if "optim_bits" in inspect.signature(cls).parameters:
+        try:
+            other, _ = _effective(cls, optim_bits=40 - bits)
+        except ValueError:
+            other = bits
+        if other != bits:
+            return f"`optim_bits` ({bits})"
+    return f"{bits}-bit"
 
 
 def _arguments(cls: type) -> dict[str, inspect.Parameter]:
@@ -98,10 +111,8 @@ def optimizer_tables() -> str:
         lines += [f"| `{n}` | {_fmt_default(p.default)} |" for n, p in base_args.items()]
         lines += ["", "| class | states | paged | signature differs from the base |", "|---|---|---|---|"]
         for cls in variants:
-            bits, paged = _effective(cls)
-            states = f"{bits}-bit" if cls is not base or "optim_bits" not in base_args else "`optim_bits` (32)"
-            if cls is base and bits == 8:
-                states = "8-bit"
+            _, paged = _effective(cls)
+            states = _states(cls)
             args = _arguments(cls)
             diffs = [f"no `{n}`" for n in base_args if n not in args]
             diffs += [f"`{n}={args[n].default!r}`" for n in args
@@ -134,9 +145,23 @@ def _enum_table(enum_cls: type[enum.Enum], extra: Callable[[Any], str] | None = 
     cols = "| name | value | meaning |" + (f" {head} |" if extra else "")
     lines = [cols, "|---|--:|---|" + ("---|" if extra else "")]
     for member in enum_cls:
-        row = f"| `{enum_cls.__name__}.{member.name}` | {int(member.value)} | {comments.get(member.name, '')} |"
+        meaning = comments.get(member.name, "").replace("|", "\\|")
+        row = f"| `{enum_cls.__name__}.{member.name}` | {int(member.value)} | {meaning} |"
         lines.append(row + (f" {extra(member)} |" if extra else ""))
     return lines
+
+
+def _group_keys() -> dict[Any, list[str]]:
+    """For each ``qop.HP`` slot, the param-group keys of every optimizer that write it (``betas[1]`` for a tuple)."""
+    out: dict[Any, list[str]] = {}
+    for base, _ in _families():
+        for key, slot in base.hp_keys.items():
+            slots = slot if isinstance(slot, tuple) else (slot,)
+            for i, s in enumerate(slots):
+                name = f"{key}[{i}]" if isinstance(slot, tuple) else key
+                if name not in out.setdefault(s, []):
+                    out[s].append(name)
+    return out
 
 
 def _triton_ops() -> list[str]:
@@ -178,7 +203,9 @@ def op_reference() -> str:
 
     lines += _enum_table(_schema.Rule, states, "states per parameter")
     lines += ["", "### Flags (`qop.Flag`)", ""] + _enum_table(_schema.Flag)
-    lines += ["", "### Hyper-parameter slots of `hp` (`qop.HP`)", ""] + _enum_table(_schema.HP)
+    keys = _group_keys()
+    lines += ["", "### Hyper-parameter slots of `hp` (`qop.HP`)", ""]
+    lines += _enum_table(_schema.HP, lambda m: ", ".join(f"`{k}`" for k in keys.get(m, [])), "param-group keys")
     triton = set(_triton_ops())
     lines += ["", "### Backends", "",
               "| op | fake (`meta/`) | CPU | CUDA | other devices |", "|---|---|---|---|---|"]
