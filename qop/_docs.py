@@ -49,8 +49,9 @@ def _families() -> list[tuple[type, list[type]]]:
     from . import optim
 
     classes = [getattr(optim, n) for n in optim.__all__]
-    classes = [c for c in classes if isinstance(c, type) and issubclass(c, optim.QopOptimizer)
-               and c is not optim.QopOptimizer]
+    classes = [
+        c for c in classes if isinstance(c, type) and issubclass(c, optim.QopOptimizer) and c is not optim.QopOptimizer
+    ]
     bases = [c for c in classes if not hasattr(c.__init__, "__signature__")]
     out = []
     for base in sorted(bases, key=lambda c: (c.__module__, _position(c))):
@@ -69,8 +70,11 @@ def _position(cls: type) -> int:
 
 def _effective(cls: type, **kwargs: Any) -> tuple[int, bool]:
     """``(optim_bits, is_paged)`` a class really runs with: built on one CPU tensor and read back."""
-    required = {n: 1e-3 for n, p in inspect.signature(cls).parameters.items()
-                if p.default is inspect.Parameter.empty and n != "params"}
+    required = {
+        n: 1e-3
+        for n, p in inspect.signature(cls).parameters.items()
+        if p.default is inspect.Parameter.empty and n != "params"
+    }
     opt = cls([torch.zeros(1, requires_grad=True)], **required, **kwargs)
     group = opt.param_groups[0]
     return int(group["optim_bits"]), bool(group["is_paged"])
@@ -104,9 +108,16 @@ def optimizer_tables() -> str:
     for base, variants in _families():
         doc = inspect.getdoc(base) or ""
         summary = " ".join(doc.split("\n\n", 1)[0].split())
-        lines += [f"### {base.__name__}", "", summary, "",
-                  f"Hyper-parameters held as tensors (schedulable): {_hp_names(base)}.", "",
-                  "| argument | default |", "|---|---|"]
+        lines += [
+            f"### {base.__name__}",
+            "",
+            summary,
+            "",
+            f"Hyper-parameters held as tensors (schedulable): {_hp_names(base)}.",
+            "",
+            "| argument | default |",
+            "|---|---|",
+        ]
         base_args = _arguments(base)
         lines += [f"| `{n}` | {_fmt_default(p.default)} |" for n, p in base_args.items()]
         lines += ["", "| class | states | paged | signature differs from the base |", "|---|---|---|---|"]
@@ -115,10 +126,12 @@ def optimizer_tables() -> str:
             states = _states(cls)
             args = _arguments(cls)
             diffs = [f"no `{n}`" for n in base_args if n not in args]
-            diffs += [f"`{n}={args[n].default!r}`" for n in args
-                      if n in base_args and args[n].default != base_args[n].default]
-            lines.append(f"| `qop.optim.{cls.__name__}` | {states} | {'yes' if paged else 'no'} | "
-                         f"{', '.join(diffs) or '-'} |")
+            diffs += [
+                f"`{n}={args[n].default!r}`" for n in args if n in base_args and args[n].default != base_args[n].default
+            ]
+            lines.append(
+                f"| `qop.optim.{cls.__name__}` | {states} | {'yes' if paged else 'no'} | {', '.join(diffs) or '-'} |"
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -191,29 +204,39 @@ def op_reference() -> str:
     lines = ["### Schemas", "", "| op | schema |", "|---|---|"]
     for name, schema in _schema.SCHEMAS.items():
         lines.append(f"| `qop::{name}` | `{schema}` |")
-    lines += ["", f"Constants: `BLOCKSIZE = {_schema.BLOCKSIZE}` elements per absmax, "
-              f"`HISTORY = {_schema.HISTORY}` gradient norms per percentile-clipped parameter, "
-              f"`HP_SIZE = {_schema.HP_SIZE}` slots in `hp`.", "", "### Rules (`qop.Rule`)", ""]
+    lines += [
+        "",
+        f"Constants: `BLOCKSIZE = {_schema.BLOCKSIZE}` elements per absmax, "
+        f"`HISTORY = {_schema.HISTORY}` gradient norms per percentile-clipped parameter, "
+        f"`HP_SIZE = {_schema.HP_SIZE}` slots in `hp`.",
+        "",
+        "### Rules (`qop.Rule`)",
+        "",
+    ]
 
     def states(rule: _schema.Rule) -> str:
         base = _checks.n_states(int(rule), 0, True)
-        extra = [f"{_checks.n_states(int(rule), int(f), True)} with `{f.name}`" for f in _schema.Flag
-                 if f and _checks.n_states(int(rule), int(f), True) != base]
+        extra = [
+            f"{_checks.n_states(int(rule), int(f), True)} with `{f.name}`"
+            for f in _schema.Flag
+            if f and _checks.n_states(int(rule), int(f), True) != base
+        ]
         return ", ".join([str(base), *extra])
 
     lines += _enum_table(_schema.Rule, states, "states per parameter")
-    lines += ["", "### Flags (`qop.Flag`)", ""] + _enum_table(_schema.Flag)
+    lines += ["", "### Flags (`qop.Flag`)", "", *_enum_table(_schema.Flag)]
     keys = _group_keys()
     lines += ["", "### Hyper-parameter slots of `hp` (`qop.HP`)", ""]
     lines += _enum_table(_schema.HP, lambda m: ", ".join(f"`{k}`" for k in keys.get(m, [])), "param-group keys")
     triton = set(_triton_ops())
-    lines += ["", "### Backends", "",
-              "| op | fake (`meta/`) | CPU | CUDA | other devices |", "|---|---|---|---|---|"]
+    lines += ["", "### Backends", "", "| op | fake (`meta/`) | CPU | CUDA | other devices |", "|---|---|---|---|---|"]
     for name in _schema.SCHEMAS:
         cpu = kernel_origin(name, "CPU")
         cpu = {"C++": "C++ (`csrc/cpu/`)", "reference": "reference"}.get(cpu, cpu)
-        lines.append(f"| `qop::{name}` | {_backend_cell(kernel_origin(name, 'Meta') == 'fake', 'yes')} | {cpu} | "
-                     f"{_backend_cell(name in triton, 'Triton (`qop/triton/`)')} | reference (`qop/reference.py`) |")
+        lines.append(
+            f"| `qop::{name}` | {_backend_cell(kernel_origin(name, 'Meta') == 'fake', 'yes')} | {cpu} | "
+            f"{_backend_cell(name in triton, 'Triton (`qop/triton/`)')} | reference (`qop/reference.py`) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -243,8 +266,9 @@ def stale_pages(docs: Path, write: bool = False) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m qop docs-table``: print the generated sections, or check / rewrite them in a docs folder."""
-    parser = argparse.ArgumentParser(prog="python -m qop docs-table",
-                                     description="Generated parts of docs/: optimizer table and op reference.")
+    parser = argparse.ArgumentParser(
+        prog="python -m qop docs-table", description="Generated parts of docs/: optimizer table and op reference."
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", metavar="DOCS_DIR", help="rewrite the generated sections of the pages in DOCS_DIR")
     group.add_argument("--check", metavar="DOCS_DIR", help="exit 1 if a page of DOCS_DIR is stale")

@@ -60,8 +60,9 @@ def blocks(page: Path) -> list[Block]:
     for m in _FENCE.finditer(text):
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         reason = _NOT_RUN.search(before)
-        out.append(Block(page, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2),
-                         reason.group(1) if reason else None))
+        out.append(
+            Block(page, text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2), reason.group(1) if reason else None)
+        )
     return out
 
 
@@ -86,8 +87,14 @@ def preamble() -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(16, 64, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(4)]
     torch.manual_seed(0)
-    return {"__name__": "__docs__", "torch": torch, "qop": qop, "MyModel": MyModel, "data": data,
-            "loss_fn": torch.nn.functional.cross_entropy}
+    return {
+        "__name__": "__docs__",
+        "torch": torch,
+        "qop": qop,
+        "MyModel": MyModel,
+        "data": data,
+        "loss_fn": torch.nn.functional.cross_entropy,
+    }
 
 
 @functools.cache
@@ -155,11 +162,16 @@ def test_not_run_blocks_are_rare_and_explained() -> None:
 
 def test_block_parser_sees_markers_and_languages(tmp_path: Path) -> None:
     page = tmp_path / "p.md"
-    page.write_text("text\n\n```python\nx = 1\n```\n\n<!-- not run: needs a CUDA device -->\n```python\n"
-                    "y = 2\n```\n\n```bash\nls\n```\n")
+    page.write_text(
+        "text\n\n```python\nx = 1\n```\n\n<!-- not run: needs a CUDA device -->\n```python\n"
+        "y = 2\n```\n\n```bash\nls\n```\n"
+    )
     found = blocks(page)
-    assert [(b.lang, b.line, b.not_run) for b in found] == [("python", 3, None),
-                                                             ("python", 8, "needs a CUDA device"), ("bash", 12, None)]
+    assert [(b.lang, b.line, b.not_run) for b in found] == [
+        ("python", 3, None),
+        ("python", 8, "needs a CUDA device"),
+        ("bash", 12, None),
+    ]
     assert found[1].code == "y = 2\n"
 
 
