@@ -22,6 +22,7 @@ def _load_meta() -> None:
     """Import the fake kernels: ``qop/meta`` in a wheel, ``meta/`` beside ``qop/`` in a source tree."""
     try:
         from . import meta  # noqa: F401
+
         return
     except ImportError:
         pass
