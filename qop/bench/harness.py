@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._demo import optimizer_state_bytes
 from .measure import (
     PeakRSS,
     cuda_free_bytes,
     measured_step_bytes,
+    optimizer_state_bytes,
     release_memory,
     row_memory_estimate,
     rss_bytes,

@@ -1,4 +1,5 @@
-"""What a benchmark row measures besides time: memory (RSS, device memory) and bytes moved per step.
+"""What a benchmark row measures besides time: optimizer state bytes, memory (RSS, device memory) and bytes
+moved per step.
 
 Bytes moved (GB/s).  From the optimizer's live tensors: every parameter read and written, its gradient read,
 every distinct state storage (moments, 8-bit codes, absmax scales, step counters, code books) read and
@@ -26,8 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from .._demo import optimizer_state_bytes
 from .providers import OptSpec
 from .workloads import Workload, numel
 
@@ -53,6 +54,42 @@ NOMINAL_BW: tuple[tuple[tuple[str, ...], float | None], ...] = (
     (("A100", "80GB", "PCIE"), 1.935e12),
     (("A100", "40GB"), 1.555e12),
 )
+
+
+def _inner_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors holding a (possibly subclassed, e.g. torchao's 8-bit state) tensor's data."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (Tensor, nn.Parameter):
+        return [t]
+    names, _ = flatten()
+    out: list[Tensor] = []
+    for name in names:
+        out.extend(_inner_tensors(getattr(t, name)))
+    return out
+
+
+def _collect(obj: Any, out: list[Tensor]) -> None:
+    """Every tensor reachable from ``obj`` through dicts, lists and tuples."""
+    if isinstance(obj, Tensor):
+        out.extend(_inner_tensors(obj))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect(v, out)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held by an optimizer's per-parameter state, each storage counted once (shared code books too)."""
+    tensors: list[Tensor] = []
+    _collect(list(opt.state.values()), tensors)
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        seen[key] = max(seen.get(key, 0), storage.nbytes())
+    return sum(seen.values())
 
 
 def sync(device: str) -> None:

@@ -73,7 +73,10 @@ def _builder(cls: type, kwargs: dict[str, Any]) -> Callable[[list[Tensor]], torc
 
 
 def import_optional(name: str) -> Any:
-    """Import an optional library quietly; None when it is missing or broken."""
+    """Import an optional library; None when it is missing (reported by :func:`missing_providers`) or broken
+    (reported here)."""
+    if importlib.util.find_spec(_MODULES[name]) is None:
+        return None
     try:
         if name == "bnb":
             import bitsandbytes
