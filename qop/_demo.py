@@ -323,32 +323,10 @@ def report(result: DemoResult) -> str:
     if bnb is not None and q8 is not None and bnb.seconds:
         lines.append(
             f"bitsandbytes' Adam8bit: final loss {bnb.final_loss:.4f} vs qop's {q8.final_loss:.4f}, "
-            f"{bnb.state_bytes / result.n_params:.2f} B/param of state, qop's step loop "
-            f"{bnb.seconds / max(q8.seconds, 1e-9):.1f}x as fast."
+            f"{bnb.state_bytes / result.n_params:.2f} B/param of state, training steps "
+            f"with qop's {bnb.seconds / max(q8.seconds, 1e-9):.1f}x as fast (the same model: the optimizers differ)."
         )
     return "\n".join(lines)
-
-
-def plot(result: DemoResult, path: str) -> None:
-    """Save both loss curves as a PNG (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit(f"qop demo: --plot needs matplotlib ({exc}); pip install matplotlib") from exc
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for c in (c for c in result.curves if not c.absent):
-        steps, losses = zip(*c.points)
-        ax.plot(steps, losses, label=f"{c.name} ({c.state_bytes / result.n_params:.2f} B/param state)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mean over logging window)")
-    ax.set_title(f"TinyLM on procedural addition, {result.n_params:,} params")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cli(argv: Sequence[str] | None = None) -> DemoResult:
@@ -389,6 +367,8 @@ def cli(argv: Sequence[str] | None = None) -> DemoResult:
     )
     print(report(result))
     if args.plot:
+        from ._demo_plot import plot
+
         plot(result, args.plot)
         print(f"loss curves saved to {args.plot}")
     return result
