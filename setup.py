@@ -53,7 +53,7 @@ if (cuda := cuda_extension()) is not None:
     ext_modules.append(cuda)
 
 setup(
-    packages=["qop", "qop.optim", "qop.triton", "qop.nn", "qop.meta"],
+    packages=["qop", "qop.optim", "qop.triton", "qop.nn", "qop.bench", "qop.meta"],
     package_dir={"qop.meta": "meta"},
     package_data={"qop": ["py.typed"]},
     ext_modules=ext_modules,

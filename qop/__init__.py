@@ -22,6 +22,7 @@ def _load_meta() -> None:
     """Import the fake kernels: ``qop/meta`` in a wheel, ``meta/`` beside ``qop/`` in a source tree."""
     try:
         from . import meta  # type: ignore[attr-defined]  # noqa: F401  (meta/, installed as qop.meta)
+
         return
     except ImportError:
         pass
@@ -52,7 +53,7 @@ _load_meta()
 HAS_CPU_KERNELS = _load_cpu_kernels()
 
 # registration needs the schema and the compiled kernels first
-from . import _register, ops, optim  # noqa: E402, F401
+from . import _register, nn, ops, optim  # noqa: E402, F401
 
 __all__ = [
     "BLOCKSIZE",
@@ -62,6 +63,7 @@ __all__ = [
     "Rule",
     "create_dynamic_map",
     "dynamic_map",
+    "nn",
     "ops",
     "optim",
 ]

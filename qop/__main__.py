@@ -1,10 +1,10 @@
-"""``python -m qop demo | bench | doctor``: train a demo model, run the benchmark, check the installation."""
+"""``python -m qop demo | bench | doctor | docs-table``: train a demo model, run the benchmark, check the
+installation, print the generated parts of the docs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -13,7 +13,6 @@ from pathlib import Path
 #: Dispatch keys whose kernels ``doctor`` reports for every qop op.
 BACKEND_KEYS = ("CPU", "CUDA", "XPU", "MPS")
 DISPATCH_KEYS = (*BACKEND_KEYS, "Meta", "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_optim.py"
 
 
 def _version(distribution: str) -> str:
@@ -73,8 +72,10 @@ def doctor(argv: Sequence[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     devices = f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name(0)})" if cuda else ""
     print(f"CUDA available: {cuda}{devices}")
-    print(f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, logical CPUs: {os.cpu_count()}")
+    print(
+        f"torch threads: {torch.get_num_threads()} (interop {torch.get_num_interop_threads()}), "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, logical CPUs: {os.cpu_count()}"
+    )
     backend = [ln.strip() for ln in torch.__config__.parallel_info().splitlines() if "backend" in ln or "OpenMP" in ln]
     print("parallel: " + "; ".join(backend))
     print("\nregistered kernels (C++ | triton | reference | fake | -: none)")
@@ -84,37 +85,33 @@ def doctor(argv: Sequence[str] | None = None) -> int:
     for op, row in table.items():
         print(f"{op:<{width}}  " + "  ".join(f"{row[k]:<10}" for k in DISPATCH_KEYS))
     if not qop.HAS_CPU_KERNELS:
-        print("\nnote: CPU ops run the pure-PyTorch reference (slow); build the C++ kernels with "
-              "`pip install --no-build-isolation -e .` from a source checkout.")
+        print(
+            "\nnote: CPU ops run the pure-PyTorch reference (slow); build the C++ kernels with "
+            "`pip install --no-build-isolation -e .` from a source checkout."
+        )
     return 0
 
 
 def bench(argv: Sequence[str]) -> int:
-    """Forward to ``benchmarks/bench_optim.py`` of the source tree this qop was imported from."""
-    if not BENCH_SCRIPT.is_file():
-        print(f"qop bench: {BENCH_SCRIPT} not found; the benchmark ships with the source tree, not the wheel. "
-              "Clone the repository and run `python -m qop bench` from it.", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("qop_bench_optim", BENCH_SCRIPT)
-    if spec is None or spec.loader is None:
-        print(f"qop bench: cannot load {BENCH_SCRIPT}", file=sys.stderr)
-        return 2
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return int(module.main(list(argv), prog="python -m qop bench"))
+    """Run the optimizer step benchmark (``qop.bench``, shipped with the package)."""
+    from .bench import main as bench_main
+
+    return int(bench_main(list(argv), prog="python -m qop bench"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Dispatch ``demo``, ``bench`` and ``doctor``; each takes its own options (``--help``)."""
+    """Dispatch ``demo``, ``bench``, ``doctor`` and ``docs-table``; each takes its own options (``--help``)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "train a small LM with qop Adam8bit beside torch AdamW",
-                "bench": "optimizer step benchmark (benchmarks/bench_optim.py)",
-                "doctor": "versions, kernels, threads"}
+    commands = {
+        "demo": "train a small LM with qop Adam8bit beside torch AdamW",
+        "bench": "optimizer step benchmark beside torch.optim, bitsandbytes, torchao (--quick: a smoke run)",
+        "doctor": "versions, kernels, threads",
+        "docs-table": "the generated parts of docs/ (optimizer table, op reference)",
+    }
     if not args or args[0] in ("-h", "--help") or args[0] not in commands:
-        print("usage: python -m qop {demo,bench,doctor} [options]\n")
+        print("usage: python -m qop {demo,bench,doctor,docs-table} [options]\n")
         for name, text in commands.items():
-            print(f"  {name:<7} {text}")
+            print(f"  {name:<10} {text}")
         return 0 if args and args[0] in ("-h", "--help") else 2
     command, rest = args[0], args[1:]
     if command == "demo":
@@ -123,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo.main(rest)
     if command == "bench":
         return bench(rest)
+    if command == "docs-table":
+        from . import _docs
+
+        return _docs.main(rest)
     return doctor(rest)
 
 

@@ -1,6 +1,8 @@
-"""Smoke tests of the user-facing tools: the benchmark harness, ``python -m qop doctor`` and the demo.
+"""Smoke tests of the user-facing tools: the benchmark (``qop.bench``), ``python -m qop doctor`` and the demo.
 
-They check structure and behaviour only; no timing is asserted (the benchmark is not a test).
+They check structure and behaviour only; no timing is asserted (the benchmark is not a test).  The benchmark
+ships with the package: it runs from a directory outside the source tree, importing qop from where it is
+installed, and reads nothing relative to the repository.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from unittest import mock
 
 import pytest
 import torch
+
+import qop
+import qop.bench
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_optim.py"
 
 
-def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m qop ...`` from the repository root with qop importable."""
+def _run(*args: str, timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m qop ...`` from ``cwd`` (the repository root by default) with qop importable."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "qop", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "qop", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -38,11 +43,29 @@ def keep_threads() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-@pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/ ships with the source tree only")
 def test_bench_quick_writes_table_and_json(tmp_path: Path) -> None:
-    proc = _run("bench", "--quick", "--scale", "0.002", "--workloads", "single,many", "--families", "adam",
-                "--providers", "torch,qop", "--repeats", "2", "--warmup", "1", "--budget", "0.05",
-                "--out", str(tmp_path), "--name", "smoke")
+    proc = _run(
+        "bench",
+        "--quick",
+        "--scale",
+        "0.002",
+        "--workloads",
+        "single,many",
+        "--families",
+        "adam",
+        "--providers",
+        "torch,qop",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--budget",
+        "0.05",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "smoke",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "smoke.md").read_text()
     assert "| optimizer | median ms | min ms | Mparam/s | x AdamW(fused) | x bnb | state B/param |" in table
@@ -70,26 +93,18 @@ def test_bench_quick_writes_table_and_json(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    """benchmarks/bench_optim.py as a module; its import leaves the environment as it was."""
-    if not BENCH.is_file():
-        pytest.skip("benchmarks/ ships with the source tree only")
-    spec = importlib.util.spec_from_file_location("_qop_bench_optim", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    with mock.patch.dict(os.environ):
-        spec.loader.exec_module(module)
-    return module
+    """The benchmark package."""
+    return qop.bench
 
 
 def test_gpu_workload_set_shapes(bench: ModuleType) -> None:
-    """Issue 7's shapes, checked without allocating them; the CPU set is unchanged."""
+    """The GPU set's shapes, checked without allocating them; the CPU set is unchanged."""
     w = bench.make_workloads(kind="gpu")
     assert list(w) == ["single", "transformer", "many"]
     assert w["single"].shapes == ((2**28,),)
     assert 0.95e9 <= w["transformer"].n_params <= 1.1e9
     assert len(w["transformer"].shapes) == 2 + 18 * 12 + 2
-    sizes = [bench._numel(s) for s in w["many"].shapes]
+    sizes = [bench.numel(s) for s in w["many"].shapes]
     assert len(sizes) == 1000 and all(4096 <= n <= 65536 for n in sizes) and len(set(sizes)) > 900
     assert bench.make_workloads(kind="gpu") == w  # seeded
     small = bench.make_workloads(1e-3, kind="gpu")  # --scale shrinks the GPU set too
@@ -122,12 +137,16 @@ def test_measured_bytes_follow_the_live_state(bench: ModuleType) -> None:
 
     p = torch.zeros(8192, requires_grad=True)
     p.grad = torch.full_like(p, 1e-3)
-    for opt, provider, bits in ((torch.optim.AdamW([p], fused=True), "torch", 32),
-                                (qop.optim.Adam8bit([p]), "qop", 8), (qop.optim.LAMB8bit([p]), "qop", 8)):
+    for opt, provider, bits in (
+        (torch.optim.AdamW([p], fused=True), "torch", 32),
+        (qop.optim.Adam8bit([p]), "qop", 8),
+        (qop.optim.LAMB8bit([p]), "qop", 8),
+    ):
         family = "lamb" if "LAMB" in type(opt).__name__ else "adam"
         opt.step()
-        extra = bench.measured_step_bytes(opt, family, provider) - bench.table_step_bytes(family, provider, bits,
-                                                                                          [p.shape])
+        extra = bench.measured_step_bytes(opt, family, provider) - bench.table_step_bytes(
+            family, provider, bits, [p.shape]
+        )
         assert 0 <= extra <= 64, (type(opt).__name__, extra)
 
 
@@ -138,8 +157,9 @@ def test_bandwidth_peaks_and_memory_guard(bench: ModuleType) -> None:
     assert bench.nominal_bandwidth("Tesla T4") is None
     w = bench.make_workloads(kind="gpu")["transformer"]
     spec = {s.label: s for s in bench.discover(["adam"], ["torch", "qop"], "cpu")}
-    fused, foreach, q8 = (bench.row_memory_estimate(spec[k], w) for k in
-                          ("torch AdamW(fused)", "torch AdamW(foreach)", "qop Adam8bit"))
+    fused, foreach, q8 = (
+        bench.row_memory_estimate(spec[k], w) for k in ("torch AdamW(fused)", "torch AdamW(foreach)", "qop Adam8bit")
+    )
     assert 8 * w.n_params < fused < 12 * w.n_params  # two fp32 states, with a margin
     assert fused < foreach < 2 * fused and q8 < fused / 2
 
@@ -151,18 +171,41 @@ def test_percentile_clipping_reaches_the_optimizers(bench: ModuleType) -> None:
     assert "percentile_clipping" not in specs["torch AdamW(fused)"].build([p]).param_groups[0]
     for label, spec in specs.items():  # a bitsandbytes class without the argument runs without, and says so
         if spec.provider == "bnb":
-            cls = getattr(bench._import_optional("bnb"), label.split()[1])
+            cls = getattr(bench.import_optional("bnb"), label.split()[1])
             takes = "percentile_clipping" in inspect.signature(cls).parameters
             assert label.endswith("(no pct clip)") != takes, label
     with pytest.raises(SystemExit):
         bench.parse_args(["--percentile-clipping", "0"])
 
 
-@pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/ ships with the source tree only")
 def test_bench_gpu_workload_set_on_cpu_reports_bandwidth(tmp_path: Path) -> None:
-    proc = _run("bench", "--workload-set", "gpu", "--scale", "1e-4", "--families", "adam", "--providers", "torch,qop",
-                "--filter", "qop Adam8bit", "--repeats", "2", "--warmup", "1", "--budget", "0.05", "--retries", "0",
-                "--peak-mib", "8", "--out", str(tmp_path), "--name", "gpuset")
+    proc = _run(
+        "bench",
+        "--workload-set",
+        "gpu",
+        "--scale",
+        "1e-4",
+        "--families",
+        "adam",
+        "--providers",
+        "torch,qop",
+        "--filter",
+        "qop Adam8bit",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--budget",
+        "0.05",
+        "--retries",
+        "0",
+        "--peak-mib",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "gpuset",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "gpuset.md").read_text()
     assert "| state B/param | moved B/param | GB/s | % peak | peak RSS +MiB | reps | CPU wait |" in table
@@ -184,9 +227,21 @@ def test_bench_gpu_workload_set_on_cpu_reports_bandwidth(tmp_path: Path) -> None
 @pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/ ships with the source tree only")
 def test_step_ns_times_every_listed_optimizer() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_ns.py"), "--numel", "4097",
-                           "--optimizers", "Adam8bit,SGD8bit,Adam32bit"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "step_ns.py"),
+            "--numel",
+            "4097",
+            "--optimizers",
+            "Adam8bit,SGD8bit,Adam32bit",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("threads=1 numel=4097")
@@ -210,24 +265,47 @@ def test_unknown_command_prints_usage() -> None:
     assert main(["--help"]) == 0
 
 
-def test_demo_learns_with_8bit_states(keep_threads: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_learns_with_8bit_states_compiled_and_beside_bnb(
+    keep_threads: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every run learns; 8-bit states take ~2 B/param; the compiled step is one graph with no recompile while the
+    lr changes at every step, and tracks the eager one; bitsandbytes runs beside when installed, else is named."""
     from qop import _demo
 
-    result = _demo.cli(["--steps", "24", "--log-every", "8"])
+    result = _demo.cli(["--steps", "30", "--log-every", "10", "--backend", "aot_eager"])
     out = capsys.readouterr().out
-    assert "torch AdamW" in out and "qop Adam8bit" in out and "B/param" in out
-    full, q8 = result.curves
-    assert q8.state_bytes / result.n_params < 2.5
+    for needle in ("torch AdamW", "qop Adam8bit", "qop Adam8bit compiled", "bnb Adam8bit", "B/param"):
+        assert needle in out, out
+    full, q8, compiled = (result.curve(n) for n in (_demo.TORCH, _demo.QOP, _demo.COMPILED))
+    assert full is not None and q8 is not None and compiled is not None
+    assert q8.state_bytes / result.n_params < 2.5 and compiled.state_bytes == q8.state_bytes
     assert full.state_bytes / result.n_params >= 8.0
-    for curve in result.curves:
-        assert [s for s, _ in curve.points] == [1, 8, 16, 24]
-        assert curve.points[-1][1] < curve.points[0][1], curve.points
+    assert compiled.graphs == 1 and compiled.recompiles == 0
+    assert "1 graph, 0 recompiles in 30 steps" in out
+    bnb = next(c for c in result.curves if c.name == _demo.BNB)
+    assert bool(bnb.absent) == (importlib.util.find_spec("bitsandbytes") is None)
+    for curve in (c for c in result.curves if not c.absent):
+        assert [s for s, _ in curve.points] == [1, 10, 20, 30]
+        assert curve.points[-1][1] < curve.points[0][1] - 0.1, (curve.name, curve.points)
         assert curve.final_loss < curve.points[0][1]
+    for (_, a), (_, b) in zip(compiled.points, q8.points):
+        assert abs(a - b) < 0.02, (compiled.points, q8.points)
+    # the schedule really changed the lr at every step, and every run followed it
+    lrs = [_demo.lr_lambda(30)(i) for i in range(30)]
+    assert len(set(lrs)) >= 25
+
+
+def test_demo_without_optional_runs(keep_threads: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from qop import _demo
+
+    result = _demo.cli(["--steps", "3", "--log-every", "1", "--no-compile", "--no-bnb"])
+    assert [c.name for c in result.curves] == [_demo.TORCH, _demo.QOP]
+    assert "compiled" not in capsys.readouterr().out
 
 
 def test_demo_plot(keep_threads: None, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from qop import _demo
 
-    _demo.cli(["--steps", "2", "--log-every", "1", "--plot", str(tmp_path / "curves.png")])
+    _demo.cli(["--steps", "2", "--log-every", "1", "--no-compile", "--plot", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 1000
