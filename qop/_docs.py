@@ -198,7 +198,7 @@ def _backend_cell(present: bool, what: str) -> str:
 @_section("ops.md", "ops")
 def op_reference() -> str:
     """Schemas, enums, state counts and backends of every ``qop`` op, from ``qop._schema`` and the registrations."""
-    from . import _checks, _schema
+    from . import _checks, _schema, export
     from .__main__ import kernel_origin
 
     lines = ["### Schemas", "", "| op | schema |", "|---|---|"]
@@ -229,13 +229,21 @@ def op_reference() -> str:
     lines += ["", "### Hyper-parameter slots of `hp` (`qop.HP`)", ""]
     lines += _enum_table(_schema.HP, lambda m: ", ".join(f"`{k}`" for k in keys.get(m, [])), "param-group keys")
     triton = set(_triton_ops())
-    lines += ["", "### Backends", "", "| op | fake (`meta/`) | CPU | CUDA | other devices |", "|---|---|---|---|---|"]
+    decomposed = {op.name().split("::", 1)[1] for op in export.decompositions()}
+    lines += [
+        "",
+        "### Backends",
+        "",
+        "| op | fake (`meta/`) | CPU | CUDA | other devices | core ATen decomposition (`qop.export`) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in _schema.SCHEMAS:
         cpu = kernel_origin(name, "CPU")
         cpu = {"C++": "C++ (`csrc/cpu/`)", "reference": "reference"}.get(cpu, cpu)
         lines.append(
             f"| `qop::{name}` | {_backend_cell(kernel_origin(name, 'Meta') == 'fake', 'yes')} | {cpu} | "
-            f"{_backend_cell(name in triton, 'Triton (`qop/triton/`)')} | reference (`qop/reference.py`) |"
+            f"{_backend_cell(name in triton, 'Triton (`qop/triton/`)')} | reference (`qop/reference.py`) | "
+            f"{_backend_cell(name in decomposed, 'yes')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -9,11 +9,13 @@ know core ATen (ExecuTorch, TensorRT, AOTInductor elsewhere) get it decomposed b
     ep = qop.export.decompose(ep)            # core ATen, no qop op left
 
 The decomposition lives in a table the caller passes rather than in a ``CompositeImplicitAutograd`` kernel,
-which would replace the op by its pieces in eager mode and under ``torch.compile`` too.
+which would replace the op by its pieces in eager mode and under ``torch.compile`` too.  With
+``torch_tensorrt`` installed, importing this module also hands the decomposition to Torch-TensorRT's lowering.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -65,3 +67,8 @@ def register_tensorrt() -> bool:
     for op, fn in decompositions().items():
         register_torch_trt_decomposition(op)(fn)
     return True
+
+
+#: Whether qop's decompositions were handed to Torch-TensorRT when this module was imported (it is when
+#: ``torch_tensorrt`` is installed; ``register_tensorrt()`` does it again after a later install).
+TENSORRT_REGISTERED = importlib.util.find_spec("torch_tensorrt") is not None and register_tensorrt()

@@ -309,3 +309,68 @@ def test_demo_plot(keep_threads: None, tmp_path: Path) -> None:
 
     _demo.cli(["--steps", "2", "--log-every", "1", "--no-compile", "--plot", str(tmp_path / "curves.png")])
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+_AUDIT = """
+import json, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" and isinstance(args[0], str) else None)
+from qop.__main__ import main
+rc = main(sys.argv[2:])
+json.dump({"rc": rc, "opened": opened}, open(sys.argv[1], "w"))
+"""
+
+
+def test_bench_runs_outside_the_source_tree(tmp_path: Path) -> None:
+    """From a directory outside the checkout, with qop imported from where it is installed: the benchmark
+    runs, writes to ./qop-bench-out, names the optional libraries it could not time, and opens no file of
+    the source tree outside the package itself (an editable install maps the package into the tree)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = [
+        "bench",
+        "--quick",
+        "--scale",
+        "0.002",
+        "--workloads",
+        "single",
+        "--families",
+        "adam",
+        "--providers",
+        "torch,qop,bnb,torchao",
+        "--filter",
+        "qop Adam8bit",
+        "--repeats",
+        "2",
+        "--budget",
+        "0.05",
+        "--peak-mib",
+        "4",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _AUDIT, str(tmp_path / "audit.json"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["rc"] == 0
+    table = (tmp_path / "qop-bench-out" / "bench_optim.md").read_text()
+    assert "| qop Adam8bit |" in table and "| torch AdamW(fused) |" in table
+    for module, provider in (("bitsandbytes", "bnb"), ("torchao", "torchao")):
+        if importlib.util.find_spec(module) is None:
+            assert f"{provider} (`pip install" in table and "not installed" in proc.stderr
+    package = Path(qop.__file__).resolve().parent
+    allowed = [package, ROOT / "meta", ROOT / ".venv", ROOT / "build"]
+    tree_files = [p for p in ((tmp_path / s).resolve() for s in audit["opened"]) if p.is_relative_to(ROOT)]
+    stray = [str(p) for p in tree_files if not any(p.is_relative_to(a) for a in allowed)]
+    assert not stray, stray
+
+
+def test_bench_script_in_the_tree_is_a_thin_entry_point() -> None:
+    """``benchmarks/bench_optim.py`` only forwards to the package (the commands of RESULTS.md keep working)."""
+    text = BENCH.read_text()
+    assert "from qop.bench import main" in text and len(text.splitlines()) < 40
+    assert all(len(p.read_text().splitlines()) < 400 for p in Path(qop.bench.__file__).parent.glob("*.py"))

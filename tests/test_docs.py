@@ -130,7 +130,7 @@ def docs_backend() -> Iterator[None]:
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("page", pages(), ids=lambda p: p.name)
+@pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, docs_backend: None) -> None:
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()

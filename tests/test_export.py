@@ -142,7 +142,6 @@ def test_compile_keeps_the_custom_op() -> None:
 
 
 def test_tensorrt_registration_skips_cleanly_without_it() -> None:
-    if importlib.util.find_spec("torch_tensorrt") is not None:
-        assert qop.export.register_tensorrt() is True
-    else:
-        assert qop.export.register_tensorrt() is False
+    installed = importlib.util.find_spec("torch_tensorrt") is not None
+    assert qop.export.TENSORRT_REGISTERED is installed  # done at import when it is installed
+    assert qop.export.register_tensorrt() is installed
