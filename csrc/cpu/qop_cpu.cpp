@@ -1,18 +1,25 @@
 // qop CPU kernels: blockwise 8-bit quantization and the fused multi-tensor optimizer steps.
 //
+// This source is compiled once per instruction set, never on its own: each wrapper in csrc/cpu/isa/
+// names a capability (QOP_CPU_CAPABILITY, the namespace of that build) and its level (QOP_ISA_LEVEL:
+// 0 baseline, 1 AVX2+FMA+F16C, 2 AVX-512 F/BW/VL/DQ/VBMI), includes every external header for the
+// baseline target, then includes this file under `#pragma GCC target` (see csrc/cpu/isa/isa.h).
+// csrc/cpu/register.cpp picks one build at import and registers its entry points.
+//
 // Semantics are those of qop/reference.py, operation for operation in float32 (same association
 // order, correctly rounded division and sqrt, no fused multiply-add contraction), so 32-bit results
-// match the reference to float rounding and quantization picks exactly the reference's code.
+// match the reference to float rounding and quantization picks exactly the reference's code.  Every
+// build computes the same operations, so every build gives bit-identical results.
 //
 // Layout:
-//   * SIMD helpers: AVX2/FMA/F16C when the compiler targets them, a scalar twin of every operation;
-//     the per-element math is written once, generic over V = float or VF (8 lanes).
+//   * SIMD helpers: AVX2/FMA/F16C (level >= 1) and AVX-512 (level 2) twins of the scalar operations;
+//     the per-element math is written once, generic over V = float, VF (8 lanes) or VF16 (16 lanes).
 //   * Quantizer: the nearest-code search as one table look-up and one compare (see below).
 //   * Rules: per-element math of each qop.Rule, a template switch; one step kernel template serves
 //     every rule, flag set, parameter dtype and state width.
 //   * Driver: (tensor, chunk of blocks) work items flattened over all tensors of the call and
 //     shared among the OpenMP threads by cost; UNORM_CLIP adds a first pass computing the norms.
-//   * Ops and their registration at the bottom.
+//   * Ops at the bottom (registered by csrc/cpu/register.cpp).
 //
 // Cost (AVX2, AMD Zen 3 at ~2.5 GHz, one thread, in cache): 32-bit Adam ~1.2 cycles per element
 // (memory-bound beyond), 8-bit Adam ~5.3: the four table reads per element (two dequantizations,
@@ -20,37 +27,27 @@
 // slower there) are two thirds of it, the sqrt and divide of the rule most of the rest
 // (benchmarks/micro_lookup.cpp measures each piece).
 
-#include <Python.h>
-
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
-#include <omp.h>
-
-#include <algorithm>
-#include <array>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <memory>
-#include <mutex>
-#include <vector>
-
-#include "checks.h"
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define QOP_AVX2 1
-#include <immintrin.h>
+#ifndef QOP_CPU_CAPABILITY
+#error "qop_cpu.cpp is compiled through csrc/cpu/isa/kernels_*.cpp, which define QOP_CPU_CAPABILITY"
 #endif
+
+#include "isa/deps.h"
+#include "isa/isa.h"
+
+#if QOP_ISA_LEVEL >= 1
+#define QOP_AVX2 1
+#endif
+#if QOP_ISA_LEVEL >= 2
+#define QOP_AVX512 1
+#endif
+
+// The entry points this build defines, at the bottom (register.cpp declares the same).
+QOP_DECLARE_CPU_ENTRY_POINTS(QOP_CPU_CAPABILITY)
 
 #define QOP_INLINE inline __attribute__((always_inline))
 
 namespace qop {
+namespace QOP_CPU_CAPABILITY {
 namespace {
 
 using bf16 = c10::BFloat16;
@@ -92,7 +89,17 @@ QOP_INLINE float load(Tag<float>, const bf16* p) { return static_cast<float>(*p)
 QOP_INLINE float load(Tag<float>, const fp16* p) { return static_cast<float>(*p); }
 QOP_INLINE void store(float* p, float v) { *p = v; }
 QOP_INLINE void store(bf16* p, float v) { *p = bf16(v); }  // round to nearest even, NaN -> 0x7FC0
-QOP_INLINE void store(fp16* p, float v) { *p = fp16(v); }  // round to nearest even
+// Round to nearest even.  A NaN keeps its sign and top payload bits and becomes quiet, as F16C's
+// vcvtps2ph does (c10::Half would write sign | 0x7E00), so every build writes the same bits.
+QOP_INLINE void store(fp16* p, float v) {
+  if (v != v) {
+    const uint32_t u = float_to_bits(v);
+    const uint16_t h = static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7E00u | ((u >> 13) & 0x3FFu));
+    *p = fp16(h, fp16::from_bits());
+  } else {
+    *p = fp16(v);
+  }
+}
 QOP_INLINE float dequant(Tag<float>, const float* code, const uint8_t* q, float absmax) { return code[*q] * absmax; }
 
 // -------------------------------------------------------------------------------------- AVX2 twins
@@ -157,7 +164,13 @@ QOP_INLINE VF dequant(Tag<VF>, const float* code, const uint8_t* q, float absmax
 struct AbsmaxAcc {
   uint32_t m = 0;
 #ifdef QOP_AVX2
-  __m256i vm = _mm256_setzero_si256();
+  __m256i vm;
+#endif
+  // Written out: a constructor the compiler generates would not be compiled for this build's ISA.
+#ifdef QOP_AVX2
+  AbsmaxAcc() : vm(_mm256_setzero_si256()) {}
+#else
+  AbsmaxAcc() {}
 #endif
   QOP_INLINE void add(float x) { m = std::max(m, float_to_bits(x) & 0x7FFFFFFFu); }
 #ifdef QOP_AVX2
@@ -616,7 +629,12 @@ struct KBoth {
 struct SquareSum {
   double s = 0.0;
 #ifdef QOP_AVX2
-  __m256d v = _mm256_setzero_pd();
+  __m256d v;
+#endif
+#ifdef QOP_AVX2
+  SquareSum() : v(_mm256_setzero_pd()) {}
+#else
+  SquareSum() {}
 #endif
   QOP_INLINE void add(float x) { s += static_cast<double>(x) * x; }
 #ifdef QOP_AVX2
@@ -1156,40 +1174,5 @@ at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, 
   }
   return out;
 }
+}  // namespace QOP_CPU_CAPABILITY
 }  // namespace qop
-
-// An empty module: importing qop._C runs the static registration below (no pybind).
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // name
-      NULL,  // documentation
-      -1,    // per-interpreter state size
-      NULL,  // methods
-      NULL,  // slots
-      NULL,  // traverse
-      NULL,  // clear
-      NULL,  // free
-  };
-  return PyModule_Create(&module_def);
-}
-}
-
-// The schemas are defined in Python (qop/_schema.py); this file only provides the CPU kernels.
-TORCH_LIBRARY_IMPL(qop, CPU, m) {
-  m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
-  m.impl("dequantize_blockwise", &qop::dequantize_blockwise_cpu);
-  m.impl("step_32bit", &qop::step_32bit_cpu);
-  m.impl("step_8bit", &qop::step_8bit_cpu);
-  m.impl("percentile_clip", &qop::percentile_clip_cpu);
-}
-
-// Sparse inputs reach the same kernels only so that their checks reject them with a message naming the
-// argument ("grads[0] is sparse ...") instead of the dispatcher's "no kernel for SparseCPU".
-TORCH_LIBRARY_IMPL(qop, SparseCPU, m) {
-  m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
-  m.impl("step_32bit", &qop::step_32bit_cpu);
-  m.impl("step_8bit", &qop::step_8bit_cpu);
-  m.impl("percentile_clip", &qop::percentile_clip_cpu);
-}
