@@ -1,8 +1,11 @@
 """Builds qop's C++ CPU kernels (``qop._C``) and, where CUDA is present, the paging helper ``qop._C_cuda``.
 
 The extensions expose no Python API: importing them runs their ``TORCH_LIBRARY_IMPL`` registrations.
-Set ``QOP_CPU_FLAGS`` to override the ISA flags (default ``-march=native``: the wheel is built where it
-runs; set e.g. ``-mavx2 -mfma`` for a portable x86-64-v3 build).
+The CPU kernels are compiled once per instruction set from one source (``csrc/cpu/isa/kernels_*.cpp``
+include ``csrc/cpu/qop_cpu.cpp`` under a ``#pragma GCC target``: baseline, AVX2, AVX-512) with one
+portable command line, and ``csrc/cpu/register.cpp`` picks one at import from
+``torch.backends.cpu.get_cpu_capability()``. ``QOP_CPU_FLAGS`` (opt-in) adds flags to every file,
+e.g. ``-march=native`` for a build that then runs only on CPUs like the one that built it.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ LIMITED_API = [("Py_LIMITED_API", "0x030A0000")]
 
 
 def cpu_extension() -> CppExtension:
-    isa = os.environ.get("QOP_CPU_FLAGS", "-march=native").split()
+    isa = os.environ.get("QOP_CPU_FLAGS", "").split()
     return CppExtension(
         "qop._C",
-        sorted(glob.glob("csrc/cpu/*.cpp")),
+        ["csrc/cpu/register.cpp", *sorted(glob.glob("csrc/cpu/isa/kernels_*.cpp"))],
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", *isa],
+        # -Wno-psabi: vectors passed by value never cross from one ISA's build to another (each build's
+        # helpers are internal to its translation unit), so GCC's ABI-change notes do not apply
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi", *isa],
         extra_link_args=["-fopenmp"],
         define_macros=LIMITED_API,
         py_limited_api=True,

@@ -1,4 +1,5 @@
-// Micro-benchmark of the pieces of the CPU 8-bit step (AVX2), on one 256-value block in L1.
+// Micro-benchmark of the pieces of the CPU 8-bit step (AVX2, and AVX-512 where the compiler targets
+// it with VBMI), on one 256-value block in L1.
 //
 // Each 8-bit state costs one dequantization look-up (code[q] for a uint8 q) and one code search (the
 // quantizer's bucket-table read plus one compare) per element; the rule adds a sqrt and a divide.
@@ -100,14 +101,82 @@ inline __m256i search_gather(const int32_t* L, const float* y) {
   return finish(yv, _mm256_i32gather_epi32(L, _mm256_srli_epi32(_mm256_castps_si256(yv), 16), 4));
 }
 
+#ifdef __AVX512VBMI__
+// code[q] for 64 codes from four byte planes of the code book (the AVX-512 kernel's way: two vpermi2b
+// and a blend per plane, the bytes reassembled by in-lane unpacks, so the codes are permuted first).
+struct Planes {
+  alignas(64) uint8_t b[4][256];
+};
+inline void dequant_planes(const Planes& T, const __m512i order, const uint8_t* q, __m512 out[4]) {
+  const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(q));
+  const __mmask64 high = _mm512_movepi8_mask(c);
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m512i* t = reinterpret_cast<const __m512i*>(T.b[k]);
+    b[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[0], c, t[1]),
+                                  _mm512_permutex2var_epi8(t[2], c, t[3]));
+  }
+  const __m512i wl = _mm512_unpacklo_epi8(b[0], b[1]), wh = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i xl = _mm512_unpacklo_epi8(b[2], b[3]), xh = _mm512_unpackhi_epi8(b[2], b[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(wl, xl));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(wl, xl));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(wh, xh));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(wh, xh));
+}
+
+// code[q] for 16 codes: eight vpermi2ps over the 256 floats, then a blend tree on bits 5..7.
+inline __m512 dequant_permps(const float* code, const uint8_t* q) {
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  __m512 r[8];
+  for (int k = 0; k < 8; ++k) r[k] = _mm512_permutex2var_ps(_mm512_load_ps(code + 32 * k), idx, _mm512_load_ps(code + 32 * k + 16));
+  const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+  const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+  const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+  const __m512 s0 = _mm512_mask_blend_ps(b5, r[0], r[1]), s1 = _mm512_mask_blend_ps(b5, r[2], r[3]);
+  const __m512 s2 = _mm512_mask_blend_ps(b5, r[4], r[5]), s3 = _mm512_mask_blend_ps(b5, r[6], r[7]);
+  return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, s0, s1), _mm512_mask_blend_ps(b6, s2, s3));
+}
+
+inline __m512 dequant_gather16(const float* code, const uint8_t* q) {
+  const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  return _mm512_i32gather_ps(idx, code, 4);
+}
+
+inline __m512i finish16(__m512 y, __m512i e) {
+  const __m512 m = _mm512_castsi512_ps(_mm512_mask_blend_epi16(0x55555555u, _mm512_castps_si512(y), e));
+  const __m512i base = _mm512_srli_epi32(e, 16);
+  return _mm512_mask_add_epi32(base, _mm512_cmp_ps_mask(y, m, _CMP_GT_OQ), base, _mm512_set1_epi32(1));
+}
+
+inline __m512i search_gather16(const int32_t* L, const float* y) {
+  const __m512 yv = _mm512_loadu_ps(y);
+  return finish16(yv, _mm512_i32gather_epi32(_mm512_srli_epi32(_mm512_castps_si512(yv), 16), L, 4));
+}
+
+// Sixteen bucket loads and table reads as in search_loads, the two halves joined in a zmm.
+inline __m512i search_loads16(const int32_t* L, const float* y) {
+  const __m256i lo = _mm256_setr_epi32(L[bucket(y, 0)], L[bucket(y, 1)], L[bucket(y, 2)], L[bucket(y, 3)],
+                                       L[bucket(y, 4)], L[bucket(y, 5)], L[bucket(y, 6)], L[bucket(y, 7)]);
+  const __m256i hi = _mm256_setr_epi32(L[bucket(y, 8)], L[bucket(y, 9)], L[bucket(y, 10)], L[bucket(y, 11)],
+                                       L[bucket(y, 12)], L[bucket(y, 13)], L[bucket(y, 14)], L[bucket(y, 15)]);
+  return finish16(_mm512_loadu_ps(y), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+}
+
+// Sixteen table reads stored to a stack buffer with scalar stores, read back as one vector.
+inline __m512i search_spill16(const int32_t* L, const float* y) {
+  alignas(64) int32_t e[16];
+  for (int k = 0; k < 16; ++k) e[k] = L[bucket(y, k)];
+  return finish16(_mm512_loadu_ps(y), _mm512_load_si512(e));
+}
+#endif
 }  // namespace
 
 int main() {
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
-  alignas(32) static uint8_t q[kN];
-  alignas(32) static float y[kN], a[kN], out[kN];
-  alignas(32) static int32_t idx[kN];
+  alignas(64) static uint8_t q[kN];
+  alignas(64) static float y[kN], a[kN], out[kN];
+  alignas(64) static int32_t idx[kN];
   for (int i = 0; i < kN; ++i) {
     q[i] = static_cast<uint8_t>(rng());
     y[i] = std::clamp(normal(rng) * 0.3f, -1.0f, 1.0f);
@@ -150,5 +219,45 @@ int main() {
   timeit("multiply (load, mul, store)", [&] {
     for (int i = 0; i < kN; i += 8) _mm256_store_ps(out + i, _mm256_mul_ps(_mm256_load_ps(a + i), _mm256_load_ps(y + i)));
   });
+#ifdef __AVX512VBMI__
+  Planes planes;
+  for (int i = 0; i < 256; ++i) {
+    uint32_t u;
+    std::memcpy(&u, code + i, 4);
+    for (int b = 0; b < 4; ++b) planes.b[b][i] = static_cast<uint8_t>(u >> (8 * b));
+  }
+  alignas(64) uint8_t order_bytes[64];
+  for (int p = 0; p < 64; ++p) order_bytes[p] = static_cast<uint8_t>(16 * ((p >> 2) & 3) + 4 * (p >> 4) + (p & 3));
+  const __m512i order = _mm512_load_si512(order_bytes);
+  const __m512 scale16 = _mm512_set1_ps(0.5f);
+  timeit("AVX-512 dequantize: byte planes, vpermi2b (kernel)", [&] {
+    for (int i = 0; i < kN; i += 64) {
+      __m512 d[4];
+      dequant_planes(planes, order, q + i, d);
+      for (int k = 0; k < 4; ++k) _mm512_store_ps(out + i + 16 * k, _mm512_mul_ps(d[k], scale16));
+    }
+  });
+  timeit("AVX-512 dequantize: 8 vpermi2ps + blends", [&] {
+    for (int i = 0; i < kN; i += 16) _mm512_store_ps(out + i, _mm512_mul_ps(dequant_permps(code, q + i), scale16));
+  });
+  timeit("AVX-512 dequantize: vgatherdps zmm", [&] {
+    for (int i = 0; i < kN; i += 16) _mm512_store_ps(out + i, _mm512_mul_ps(dequant_gather16(code, q + i), scale16));
+  });
+  timeit("AVX-512 code search: bucket loads + inserts", [&] {
+    for (int i = 0; i < kN; i += 16) _mm512_store_si512(idx + i, search_loads16(L, y + i));
+  });
+  timeit("AVX-512 code search: table reads spilled, one load", [&] {
+    for (int i = 0; i < kN; i += 16) _mm512_store_si512(idx + i, search_spill16(L, y + i));
+  });
+  timeit("AVX-512 code search: vpgatherdd zmm", [&] {
+    for (int i = 0; i < kN; i += 16) _mm512_store_si512(idx + i, search_gather16(L, y + i));
+  });
+  timeit("AVX-512 sqrt + divide", [&] {
+    for (int i = 0; i < kN; i += 16) {
+      const __m512 d = _mm512_add_ps(_mm512_sqrt_ps(_mm512_load_ps(a + i)), _mm512_set1_ps(1e-8f));
+      _mm512_store_ps(out + i, _mm512_div_ps(_mm512_load_ps(y + i), d));
+    }
+  });
+#endif
   return 0;
 }

@@ -49,14 +49,28 @@ def _load_cpu_kernels() -> bool:
     return True
 
 
+def _cpu_kernel_isa() -> str | None:
+    """The build of the C++ CPU kernels chosen at import ("default", "avx2", "avx512"), or None."""
+    if not HAS_CPU_KERNELS:
+        return None
+    from . import _C
+
+    return str(_C.cpu_kernel_isa())
+
+
 _load_meta()
 HAS_CPU_KERNELS = _load_cpu_kernels()
+#: Which build of the C++ CPU kernels runs: chosen once at import from
+#: ``torch.backends.cpu.get_cpu_capability()`` (so ``ATEN_CPU_CAPABILITY=avx2`` or ``default`` forces a
+#: lower one); ``"avx512"`` also needs AVX-512 VBMI. None without the compiled kernels.
+CPU_KERNEL_ISA = _cpu_kernel_isa()
 
 # registration needs the schema and the compiled kernels first
 from . import _register, nn, ops, optim  # noqa: E402, F401
 
 __all__ = [
     "BLOCKSIZE",
+    "CPU_KERNEL_ISA",
     "HAS_CPU_KERNELS",
     "HP",
     "Flag",

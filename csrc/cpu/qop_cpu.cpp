@@ -1,56 +1,57 @@
 // qop CPU kernels: blockwise 8-bit quantization and the fused multi-tensor optimizer steps.
 //
+// This source is compiled once per instruction set, never on its own: each wrapper in csrc/cpu/isa/
+// names a capability (QOP_CPU_CAPABILITY, the namespace of that build) and its level (QOP_ISA_LEVEL:
+// 0 baseline, 1 AVX2+FMA+F16C, 2 AVX-512 F/BW/VL/DQ/VBMI), includes every external header for the
+// baseline target, then includes this file under `#pragma GCC target` (see csrc/cpu/isa/isa.h).
+// csrc/cpu/register.cpp picks one build at import and registers its entry points.
+//
 // Semantics are those of qop/reference.py, operation for operation in float32 (same association
 // order, correctly rounded division and sqrt, no fused multiply-add contraction), so 32-bit results
-// match the reference to float rounding and quantization picks exactly the reference's code.
+// match the reference to float rounding and quantization picks exactly the reference's code.  Every
+// build computes the same operations, so every build gives bit-identical results.
 //
 // Layout:
-//   * SIMD helpers: AVX2/FMA/F16C when the compiler targets them, a scalar twin of every operation;
-//     the per-element math is written once, generic over V = float or VF (8 lanes).
+//   * SIMD helpers: AVX2/FMA/F16C (level >= 1) and AVX-512 (level 2) twins of the scalar operations;
+//     the per-element math is written once, generic over V = float, VF (8 lanes) or VF16 (16 lanes).
 //   * Quantizer: the nearest-code search as one table look-up and one compare (see below).
 //   * Rules: per-element math of each qop.Rule, a template switch; one step kernel template serves
 //     every rule, flag set, parameter dtype and state width.
 //   * Driver: (tensor, chunk of blocks) work items flattened over all tensors of the call and
 //     shared among the OpenMP threads by cost; UNORM_CLIP adds a first pass computing the norms.
-//   * Ops and their registration at the bottom.
+//   * Ops at the bottom (registered by csrc/cpu/register.cpp).
 //
 // Cost (AVX2, AMD Zen 3 at ~2.5 GHz, one thread, in cache): 32-bit Adam ~1.2 cycles per element
 // (memory-bound beyond), 8-bit Adam ~5.3: the four table reads per element (two dequantizations,
 // two code searches, ~0.8 and ~0.95 cycles each as scalar loads plus vector inserts; vpgatherdd is
 // slower there) are two thirds of it, the sqrt and divide of the rule most of the rest
-// (benchmarks/micro_lookup.cpp measures each piece).
+// (benchmarks/micro_lookup.cpp measures each piece).  The AVX-512 build dequantizes 64 codes from
+// byte planes of the code book with vpermi2b (~0.09 ns per element on AMD Zen 4 against ~0.3 for the
+// AVX2 reads), runs the rule and the normalization on 16 lanes, and keeps the AVX2 code search:
+// on Zen 4 a vpgatherdd of the bucket entries is slower than scalar reads, and the sqrt and divide
+// (~0.5 ns per element, correctly rounded, so not replaceable) do not get faster with wider vectors.
 
-#include <Python.h>
-
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
-#include <omp.h>
-
-#include <algorithm>
-#include <array>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <memory>
-#include <mutex>
-#include <vector>
-
-#include "checks.h"
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define QOP_AVX2 1
-#include <immintrin.h>
+#ifndef QOP_CPU_CAPABILITY
+#error "qop_cpu.cpp is compiled through csrc/cpu/isa/kernels_*.cpp, which define QOP_CPU_CAPABILITY"
 #endif
+
+#include "isa/deps.h"
+#include "isa/isa.h"
+
+#if QOP_ISA_LEVEL >= 1
+#define QOP_AVX2 1
+#endif
+#if QOP_ISA_LEVEL >= 2
+#define QOP_AVX512 1
+#endif
+
+// The entry points this build defines, at the bottom (register.cpp declares the same).
+QOP_DECLARE_CPU_ENTRY_POINTS(QOP_CPU_CAPABILITY)
 
 #define QOP_INLINE inline __attribute__((always_inline))
 
 namespace qop {
+namespace QOP_CPU_CAPABILITY {
 namespace {
 
 using bf16 = c10::BFloat16;
@@ -92,7 +93,17 @@ QOP_INLINE float load(Tag<float>, const bf16* p) { return static_cast<float>(*p)
 QOP_INLINE float load(Tag<float>, const fp16* p) { return static_cast<float>(*p); }
 QOP_INLINE void store(float* p, float v) { *p = v; }
 QOP_INLINE void store(bf16* p, float v) { *p = bf16(v); }  // round to nearest even, NaN -> 0x7FC0
-QOP_INLINE void store(fp16* p, float v) { *p = fp16(v); }  // round to nearest even
+// Round to nearest even.  A NaN keeps its sign and top payload bits and becomes quiet, as F16C's
+// vcvtps2ph does (c10::Half would write sign | 0x7E00), so every build writes the same bits.
+QOP_INLINE void store(fp16* p, float v) {
+  if (v != v) {
+    const uint32_t u = float_to_bits(v);
+    const uint16_t h = static_cast<uint16_t>(((u >> 16) & 0x8000u) | 0x7E00u | ((u >> 13) & 0x3FFu));
+    *p = fp16(h, fp16::from_bits());
+  } else {
+    *p = fp16(v);
+  }
+}
 QOP_INLINE float dequant(Tag<float>, const float* code, const uint8_t* q, float absmax) { return code[*q] * absmax; }
 
 // -------------------------------------------------------------------------------------- AVX2 twins
@@ -152,23 +163,143 @@ QOP_INLINE VF dequant(Tag<VF>, const float* code, const uint8_t* q, float absmax
 }
 #endif  // QOP_AVX2
 
+// ----------------------------------------------------------------------------------- AVX-512 twins
+// The same operations on 16 lanes, instruction for instruction where the result bits could differ
+// (vmax's NaN, bf16 rounding), so this build writes what the AVX2 and scalar builds write.
+#ifdef QOP_AVX512
+struct VF16 {
+  __m512 v;
+};
+constexpr int64_t kLanes16 = 16;
+QOP_INLINE VF16 operator+(VF16 a, VF16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+QOP_INLINE VF16 operator-(VF16 a, VF16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+QOP_INLINE VF16 operator*(VF16 a, VF16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+QOP_INLINE VF16 operator/(VF16 a, VF16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+QOP_INLINE VF16 vsqrt(VF16 a) { return {_mm512_sqrt_ps(a.v)}; }
+QOP_INLINE VF16 vmax(VF16 a, VF16 b) {
+  // all-ones (a NaN) where either is NaN, as the AVX2 twin's or-ed compare mask
+  const __mmask16 unordered = _mm512_cmp_ps_mask(a.v, b.v, _CMP_UNORD_Q);
+  return {_mm512_castsi512_ps(_mm512_mask_mov_epi32(_mm512_castps_si512(_mm512_max_ps(a.v, b.v)), unordered,
+                                                    _mm512_set1_epi32(-1)))};
+}
+QOP_INLINE VF16 vsign(VF16 a) {
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  return {_mm512_sub_ps(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, zero, _CMP_GT_OQ), one),
+                        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a.v, zero, _CMP_LT_OQ), one))};
+}
+template <>
+QOP_INLINE VF16 bcast<VF16>(float x) {
+  return {_mm512_set1_ps(x)};
+}
+
+QOP_INLINE VF16 load(Tag<VF16>, const float* p) { return {_mm512_loadu_ps(p)}; }
+QOP_INLINE VF16 load(Tag<VF16>, const bf16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+}
+QOP_INLINE VF16 load(Tag<VF16>, const fp16* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+QOP_INLINE void store(float* p, VF16 v) { _mm512_storeu_ps(p, v.v); }
+QOP_INLINE void store(bf16* p, VF16 v) {
+  const __m512i u = _mm512_castps_si512(v.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+QOP_INLINE void store(fp16* p, VF16 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+}
+#endif  // QOP_AVX512
+
+// A code book split into the four bytes of its entries' encodings, 256 of each: with AVX-512 VBMI a
+// 256-entry byte look-up of 64 codes is two vpermi2b (128 entries each) and a blend, so 64 float
+// look-ups take 8 permutes, 4 blends and the 8 unpacks that reassemble the bytes into floats.
+struct CodePlanes {
+  alignas(64) uint8_t bytes[4][kCodeSize];
+  explicit CodePlanes(const float* code) {
+    for (int i = 0; i < kCodeSize; ++i) {
+      const uint32_t u = float_to_bits(code[i]);
+      for (int b = 0; b < 4; ++b) bytes[b][i] = static_cast<uint8_t>(u >> (8 * b));
+    }
+  }
+};
+
+#ifdef QOP_AVX512
+// The byte order in which codes are looked up so that the in-lane unpacks below leave the floats in
+// element order: unpacking gives, in 128-bit lane L of output k, the dwords of looked-up bytes
+// 16L + 4k + i (i < 4), which must be element 16k + 4L + i.
+QOP_INLINE __m512i dequant64_order() {
+  // position p holds element 16 * ((p >> 2) & 3) + 4 * (p >> 4) + (p & 3)
+  alignas(64) static constexpr uint8_t kOrder[64] = {
+      0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
+      22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
+      56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  return _mm512_load_si512(kOrder);
+}
+
+// code[q[i]] * absmax for 64 codes (codes beyond n read as 0: n < 64 only at the end of a block),
+// into four vectors of 16 floats in element order.
+QOP_INLINE void dequant64(const CodePlanes& T, const uint8_t* q, int64_t n, float absmax, VF16 out[4]) {
+  const __m512i raw = n >= 64 ? _mm512_loadu_si512(q) : _mm512_maskz_loadu_epi8((1ull << n) - 1, q);
+  const __m512i c = _mm512_permutexvar_epi8(dequant64_order(), raw);
+  const __mmask64 high = _mm512_movepi8_mask(c);  // codes 128..255
+  __m512i b[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m512i* t = reinterpret_cast<const __m512i*>(T.bytes[k]);
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(t), c, _mm512_load_si512(t + 1));
+    const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(t + 2), c, _mm512_load_si512(t + 3));
+    b[k] = _mm512_mask_blend_epi8(high, lo, hi);
+  }
+  const __m512i w_lo = _mm512_unpacklo_epi8(b[0], b[1]), w_hi = _mm512_unpackhi_epi8(b[0], b[1]);
+  const __m512i x_lo = _mm512_unpacklo_epi8(b[2], b[3]), x_hi = _mm512_unpackhi_epi8(b[2], b[3]);
+  const __m512 a = _mm512_set1_ps(absmax);
+  out[0].v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w_lo, x_lo)), a);
+  out[1].v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w_lo, x_lo)), a);
+  out[2].v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w_hi, x_hi)), a);
+  out[3].v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w_hi, x_hi)), a);
+}
+#endif  // QOP_AVX512
+
 // Running max of |x| over scalar and vector values, kept as magnitude bits (integer max orders
 // non-negative floats and puts NaN above inf, so the result is NaN when any value is NaN, like torch.amax).
 struct AbsmaxAcc {
   uint32_t m = 0;
 #ifdef QOP_AVX2
-  __m256i vm = _mm256_setzero_si256();
+  __m256i vm;
 #endif
+#ifdef QOP_AVX512
+  __m512i wm;
+#endif
+  // Written out: a constructor the compiler generates would not be compiled for this build's ISA.
+  AbsmaxAcc() {
+#ifdef QOP_AVX2
+    vm = _mm256_setzero_si256();
+#endif
+#ifdef QOP_AVX512
+    wm = _mm512_setzero_si512();
+#endif
+  }
   QOP_INLINE void add(float x) { m = std::max(m, float_to_bits(x) & 0x7FFFFFFFu); }
 #ifdef QOP_AVX2
   QOP_INLINE void add(VF x) {
     vm = _mm256_max_epi32(vm, _mm256_and_si256(_mm256_castps_si256(x.v), _mm256_set1_epi32(0x7FFFFFFF)));
   }
 #endif
+#ifdef QOP_AVX512
+  QOP_INLINE void add(VF16 x) {
+    wm = _mm512_max_epi32(wm, _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(0x7FFFFFFF)));
+  }
+#endif
   float value() const {
     uint32_t r = m;
 #ifdef QOP_AVX2
-    __m128i h = _mm_max_epi32(_mm256_castsi256_si128(vm), _mm256_extracti128_si256(vm, 1));
+    __m256i v = vm;
+#ifdef QOP_AVX512
+    v = _mm256_max_epi32(v, _mm256_max_epi32(_mm512_castsi512_si256(wm), _mm512_extracti64x4_epi64(wm, 1)));
+#endif
+    __m128i h = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
     h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1));
     r = std::max(r, static_cast<uint32_t>(_mm_cvtsi128_si32(h)));
@@ -177,10 +308,14 @@ struct AbsmaxAcc {
   }
 };
 
-// Runs body(Tag<V>{}, i) over [0, n): eight lanes at a time where AVX2 is available, then one by one.
+// Runs body(Tag<V>{}, i) over [0, n): sixteen lanes at a time with AVX-512, then eight with AVX2,
+// then one by one.
 template <class Body>
 QOP_INLINE void for_lanes(int64_t n, Body&& body) {
   int64_t i = 0;
+#ifdef QOP_AVX512
+  for (; i + kLanes16 <= n; i += kLanes16) body(Tag<VF16>{}, i);
+#endif
 #ifdef QOP_AVX2
   for (; i + kLanes <= n; i += kLanes) body(Tag<VF>{}, i);
 #endif
@@ -234,8 +369,10 @@ struct Quantizer {
   std::array<float, kCodeSize - 1> mids;
   std::unique_ptr<int32_t[]> lut;
   int min_positive = 0;  // smallest code of a positive value (reference.unsigned_floor)
+  CodePlanes planes;     // the code book by bytes, for in-register dequantization
 
-  explicit Quantizer(const std::array<float, kCodeSize>& values) : code(values), lut(new int32_t[kLutSize]) {
+  explicit Quantizer(const std::array<float, kCodeSize>& values)
+      : code(values), lut(new int32_t[kLutSize]), planes(values.data()) {
     for (int i = 0; i < kCodeSize - 1; ++i) mids[i] = 0.5f * (code[i] + code[i + 1]);
     bool any_negative = false, any_positive = false;
     int zeros = 0;
@@ -312,7 +449,10 @@ struct Quantizer {
     return static_cast<int>(e >> 16) + (y > m ? 1 : 0);
   }
 
-  // Codes of n normalized values y[0..n) into out.  Vector path: per value, its bucket number (the
+  // Codes of n normalized values y[0..n) into out.  The AVX-512 build runs this AVX2 loop too: on AMD
+  // Zen 4 a 16-lane vpgatherdd of the entries, or spilling them to the stack and loading one vector,
+  // is slower than these scalar reads and inserts (benchmarks/micro_lookup.cpp), and the table is too
+  // big for any in-register look-up.  Vector path: per value, its bucket number (the
   // high 16 bits of its encoding) is read from memory as a 16-bit load (cheaper than extracting lanes
   // of a vector on AVX2), the entry as a scalar load (no vpgatherdd: slower on AMD Zen 2/3), then one
   // vector blend + compare per eight values.  Slow entries are rare (none for the dynamic maps): their
@@ -391,6 +531,34 @@ void normalize(const T* x, int64_t n, float absmax, float* y) {
   constexpr float kTiny = std::numeric_limits<float>::denorm_min();
   const float a = absmax > 0.0f ? absmax : 1.0f;
   int64_t i = 0;
+#ifdef QOP_AVX512
+  {
+    const __m512 va = _mm512_set1_ps(a);
+    const auto keep = [](__m512 xv, __m512 yv) {
+      if constexpr (KEEP_POSITIVE) {
+        const __m512 low = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                                              _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                              _mm512_set1_ps(kTiny));
+        return _mm512_max_ps(low, yv);
+      } else {
+        return yv;
+      }
+    };
+    if (absmax >= kFastDivMin && absmax <= kFastDivMax) {
+      const __m512 vr = _mm512_set1_ps(1.0f / a);
+      for (; i + kLanes16 <= n; i += kLanes16) {
+        const __m512 xv = load(Tag<VF16>{}, x + i).v;
+        const __m512 q0 = _mm512_mul_ps(xv, vr);
+        _mm512_storeu_ps(y + i, keep(xv, _mm512_fmadd_ps(_mm512_fnmadd_ps(q0, va, xv), vr, q0)));
+      }
+    } else {
+      for (; i + kLanes16 <= n; i += kLanes16) {
+        const __m512 xv = load(Tag<VF16>{}, x + i).v;
+        _mm512_storeu_ps(y + i, keep(xv, _mm512_div_ps(xv, va)));
+      }
+    }
+  }
+#endif
 #ifdef QOP_AVX2
   const __m256 va = _mm256_set1_ps(a);
   // max(tiny where x > 0, else -inf, y): y unchanged (NaN included) except a positive x's +0
@@ -600,14 +768,28 @@ struct KBoth {
   KV<float> s;
 #ifdef QOP_AVX2
   KV<VF> v;
-  explicit KBoth(const Consts& k) : s(k), v(k) {}
-#else
-  explicit KBoth(const Consts& k) : s(k) {}
 #endif
+#ifdef QOP_AVX512
+  KV<VF16> w;
+#endif
+  explicit KBoth(const Consts& k)
+      : s(k)
+#ifdef QOP_AVX2
+        , v(k)
+#endif
+#ifdef QOP_AVX512
+        , w(k)
+#endif
+  {
+  }
   template <class V>
   const KV<V>& get() const {
     if constexpr (std::is_same_v<V, float>) {
       return s;
+#ifdef QOP_AVX512
+    } else if constexpr (std::is_same_v<V, VF16>) {
+      return w;
+#endif
     } else {
 #ifdef QOP_AVX2
       return v;
@@ -616,28 +798,59 @@ struct KBoth {
   }
 };
 
-// A sum of squares accumulated in double, as reference.l2_norm does (float32 squares overflow or vanish
-// at extreme magnitudes, and a plain float sum would drift on long tensors).
+// A sum of squares accumulated in double (as reference.l2_norm does: float32 squares overflow or vanish at
+// extreme magnitudes, and a plain float sum would drift on long tensors).  Sixteen partial sums, one per position
+// class i % 16 of the element, each adding its squares in element order, then added up 0..15: every
+// build adds the same doubles in the same order, so the sum has the same bits whatever the lane width
+// (for_lanes runs 16-lane steps, then at most one 8-lane step, then at most seven scalar ones, so each
+// class takes at most one element from each narrower step, after the wider ones).
 struct SquareSum {
-  double s = 0.0;
+  std::array<double, 16> s{};
 #ifdef QOP_AVX2
-  __m256d v = _mm256_setzero_pd();
+  __m256d v[4];  // classes 0-3, 4-7, 8-11, 12-15
 #endif
-  QOP_INLINE void add(float x) { s += static_cast<double>(x) * x; }
+#ifdef QOP_AVX512
+  __m512d w[2];  // classes 0-7, 8-15
+#endif
+  SquareSum() {
 #ifdef QOP_AVX2
-  QOP_INLINE void add(VF x) {
+    for (auto& x : v) x = _mm256_setzero_pd();
+#endif
+#ifdef QOP_AVX512
+    for (auto& x : w) x = _mm512_setzero_pd();
+#endif
+  }
+  QOP_INLINE void add(float x, int64_t i) { s[i & 15] += static_cast<double>(x) * x; }
+#ifdef QOP_AVX2
+  QOP_INLINE void add(VF x, int64_t i) {  // i % 8 == 0
+    const int h = (i & 8) ? 2 : 0;
     const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x.v));
     const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x.v, 1));
-    v = _mm256_add_pd(v, _mm256_add_pd(_mm256_mul_pd(lo, lo), _mm256_mul_pd(hi, hi)));
+    v[h] = _mm256_add_pd(v[h], _mm256_mul_pd(lo, lo));
+    v[h + 1] = _mm256_add_pd(v[h + 1], _mm256_mul_pd(hi, hi));
+  }
+#endif
+#ifdef QOP_AVX512
+  QOP_INLINE void add(VF16 x, int64_t) {  // i % 16 == 0
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x.v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.v), 1)));
+    w[0] = _mm512_add_pd(w[0], _mm512_mul_pd(lo, lo));
+    w[1] = _mm512_add_pd(w[1], _mm512_mul_pd(hi, hi));
   }
 #endif
   double value() const {
-    double r = s;
-#ifdef QOP_AVX2
-    alignas(32) double lanes[4];
-    _mm256_store_pd(lanes, v);
-    for (double x : lanes) r += x;
+    std::array<double, 16> a{};
+#ifdef QOP_AVX512
+    _mm512_storeu_pd(a.data(), w[0]);
+    _mm512_storeu_pd(a.data() + 8, w[1]);
 #endif
+#ifdef QOP_AVX2
+    alignas(32) double lanes[16];
+    for (int j = 0; j < 4; ++j) _mm256_store_pd(lanes + 4 * j, v[j]);
+    for (int j = 0; j < 16; ++j) a[j] += lanes[j];
+#endif
+    double r = 0.0;
+    for (int j = 0; j < 16; ++j) r += a[j] + s[j];
     return r;
   }
 };
@@ -646,9 +859,9 @@ struct SquareSum {
 struct NormAcc {
   SquareSum uu, pp;
   template <class V>
-  QOP_INLINE void add(V u, V p) {
-    uu.add(u);
-    pp.add(p);
+  QOP_INLINE void add(V u, V p, int64_t i) {
+    uu.add(u, i);
+    pp.add(p, i);
   }
   void write(double* acc) const {
     acc[0] = uu.value();
@@ -672,7 +885,7 @@ QOP_INLINE void rule_loop(const KBoth& kb, PT* p, const PT* g, const std::array<
     for (int j = 0; j < K; ++j) s[j] = load(tag, st[j] + i);
     const V u = rule_update<R, F>(k, pv, gv, s);
     if constexpr (NORM) {
-      norm.add(u, pv);
+      norm.add(u, pv, i);
     } else {
       store(p + i, apply_update<R, F>(k, pv, u));
       for (int j = 0; j < K; ++j) {
@@ -733,9 +946,19 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
     for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
     // Dequantize first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
     // then overlap across many more elements than one fused loop can keep in flight.
+#ifdef QOP_AVX512
+    for (int j = 0; j < K; ++j) {
+      for (int64_t i = 0; i < nb; i += 64) {  // fresh[j] has room for the last 64 even when nb < 256
+        VF16 d[4];
+        dequant64(quant[j]->planes, q[j] + off + i, nb - i, a[j], d);
+        for (int c = 0; c < 4; ++c) store(fresh[j] + i + 16 * c, d[c]);
+      }
+    }
+#else
     for_lanes(nb, [&](auto tag, int64_t i) {
       for (int j = 0; j < K; ++j) store(fresh[j] + i, dequant(tag, code[j], q[j] + off + i, a[j]));
     });
+#endif
     std::array<AbsmaxAcc, 3> absmax;
     rule_loop<R, F, NORM, true>(kb, p + off, g + off, st, nb, norm, absmax);
     if constexpr (!NORM) {
@@ -1019,11 +1242,30 @@ void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize, const flo
                        T* out) {
   const int64_t nb = n_blocks(n, blocksize);
   const int64_t grain = std::max<int64_t>(1, (1 << 15) / blocksize);
+#ifdef QOP_AVX512
+  const CodePlanes planes(code);
+#endif
   parallel_range(nb, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t off = blk * blocksize, len = std::min(blocksize, n - off);
       const float a = absmax[blk];
+#ifdef QOP_AVX512
+      int64_t i = 0;
+      for (; i + 64 <= len; i += 64) {
+        VF16 d[4];
+        dequant64(planes, q + off + i, 64, a, d);
+        for (int c = 0; c < 4; ++c) store(out + off + i + 16 * c, d[c]);
+      }
+      if (i < len) {  // the last codes of the block, through a buffer
+        VF16 d[4];
+        dequant64(planes, q + off + i, len - i, a, d);
+        alignas(64) float tail[64];
+        for (int c = 0; c < 4; ++c) store(tail + 16 * c, d[c]);
+        for_lanes(len - i, [&](auto tag, int64_t k) { store(out + off + i + k, load(tag, tail + k)); });
+      }
+#else
       for_lanes(len, [&](auto tag, int64_t i) { store(out + off + i, dequant(tag, code, q + off + i, a)); });
+#endif
     }
   });
 }
@@ -1032,7 +1274,7 @@ void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize, const flo
 template <class T>
 double sum_squares(const T* x, int64_t n) {
   SquareSum acc;
-  for_lanes(n, [&](auto tag, int64_t i) { acc.add(load(tag, x + i)); });
+  for_lanes(n, [&](auto tag, int64_t i) { acc.add(load(tag, x + i), i); });
   return acc.value();
 }
 
@@ -1179,40 +1421,5 @@ at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, 
   }
   return out;
 }
+}  // namespace QOP_CPU_CAPABILITY
 }  // namespace qop
-
-// An empty module: importing qop._C runs the static registration below (no pybind).
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // name
-      NULL,  // documentation
-      -1,    // per-interpreter state size
-      NULL,  // methods
-      NULL,  // slots
-      NULL,  // traverse
-      NULL,  // clear
-      NULL,  // free
-  };
-  return PyModule_Create(&module_def);
-}
-}
-
-// The schemas are defined in Python (qop/_schema.py); this file only provides the CPU kernels.
-TORCH_LIBRARY_IMPL(qop, CPU, m) {
-  m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
-  m.impl("dequantize_blockwise", &qop::dequantize_blockwise_cpu);
-  m.impl("step_32bit", &qop::step_32bit_cpu);
-  m.impl("step_8bit", &qop::step_8bit_cpu);
-  m.impl("percentile_clip", &qop::percentile_clip_cpu);
-}
-
-// Sparse inputs reach the same kernels only so that their checks reject them with a message naming the
-// argument ("grads[0] is sparse ...") instead of the dispatcher's "no kernel for SparseCPU".
-TORCH_LIBRARY_IMPL(qop, SparseCPU, m) {
-  m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
-  m.impl("step_32bit", &qop::step_32bit_cpu);
-  m.impl("step_8bit", &qop::step_8bit_cpu);
-  m.impl("percentile_clip", &qop::percentile_clip_cpu);
-}
