@@ -44,6 +44,8 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from cases import op_args  # noqa: E402
+
 import qop  # noqa: E402
 from qop import HP, Flag, Rule, reference  # noqa: E402
 from qop._schema import HP_SIZE  # noqa: E402
@@ -131,6 +133,7 @@ class Problem:
     def __init__(self, case, dtype, bits, sizes=SIZES, seed=0, gscale=False, found_inf=None):
         _, self.rule, self.flags, maps, hp = case
         self.bits = bits
+        self.k = len(maps)
         g = torch.Generator().manual_seed(seed)
         rand = lambda n: torch.randn(n, generator=g)
         self.params = [rand(n).to(dtype).to(DEVICE) for n in sizes]
@@ -160,16 +163,14 @@ class Problem:
         return [*self.params, *(t for s in self.states for t in s), *(t for a in self.absmax for t in a),
                 *self.steps]
 
-    def run(self, impl, **kw) -> None:
-        s1, s2, s3 = self.states
-        codes = (self.codes + [self.codes[0]] * 3)[:3]
-        if self.bits == 32:
-            impl.step_32bit(self.rule, int(self.flags), self.params, self.grads, s1, s2, s3, self.steps, self.hp,
-                            self.gscale, self.found_inf, **kw)
-        else:
-            a1, a2, a3 = self.absmax
-            impl.step_8bit(self.rule, int(self.flags), self.params, self.grads, s1, s2, s3, a1, a2, a3, self.steps,
-                           self.hp, *codes, self.gscale, self.found_inf, **kw)
+    def args(self, unorm: torch.Tensor | None = None) -> tuple:
+        """The arguments of ``qop::step`` for this problem."""
+        codes = self.codes[: self.k] if self.bits == 8 else []
+        return op_args(self.rule, self.flags, self.params, self.grads, self.states, self.absmax, codes, self.steps,
+                       self.hp, self.gscale, self.found_inf, unorm)
+
+    def run(self, impl, unorm: torch.Tensor | None = None, **kw) -> None:
+        impl.step(*self.args(unorm), **kw)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -271,16 +272,16 @@ def test_step_vanishing_gradient_moves_by_lr(case):
     non-zero code, so when that gradient vanishes the element moves by about lr, not by m / eps (~4.2)."""
     _, rule, flags, signed, _ = next(c for c in CASES if c[0] == case)
     hp = make_hp(LR=1e-3, ALPHA=5.0)
-    codes = [qop.dynamic_map(sg, DEVICE) for sg in signed] + [qop.dynamic_map(True, DEVICE)] * (3 - len(signed))
+    codes = [qop.dynamic_map(sg, DEVICE) for sg in signed]
     p = torch.zeros(256, device=DEVICE)
-    states = [[torch.zeros(256, dtype=torch.uint8, device=DEVICE)] for _ in signed] + [[]] * (3 - len(signed))
-    absmax = [[torch.zeros(1, device=DEVICE)] for _ in signed] + [[]] * (3 - len(signed))
+    states = [[torch.zeros(256, dtype=torch.uint8, device=DEVICE)] for _ in signed]
+    absmax = [[torch.zeros(1, device=DEVICE)] for _ in signed]
     steps = [torch.zeros((), device=DEVICE)]
     for g1 in (1e-4, 0.0):
         g = torch.zeros(256, device=DEVICE)
         g[0], g[1] = 1.0, g1
         before = float(p[1])
-        _step.step_8bit(int(rule), int(flags), [p], [g], *states, *absmax, steps, hp, *codes, None, None, **SMALL)
+        _step.step(*op_args(rule, flags, [p], [g], states, absmax, codes, steps, hp), **SMALL)
     assert int(states[1][0][1]) >= 1
     assert abs(float(p[1]) - before) < 10 * 1e-3
 
@@ -295,13 +296,13 @@ def test_quantize_empty():
 # ----------------------------------------------------------------------------------------- steps
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_32bit(case, dtype):
+def test_step_float32_states(case, dtype):
     check_against_reference(Problem(case, dtype, 32), n_steps=2 if dtype == torch.float32 else 1, **SMALL)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_8bit(case, dtype):
+def test_step_blockwise8_states(case, dtype):
     check_against_reference(Problem(case, dtype, 8), n_steps=2 if dtype == torch.float32 else 1, **SMALL)
 
 
@@ -370,7 +371,7 @@ def test_empty_tensor_advances_step():
 
 def test_empty_call_is_a_noop():
     hp = make_hp()
-    _step.step_32bit(Rule.ADAM, 0, [], [], [], [], [], [], hp, None, None)
+    _step.step(Rule.ADAM, 0, [], [], [], [], [], [], hp, None, None)
 
 
 # ---------------------------------------------------------------------------------- percentile clip
@@ -453,8 +454,9 @@ def test_dry_run_writes_back_what_it_read(bits):
 def test_launcher_checks_arguments():
     problem = Problem(CASES[0], torch.float32, 32)
     with pytest.raises((ValueError, RuntimeError), match="grads"):
-        _step.step_32bit(Rule.ADAM, 0, problem.params, problem.grads[:-1], *problem.states, problem.steps,
-                         problem.hp, None, None)
+        short = problem.clone()
+        short.grads = short.grads[:-1]
+        short.run(_step)
     with pytest.raises(ValueError, match="BLOCK"):
         problem.run(_step, config={"BLOCK": 100, "num_warps": 4})
 
@@ -469,7 +471,7 @@ def test_decomposition_rule_is_consulted_and_defers_off_cuda():
     import qop.triton as qt
 
     seen = []
-    rule = qt._functional_decomposition("step_32bit", qt._step_32bit_traced, "hp")
+    rule = qt._functional_decomposition("step", qt._OPS["step"][1], "hp")
 
     def spy(mode, op, types, args, kwargs):
         seen.append(op)
@@ -477,13 +479,13 @@ def test_decomposition_rule_is_consulted_and_defers_off_cuda():
 
     lib = torch.library.Library("qop", "IMPL")
     try:
-        torch.library.register_torch_dispatch("qop::step_32bit", FunctionalTensorMode, spy, lib=lib)
+        torch.library.register_torch_dispatch("qop::step", FunctionalTensorMode, spy, lib=lib)
         problem = Problem(CASES[0], torch.float32, 32, sizes=[5, 300])
         expected = problem.clone()
         expected.run(reference)
         args = _op_args(problem)
-        torch.compile(lambda: torch.ops.qop.step_32bit(*args), backend="aot_eager", fullgraph=True)()
-        assert seen and set(seen) == {torch.ops.qop.step_32bit.default}  # AOT traces it more than once
+        torch.compile(lambda: torch.ops.qop.step(*args), backend="aot_eager", fullgraph=True)()
+        assert seen and set(seen) == {torch.ops.qop.step.default}  # AOT traces it more than once
         assert_same_step(problem, expected)
     finally:
         lib._destroy()
@@ -550,8 +552,8 @@ with FakeTensorMode():
              gscale=new(2), found=new(()))
 
 def f(params, grads, s1, s2, a1, a2, steps, hp, code, gscale, found):
-    _step.step_8bit(1, 16, params, grads, s1, s2, [], a1, a2, [], steps, hp, code, code, code, gscale, found,
-                    multi=False)  # Adam with the update-norm clip: two passes per tensor
+    _step.step(1, 16, params, grads, s1 + s2, a1 + a2, [code, code], steps, hp, gscale, found,
+               multi=False)  # Adam with the update-norm clip: two passes per tensor
 
 gm = make_fx(torch.func.functionalize(f, remove="mutations_and_views"), tracing_mode="fake")(*t.values())
 launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
@@ -630,17 +632,11 @@ def test_cuda_paging_helper_compiles(tmp_path):
 
 # --------------------------------------------------------------------------------- GPU-only checks
 def _op_args(problem: Problem) -> tuple:
-    s1, s2, s3 = problem.states
-    if problem.bits == 32:
-        return (int(problem.rule), int(problem.flags), problem.params, problem.grads, s1, s2, s3, problem.steps,
-                problem.hp, problem.gscale, problem.found_inf)
-    codes = (problem.codes + [problem.codes[0]] * 3)[:3]
-    return (int(problem.rule), int(problem.flags), problem.params, problem.grads, s1, s2, s3, *problem.absmax,
-            problem.steps, problem.hp, *codes, problem.gscale, problem.found_inf)
+    return problem.args()
 
 
 def _op(problem: Problem):
-    return torch.ops.qop.step_32bit.default if problem.bits == 32 else torch.ops.qop.step_8bit.default
+    return torch.ops.qop.step.default
 
 
 @gpu
@@ -648,7 +644,7 @@ def _op(problem: Problem):
 def test_cuda_kernels_are_registered():
     import qop.triton  # noqa: F401
 
-    for name in ("quantize_blockwise", "dequantize_blockwise", "step_32bit", "step_8bit"):
+    for name in ("quantize_blockwise", "dequantize_blockwise", "step"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qop::{name}", "CUDA")
     problem = Problem(CASES[0], torch.bfloat16, 8)
     expected = problem.clone()
@@ -745,7 +741,7 @@ def test_compile_shows_kernels(decompose, monkeypatch):
     if decompose:  # inductor launches our kernel itself (one launch per tensor)
         assert "_step_kernel" in code
     else:  # the op stays opaque: inductor calls the eager kernel
-        assert "_step_kernel" not in code and "qop.step_8bit" in code
+        assert "_step_kernel" not in code and "qop.step.default" in code
     assert_same_step(problem, expected)
     torch._dynamo.reset()
 
