@@ -47,7 +47,7 @@ _lib = torch.library.Library(NAMESPACE, "DEF")  # the namespace is ours
 
 
 class Rule(enum.IntEnum):
-    """Per-element update rules understood by the step ops (compile-time switch in every kernel)."""
+    """Per-element update rules understood by the step op (compile-time switch in every kernel)."""
 
     ADAM = 1  # Adam, AdamW, LAMB: state1 m, state2 v, state3 vmax (amsgrad)
     MOMENTUM = 2  # SGD, LARS: state1 momentum buffer (absent when momentum == 0)
@@ -69,7 +69,7 @@ class Flag(enum.IntFlag):
 
 
 class HP(enum.IntEnum):
-    """Slots of the float32 hyper-parameter vector ``hp`` read by the step ops."""
+    """Slots of the float32 hyper-parameter vector ``hp`` read by the step op."""
 
     LR = 0
     BETA1 = 1  # Adam/Lion/AdEMAMix beta1; SGD/LARS momentum
@@ -86,7 +86,7 @@ class HP(enum.IntEnum):
 
 
 HP_SIZE = len(HP)
-#: Every flag a step op accepts; any other bit is refused.
+#: Every flag the step op accepts; any other bit is refused.
 ALL_FLAGS = int(sum(Flag))
 #: State tensors per parameter of each rule (without the states its flags add, see :func:`n_states`).
 STATE_COUNTS: dict[Rule, int] = {

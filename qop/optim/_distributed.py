@@ -16,7 +16,7 @@ Whether a parameter gets 8-bit states depends on its global size (``DTensor.nume
 Norms that clipping reads are norms of the whole parameter: the squared norms of the local pieces are
 summed across the ranks that shard it (a functional ``all_reduce`` on the device, no host sync) and handed to
 the ops: ``percentile_clip`` gets each global gradient norm as a one-element tensor (whose norm it is), the
-step ops get the squared norms of the update and of the parameter through their ``unorm`` input.
+step op gets the squared norms of the update and of the parameter through its ``unorm`` input.
 
 Checkpoints (``state_dict``, and ``torch.distributed.checkpoint`` through ``get_optimizer_state_dict``) hold
 the *unsharded* format: codes as DTensors laid out like the parameter, absmax as a DTensor of the global

@@ -658,7 +658,7 @@ def _mark_static(tensors: Iterable[Tensor]) -> None:
 
 
 def _check_grad(where: str, p: Tensor, g: Any) -> None:
-    """A gradient the step ops accept for ``p`` (what their checks would refuse mid-step, refused up front)."""
+    """A gradient the step op accepts for ``p`` (what its checks would refuse mid-step, refused up front)."""
     if not isinstance(g, Tensor):
         raise TypeError(f"qop: {where}.grad must be a tensor, got {type(g).__name__}")
     if g.layout != torch.strided:
