@@ -26,22 +26,20 @@ CLASSES = {c.__name__: c for c in (Adam8bit, Adam32bit, AdamW8bit, SGD8bit, Lion
 def _capture(cls: type, p: torch.nn.Parameter) -> Callable[[], None]:
     """Run two steps of ``cls`` on ``p`` and return a closure replaying its step op."""
     seen: dict[str, Any] = {}
-    originals = ops.step_8bit, ops.step_32bit
+    original = ops.step
 
-    def spy(fn: Callable[..., None]) -> Callable[..., None]:
-        def call(*args: Any, **kwargs: Any) -> None:
-            seen["call"] = (fn, args, kwargs)
-            fn(*args, **kwargs)
-        return call
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen["call"] = (original, args, kwargs)
+        original(*args, **kwargs)
 
-    ops.step_8bit, ops.step_32bit = spy(originals[0]), spy(originals[1])
+    ops.step = spy
     try:
         kwargs = {"momentum": 0.9} if cls is SGD8bit else {}
         opt = cls([p], lr=1e-3, min_8bit_size=0, **kwargs)
         opt.step()
         opt.step()
     finally:
-        ops.step_8bit, ops.step_32bit = originals
+        ops.step = original
     fn, args, kw = seen["call"]
     return lambda: fn(*args, **kw)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qop import _checks
+from qop import _checks, _schema
 
 
 @torch.library.register_fake("qop::quantize_blockwise")
@@ -25,17 +25,13 @@ def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     return torch.empty_like(A, dtype=dtype)
 
 
-@torch.library.register_fake("qop::step_32bit")
-def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None) -> None:
-    _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale, found_inf,
-                       torch.float32, unorm=unorm)
+def _check_step(*args: object) -> None:
+    _checks.check_step(*args)  # type: ignore[arg-type]
 
 
-@torch.library.register_fake("qop::step_8bit")
-def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-              code1, code2, code3, gscale, found_inf, unorm=None) -> None:
-    _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale, found_inf,
-                       torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3), unorm)
+# the fake of the step op: its checks only (it returns nothing), with the op's signature
+torch.library.register_fake("qop::step")(
+    _schema.forwarder("step", _check_step, "Fake ``qop::step``: the shared argument checks, no output."))
 
 
 @torch.library.register_fake("qop::percentile_clip")

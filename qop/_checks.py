@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._schema import ALL_FLAGS, BLOCKSIZE, HISTORY, HP_SIZE, Rule, n_states
+from ._schema import ALL_FLAGS, FORMAT_BLOCKSIZE, HISTORY, HP_SIZE, Rule, StateFormat, n_states, state_format
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,26 +54,42 @@ def check_step(
     flags: int,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    states: Sequence[Sequence[Tensor]],
+    states: Sequence[Tensor],
+    absmax: Sequence[Tensor],
+    codes: Sequence[Tensor],
     steps: Sequence[Tensor],
     hp: Tensor,
-    gscale: Tensor | None,
-    found_inf: Tensor | None,
-    state_dtype: torch.dtype,
-    absmax: Sequence[Sequence[Tensor]] | None = None,
-    codes: Sequence[Tensor] | None = None,
+    gscale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     unorm: Tensor | None = None,
-) -> None:
-    """Validate a step op's arguments (both 32-bit and 8-bit forms)."""
+) -> tuple[int, StateFormat]:
+    """Validate the step op's arguments; returns the states per tensor and their format (float32 when none)."""
     check(rule in {int(r) for r in Rule}, "rule must be one of {}, got {}", [int(r) for r in Rule], rule)
     check(flags >= 0 and flags & ~ALL_FLAGS == 0, "flags must be a combination of qop.Flag, got {}", flags)
     n = len(params)
     check(len(grads) == n, "grads has {} tensors but params has {}", len(grads), n)
     check(len(steps) == n, "steps has {} tensors but params has {}", len(steps), n)
-    k = n_states(rule, flags, len(states[0]) > 0)
-    for j, lst in enumerate(states):
-        want = n if j < k else 0
-        check(len(lst) == want, "state{} has {} tensors, rule {} needs {}", j + 1, len(lst), rule, want)
+    k = n_states(rule, flags, len(states) > 0)
+    check(len(states) == k * n, "states has {} tensors, rule {} needs {} ({} states x {} tensors)",
+          len(states), rule, k * n, k, n)
+    fmt = StateFormat.FLOAT32  # what a call without state tensors runs: nothing to load or store
+    if k and n:
+        found = state_format(states[0].dtype)
+        check(found is not None, "states[0] must be float32 or uint8 (a state format), got {}", states[0].dtype)
+        fmt = found
+        for at, st in enumerate(states):
+            check(st.dtype == states[0].dtype, "states[{}] is {} but states[0] is {}: one call takes one state format",
+                  at, st.dtype, states[0].dtype)
+    blocksize = FORMAT_BLOCKSIZE.get(fmt)
+    if not (k and n):  # no state tensors: no format to tell, code books optional
+        check(len(absmax) == 0, "absmax has {} tensors but states has none", len(absmax))
+        check(len(codes) in (0, k), "codes has {} code books, one per state needs {}", len(codes), k)
+    elif blocksize is None:  # formats without scales or code books
+        check(len(absmax) == 0, "absmax has {} tensors but {} states take none", len(absmax), fmt.name.lower())
+        check(len(codes) == 0, "codes has {} tensors but {} states take none", len(codes), fmt.name.lower())
+    else:
+        check(len(absmax) == k * n, "absmax has {} tensors but states has {}", len(absmax), k * n)
+        check(len(codes) == k, "codes has {} code books, one per state needs {}", len(codes), k)
     check(hp.dtype == torch.float32 and hp.dim() == 1 and hp.numel() >= HP_SIZE,
           "hp must be a float32 vector of {} hyper-parameters, got {} {}", HP_SIZE, hp.dtype, tuple(hp.shape))
     if gscale is not None:
@@ -85,11 +101,8 @@ def check_step(
     if unorm is not None:
         check(unorm.dtype == torch.float32 and tuple(unorm.shape) == (n, 2),
               "unorm must be float32 of shape ({}, 2), got {} {}", n, unorm.dtype, tuple(unorm.shape))
-    if absmax is not None:
-        for j in range(k):
-            check(len(absmax[j]) == n, "absmax{} has {} tensors but params has {}", j + 1, len(absmax[j]), n)
     if n == 0:
-        return
+        return k, fmt
     device, dtype = params[0].device, params[0].dtype
     for name, t in (("hp", hp), ("gscale", gscale), ("found_inf", found_inf), ("unorm", unorm)):
         if t is not None:
@@ -111,22 +124,24 @@ def check_step(
               "steps[{}] must be a float32 scalar tensor on {}", i, device)
         numel = p.numel()
         for j in range(k):
-            st = states[j][i]
-            check(st.dtype == state_dtype, "state{}[{}] must be {}, got {}", j + 1, i, state_dtype, st.dtype)
-            check(st.numel() == numel, "state{}[{}] has {} elements but params[{}] has {}",
-                  j + 1, i, st.numel(), i, numel)
-            check(st.device == device, "state{}[{}] is on {} but params[{}] is on {}", j + 1, i, st.device, i, device)
-            check(st.is_contiguous(), "state{}[{}] must be contiguous", j + 1, i)
-            if absmax is not None:
-                am = absmax[j][i]
-                nb = -(-numel // BLOCKSIZE)
-                check(am.is_contiguous(), "absmax{}[{}] must be contiguous", j + 1, i)
+            at = j * n + i
+            st = states[at]
+            check(st.numel() == numel, "states[{}] (state{} of params[{}]) has {} elements but params[{}] has {}",
+                  at, j + 1, i, st.numel(), i, numel)
+            check(st.device == device, "states[{}] is on {} but params[{}] is on {}", at, st.device, i, device)
+            check(st.is_contiguous(), "states[{}] (state{} of params[{}]) must be contiguous", at, j + 1, i)
+            if blocksize is not None:
+                am = absmax[at]
+                nb = -(-numel // blocksize)
+                check(am.is_contiguous(), "absmax[{}] (state{} of params[{}]) must be contiguous", at, j + 1, i)
                 check(am.dtype == torch.float32 and am.numel() == nb and am.device == device,
-                      "absmax{}[{}] must be float32 with {} entries on {}", j + 1, i, nb, device)
-    if codes is not None:
+                      "absmax[{}] (state{} of params[{}]) must be float32 with {} entries on {}", at, j + 1, i, nb,
+                      device)
+    if blocksize is not None:
         for j in range(k):
-            check_code(codes[j], f"code{j + 1}")
-            check(codes[j].device == device, "code{} is on {} but params are on {}", j + 1, codes[j].device, device)
+            check_code(codes[j], f"codes[{j}]")
+            check(codes[j].device == device, "codes[{}] is on {} but params are on {}", j, codes[j].device, device)
+    return k, fmt
 
 
 def check_percentile_clip(

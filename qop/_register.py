@@ -8,47 +8,35 @@ uses for every backend without a kernel of its own.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from . import _checks, reference
+from . import _checks, _schema, reference
+
+#: Each op's argument checks and reference kernel, both taking the op's arguments in schema order.
+_REFERENCE = {
+    "quantize_blockwise": (_checks.check_quantize, reference.quantize_blockwise),
+    "dequantize_blockwise": (_checks.check_dequantize, reference.dequantize_blockwise),
+    "step": (_checks.check_step, reference.step),
+    "percentile_clip": (_checks.check_percentile_clip, reference.percentile_clip),
+}
 
 
-def _checked_reference():
-    """Reference kernels wrapped with the shared argument checks (the C++ and Triton paths check too)."""
+def _checked(check: Callable[..., object], kernel: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any) -> Any:
+        check(*args)
+        return kernel(*args)
 
-    def quantize_blockwise(A, code, blocksize):
-        _checks.check_quantize(A, code, blocksize)
-        return reference.quantize_blockwise(A, code, blocksize)
+    return run
 
-    def dequantize_blockwise(A, absmax, code, blocksize, dtype):
-        _checks.check_dequantize(A, absmax, code, blocksize, dtype)
-        return reference.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
-    def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None):
-        _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale,
-                           found_inf, torch.float32, unorm=unorm)
-        reference.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf,
-                             unorm)
-
-    def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                  code1, code2, code3, gscale, found_inf, unorm=None):
-        _checks.check_step(rule, flags, params, grads, (state1, state2, state3), steps, hp, gscale,
-                           found_inf, torch.uint8, (absmax1, absmax2, absmax3), (code1, code2, code3), unorm)
-        reference.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3,
-                            steps, hp, code1, code2, code3, gscale, found_inf, unorm)
-
-    def percentile_clip(grads, gnorm_vecs, steps, percentile, prescale):
-        _checks.check_percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)
-        return reference.percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)
-
-    return {
-        "quantize_blockwise": quantize_blockwise,
-        "dequantize_blockwise": dequantize_blockwise,
-        "step_32bit": step_32bit,
-        "step_8bit": step_8bit,
-        "percentile_clip": percentile_clip,
-    }
+def _checked_reference() -> dict[str, Callable[..., Any]]:
+    """Reference kernels wrapped with the shared argument checks (the C++ and Triton paths check too), each with
+    its op's signature (read from the schema)."""
+    return {name: _schema.forwarder(name, _checked(check, kernel), f"Checked reference of ``qop::{name}``.")
+            for name, (check, kernel) in _REFERENCE.items()}
 
 
 _lib = torch.library.Library("qop", "IMPL")

@@ -5,9 +5,15 @@ Backends only register kernels for these names (CPU in ``csrc/cpu``, CUDA in ``q
 annotations so functionalization and inductor's re-inplacing see exactly what a step writes; ops that
 only mutate return nothing.
 
-Step ops take a whole list of tensors (one param group, one device, one dtype) and read every
-schedulable hyper-parameter from tensors, so no value is baked into a traced graph:
+The step op, ``step``, takes a whole list of tensors (one param group, one device, one dtype) and reads
+every schedulable hyper-parameter from tensors, so no value is baked into a traced graph:
 
+* ``states`` -- ONE flat list of k states x n tensors, state j of tensor i at ``j * n + i`` (k from
+  :func:`n_states`; a momentum rule passes no state at all for plain SGD, so ``len(states) == 0`` says
+  so).  Their dtype says the format (:class:`StateFormat`, told by :func:`state_format`): float32 states
+  are the values themselves; uint8 states are blockwise 8-bit codes with ``absmax`` (flat like
+  ``states``, one float32 per 256-block) and ``codes`` (one 256-entry code book per state).  Formats
+  without them take empty ``absmax`` and ``codes``;
 * ``hp`` -- float32 vector laid out by :class:`HP` (lr, betas, eps, weight decay, ...);
 * ``steps`` -- one float32 0-d tensor per parameter, incremented by the op itself (unless
   ``found_inf`` is set), the rule using ``t = steps[i] + 1``;
@@ -26,8 +32,12 @@ factors, all on the device.
 from __future__ import annotations
 
 import enum
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch import Tensor
 
 NAMESPACE = "qop"
 #: Block size of the 8-bit optimizer states (elements per absmax), as in bitsandbytes.
@@ -37,7 +47,7 @@ _lib = torch.library.Library(NAMESPACE, "DEF")  # the namespace is ours
 
 
 class Rule(enum.IntEnum):
-    """Per-element update rules understood by the step ops (compile-time switch in every kernel)."""
+    """Per-element update rules understood by the step op (compile-time switch in every kernel)."""
 
     ADAM = 1  # Adam, AdamW, LAMB: state1 m, state2 v, state3 vmax (amsgrad)
     MOMENTUM = 2  # SGD, LARS: state1 momentum buffer (absent when momentum == 0)
@@ -59,7 +69,7 @@ class Flag(enum.IntFlag):
 
 
 class HP(enum.IntEnum):
-    """Slots of the float32 hyper-parameter vector ``hp`` read by the step ops."""
+    """Slots of the float32 hyper-parameter vector ``hp`` read by the step op."""
 
     LR = 0
     BETA1 = 1  # Adam/Lion/AdEMAMix beta1; SGD/LARS momentum
@@ -76,7 +86,7 @@ class HP(enum.IntEnum):
 
 
 HP_SIZE = len(HP)
-#: Every flag a step op accepts; any other bit is refused.
+#: Every flag the step op accepts; any other bit is refused.
 ALL_FLAGS = int(sum(Flag))
 #: State tensors per parameter of each rule (without the states its flags add, see :func:`n_states`).
 STATE_COUNTS: dict[Rule, int] = {
@@ -96,6 +106,37 @@ def n_states(rule: int, flags: int, momentum_state: bool) -> int:
         return 0
     return STATE_COUNTS[Rule(rule)] + (1 if rule == Rule.ADAM and flags & Flag.AMSGRAD else 0)
 
+
+
+class StateFormat(enum.IntEnum):
+    """How the step op's states are stored: the one list of formats (C++ mirror in ``csrc/cpu/checks.h``).
+
+    A new format (4-bit packed, fp8 with per-block scales, bfloat16) is a new member, a new branch of
+    :func:`state_format` and a new kernel branch per backend, never a new op.
+    """
+
+    FLOAT32 = 0  # float32 values, no absmax, no code book
+    BLOCKWISE8 = 1  # uint8 indices into a 256-entry code book, one float32 absmax per BLOCKSIZE elements
+
+
+#: Elements per absmax entry of each blockwise format.
+FORMAT_BLOCKSIZE: dict[StateFormat, int] = {StateFormat.BLOCKWISE8: BLOCKSIZE}
+
+
+def state_format(dtype: torch.dtype) -> StateFormat | None:
+    """The format of states of this dtype (None: not a state format)."""
+    if dtype == torch.float32:
+        return StateFormat.FLOAT32
+    if dtype == torch.uint8:
+        return StateFormat.BLOCKWISE8
+    return None
+
+
+def split_states(flat: Sequence[Tensor], n: int) -> list[list[Tensor]]:
+    """The flat ``states``/``absmax`` list of the step op as one list of n tensors per state."""
+    return [list(flat[j * n:(j + 1) * n]) for j in range(len(flat) // n)] if n else []
+
+
 #: Gradient norms remembered per parameter by percentile clipping (bitsandbytes' gnorm_vec).
 HISTORY = 100
 
@@ -104,16 +145,10 @@ SCHEMAS: dict[str, str] = {
     "dequantize_blockwise": (
         "(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
     ),
-    "step_32bit": (
-        "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
-        "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] steps, Tensor hp, "
-        "Tensor? gscale, Tensor? found_inf, Tensor? unorm=None) -> ()"
-    ),
-    "step_8bit": (
-        "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, "
-        "Tensor(c!)[] state2, Tensor(d!)[] state3, Tensor(e!)[] absmax1, Tensor(f!)[] absmax2, "
-        "Tensor(g!)[] absmax3, Tensor(h!)[] steps, Tensor hp, Tensor code1, Tensor code2, "
-        "Tensor code3, Tensor? gscale, Tensor? found_inf, Tensor? unorm=None) -> ()"
+    "step": (
+        "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor(c!)[] absmax, "
+        "Tensor[] codes, Tensor(d!)[] steps, Tensor hp, Tensor? gscale=None, Tensor? found_inf=None, "
+        "Tensor? unorm=None) -> ()"
     ),
     "percentile_clip": (
         "(Tensor[] grads, Tensor(a!)[] gnorm_vecs, Tensor[] steps, int percentile, Tensor prescale) -> Tensor"
@@ -122,3 +157,43 @@ SCHEMAS: dict[str, str] = {
 
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
+
+#: Python annotations of the schema types (as the parser spells them; a ScalarType parses as int).
+_PY_TYPES: dict[str, Any] = {
+    "int": int, "Tensor": Tensor, "Optional[Tensor]": Tensor | None, "List[Tensor]": Sequence[Tensor],
+}
+
+
+def signature(name: str) -> inspect.Signature:
+    """The Python signature of op ``name``, read from its parsed schema (names, types, defaults)."""
+    parsed = torch._C.parse_schema(f"{NAMESPACE}::{name}{SCHEMAS[name]}")
+    params = []
+    for arg in parsed.arguments:
+        default = arg.default_value if arg.has_default_value() else inspect.Parameter.empty
+        params.append(inspect.Parameter(arg.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=_PY_TYPES.get(str(arg.type), Any)))
+    returns = [r.type for r in parsed.returns]
+    return inspect.Signature(params, return_annotation=None if not returns else Any)
+
+
+def forwarder(name: str, target: Callable[..., Any], doc: str, module: str = __name__) -> Callable[..., Any]:
+    """A plain function with op ``name``'s signature that passes its arguments on to ``target`` in schema order:
+    how shims around an op are made without writing its argument list again.  Generated as source, so that
+    dynamo traces it like hand-written code (no ``Signature.bind`` at call time)."""
+    sig = signature(name)
+    names = list(sig.parameters)
+    defaults = {f"_default_{p.name}": p.default for p in sig.parameters.values() if p.default is not p.empty}
+    params = ", ".join(f"{n}=_default_{n}" if f"_default_{n}" in defaults else n for n in names)
+    # made by a factory so that the target and the defaults are closure cells, not globals of a module
+    outer = ", ".join(["_target", *defaults])
+    source = (f"def _make({outer}):\n    def {name}({params}):\n        return _target({', '.join(names)})\n"
+              f"    return {name}\n")
+    scope: dict[str, Any] = {}
+    exec(source, scope)
+    forward = scope["_make"](target, *defaults.values())
+    forward.__module__ = module
+    forward.__qualname__ = name
+    forward.__doc__ = doc
+    forward.__annotations__ = {p.name: p.annotation for p in sig.parameters.values()}
+    forward.__annotations__["return"] = sig.return_annotation
+    return forward

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _schema
 from ._schema import BLOCKSIZE
 
 
@@ -22,43 +23,11 @@ def dequantize_blockwise(
     return torch.ops.qop.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
 
-def step_32bit(
-    rule: int,
-    flags: int,
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    states: Sequence[Sequence[Tensor]],
-    steps: Sequence[Tensor],
-    hp: Tensor,
-    gscale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    unorm: Tensor | None = None,
-) -> None:
-    """One fused step over a list of tensors with float32 states (``states``: up to three lists)."""
-    s1, s2, s3 = [*states, [], [], []][:3]
-    torch.ops.qop.step_32bit(rule, flags, params, grads, s1, s2, s3, steps, hp, gscale, found_inf, unorm)
+step = _schema.forwarder("step", torch.ops.qop.step.default, """One fused optimizer step over a list of tensors.
 
-
-def step_8bit(
-    rule: int,
-    flags: int,
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    states: Sequence[Sequence[Tensor]],
-    absmax: Sequence[Sequence[Tensor]],
-    steps: Sequence[Tensor],
-    hp: Tensor,
-    codes: Sequence[Tensor],
-    gscale: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    unorm: Tensor | None = None,
-) -> None:
-    """One fused step over a list of tensors with blockwise 8-bit states and their code books."""
-    s1, s2, s3 = [*states, [], [], []][:3]
-    a1, a2, a3 = [*absmax, [], [], []][:3]
-    c1, c2, c3 = [*codes, codes[0], codes[0], codes[0]][:3]
-    torch.ops.qop.step_8bit(rule, flags, params, grads, s1, s2, s3, a1, a2, a3, steps, hp, c1, c2, c3,
-                            gscale, found_inf, unorm)
+``states``: k states x n tensors in one flat list (state j of tensor i at ``j * n + i``), float32 or blockwise
+8-bit (uint8, then ``absmax`` flat like ``states`` and ``codes`` one code book per state; both empty otherwise).
+""", __name__)
 
 
 def percentile_clip(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule, n_states
+from ._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule, StateFormat, n_states, state_format
 
 
 # ----------------------------------------------------------------------------------------- quantize
@@ -195,72 +195,59 @@ def _apply(
     return pf * decay - lr_eff * scale * u, new
 
 
-def step_32bit(
+def step(
     rule: int,
     flags: int,
     params: list[Tensor],
     grads: list[Tensor],
-    state1: list[Tensor],
-    state2: list[Tensor],
-    state3: list[Tensor],
+    states: list[Tensor],
+    absmax: list[Tensor],
+    codes: list[Tensor],
     steps: list[Tensor],
     hp: Tensor,
-    gscale: Tensor | None,
-    found_inf: Tensor | None,
+    gscale: Tensor | None = None,
+    found_inf: Tensor | None = None,
     unorm: Tensor | None = None,
 ) -> None:
-    """Reference of ``qop::step_32bit``: float32 states, updated in place."""
-    lists = [state1, state2, state3]
+    """Reference of ``qop::step``: per tensor, load its states in float32, apply the rule, store them back
+    in their format (flat lists: state j of tensor i at ``j * n + i``)."""
+    n = len(params)
+    k = n_states(rule, flags, len(states) > 0)
+    fmt = state_format(states[0].dtype) if k and n else StateFormat.FLOAT32
     for i, (p, g) in enumerate(zip(params, grads)):
-        k = n_states(rule, flags, bool(state1))
-        states = [lists[j][i].reshape(-1) for j in range(k)]
-        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i),
+        at = [j * n + i for j in range(k)]
+        loaded = [_load_state(fmt, states[a], absmax, codes, a, j) for j, a in enumerate(at)]
+        new_p, new = _apply(rule, flags, p, g, loaded, steps[i], hp, _scale(gscale, i),
                             None if unorm is None else unorm[i])
         keep = _keep(found_inf, p.device)
         p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
-        for old, s in zip(states, new):
-            old.copy_(torch.where(keep, s, old))
+        for j, (a, s) in enumerate(zip(at, new)):
+            _store_state(fmt, s, keep, states[a], absmax, codes, a, j)
         steps[i].add_(keep.float())
 
 
-def step_8bit(
-    rule: int,
-    flags: int,
-    params: list[Tensor],
-    grads: list[Tensor],
-    state1: list[Tensor],
-    state2: list[Tensor],
-    state3: list[Tensor],
-    absmax1: list[Tensor],
-    absmax2: list[Tensor],
-    absmax3: list[Tensor],
-    steps: list[Tensor],
-    hp: Tensor,
-    code1: Tensor,
-    code2: Tensor,
-    code3: Tensor,
-    gscale: Tensor | None,
-    found_inf: Tensor | None,
-    unorm: Tensor | None = None,
-) -> None:
-    """Reference of ``qop::step_8bit``: blockwise 8-bit states, dequantized, stepped, requantized."""
-    codes = [code1, code2, code3]
-    qs, ams = [state1, state2, state3], [absmax1, absmax2, absmax3]
-    for i, (p, g) in enumerate(zip(params, grads)):
-        k = n_states(rule, flags, bool(state1))
-        states = [
-            dequantize_blockwise(qs[j][i], ams[j][i], codes[j], BLOCKSIZE, torch.float32).reshape(-1)
-            for j in range(k)
-        ]
-        new_p, new = _apply(rule, flags, p, g, states, steps[i], hp, _scale(gscale, i),
-                            None if unorm is None else unorm[i])
-        keep = _keep(found_inf, p.device)
-        p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
-        for j, s in enumerate(new):
-            q, a = quantize_blockwise(s, codes[j], BLOCKSIZE)
-            qs[j][i].copy_(torch.where(keep, q.view_as(qs[j][i]), qs[j][i]))
-            ams[j][i].copy_(torch.where(keep, a, ams[j][i]))
-        steps[i].add_(keep.float())
+def _load_state(fmt: StateFormat | None, state: Tensor, absmax: list[Tensor], codes: list[Tensor], at: int,
+                j: int) -> Tensor:
+    """State ``at`` (state j of its tensor) in float32: the one place that reads each format."""
+    if fmt == StateFormat.FLOAT32:
+        return state.reshape(-1)
+    if fmt == StateFormat.BLOCKWISE8:
+        return dequantize_blockwise(state, absmax[at], codes[j], BLOCKSIZE, torch.float32).reshape(-1)
+    raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
+
+
+def _store_state(fmt: StateFormat | None, new: Tensor, keep: Tensor, state: Tensor, absmax: list[Tensor],
+                 codes: list[Tensor], at: int, j: int) -> None:
+    """Write a new float32 state back in its format where ``keep`` (found_inf leaves it as it was)."""
+    if fmt == StateFormat.FLOAT32:
+        flat = state.reshape(-1)
+        flat.copy_(torch.where(keep, new, flat))
+    elif fmt == StateFormat.BLOCKWISE8:
+        q, a = quantize_blockwise(new, codes[j], BLOCKSIZE)
+        state.copy_(torch.where(keep, q.view_as(state), state))
+        absmax[at].copy_(torch.where(keep, a, absmax[at]))
+    else:
+        raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
 
 
 # ------------------------------------------------------------------------------ percentile clipping

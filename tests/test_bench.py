@@ -254,8 +254,10 @@ def test_doctor_reports_versions_and_kernels() -> None:
     proc = _run("doctor", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for needle in ("torch", "bitsandbytes", "HAS_CPU_KERNELS", "CUDA available", "step_8bit", "step_32bit", "Meta"):
+    for needle in ("torch", "bitsandbytes", "HAS_CPU_KERNELS", "CUDA available", "Meta"):
         assert needle in out, out
+    rows = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert {"step", "percentile_clip", "quantize_blockwise"} <= rows, out  # one row per op
 
 
 def test_unknown_command_prints_usage() -> None:

@@ -2,7 +2,7 @@
 accepts are checked against it, so a drift fails here.
 
 * the enums and sizes of ``csrc/cpu/checks.h`` are parsed and compared with ``Rule``, ``Flag``, ``HP``,
-  ``BLOCKSIZE``, ``HISTORY`` and ``ALL_FLAGS``;
+  ``StateFormat``, ``BLOCKSIZE``, ``HISTORY`` and ``ALL_FLAGS``;
 * the state count of every rule and flag combination is what each kernel (C++, the reference) accepts, and one
   state more or fewer is refused;
 * flags beyond ``ALL_FLAGS`` are refused by every kernel.
@@ -18,7 +18,18 @@ import torch
 
 import qop
 from qop import _schema
-from qop._schema import ALL_FLAGS, BLOCKSIZE, HISTORY, HP, MAX_STATES, STATE_COUNTS, Flag, Rule, n_states
+from qop._schema import (
+    ALL_FLAGS,
+    BLOCKSIZE,
+    HISTORY,
+    HP,
+    MAX_STATES,
+    STATE_COUNTS,
+    Flag,
+    Rule,
+    StateFormat,
+    n_states,
+)
 
 CHECKS_H = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "checks.h"
 
@@ -44,6 +55,7 @@ def test_the_cpp_mirror_matches_the_schema() -> None:
     assert _enum(text, "HP") == {**{h.name: int(h) for h in HP}, "HP_SIZE": len(HP)}
     assert _constant(text, "kBlocksize") == BLOCKSIZE
     assert _constant(text, "kHistory") == HISTORY
+    assert _enum(text, "StateFormat") == {**{f.name: int(f) for f in StateFormat}, "N_FORMATS": len(StateFormat)}
 
 
 def test_the_state_counts_cover_every_rule() -> None:
@@ -60,27 +72,26 @@ def _step_args(rule: Rule, flags: int, k: int, bits: int) -> tuple:
     hp[HP.LR], hp[HP.EPS], hp[HP.BETA1], hp[HP.BETA2], hp[HP.BETA3] = 1e-3, 1e-8, 0.9, 0.99, 0.999
     steps = [torch.zeros(())]
     if bits == 32:
-        states = [[torch.zeros(n)] if j < k else [] for j in range(MAX_STATES)]
-        return (int(rule), flags, [p], [g], *states, steps, hp, None, None)
-    states = [[torch.zeros(n, dtype=torch.uint8)] if j < k else [] for j in range(MAX_STATES)]
-    absmax = [[torch.zeros(2)] if j < k else [] for j in range(MAX_STATES)]
-    codes = [qop.dynamic_map(True)] * MAX_STATES
-    return (int(rule), flags, [p], [g], *states, *absmax, steps, hp, *codes, None, None)
+        return (int(rule), flags, [p], [g], [torch.zeros(n) for _ in range(k)], [], [], steps, hp, None, None)
+    states = [torch.zeros(n, dtype=torch.uint8) for _ in range(k)]
+    absmax = [torch.zeros(2) for _ in range(k)]
+    codes = [qop.dynamic_map(True)] * k
+    return (int(rule), flags, [p], [g], states, absmax, codes, steps, hp, None, None)
 
 
-def _checked_reference(bits: int):  # type: ignore[no-untyped-def]
+def _checked_reference():  # type: ignore[no-untyped-def]
     """The reference with the shared argument checks, as registered for devices without a native kernel."""
     from qop._register import _checked_reference as table
 
-    return table()[f"step_{bits}bit"]
+    return table()["step"]
 
 
-def _kernel(kind: str, bits: int):  # type: ignore[no-untyped-def]
+def _kernel(kind: str):  # type: ignore[no-untyped-def]
     if kind == "cpp":
         if not qop.HAS_CPU_KERNELS:
             pytest.skip("qop C++ CPU kernels not built")
-        return getattr(torch.ops.qop, f"step_{bits}bit")
-    return _checked_reference(bits)
+        return torch.ops.qop.step
+    return _checked_reference()
 
 
 CASES = [(rule, flags) for rule in Rule for flags in ((0, int(Flag.AMSGRAD)) if rule == Rule.ADAM else (0,))]
@@ -90,7 +101,7 @@ CASES = [(rule, flags) for rule in Rule for flags in ((0, int(Flag.AMSGRAD)) if 
 @pytest.mark.parametrize("kind", ["cpp", "reference"])
 @pytest.mark.parametrize(("rule", "flags"), CASES, ids=[f"{r.name}-{f}" for r, f in CASES])
 def test_every_kernel_takes_the_schema_state_count(rule: Rule, flags: int, kind: str, bits: int) -> None:
-    op = _kernel(kind, bits)
+    op = _kernel(kind)
     k = n_states(rule, flags, True)
     op(*_step_args(rule, flags, k, bits))  # accepted
     for wrong in (k - 1, k + 1):
@@ -103,7 +114,7 @@ def test_every_kernel_takes_the_schema_state_count(rule: Rule, flags: int, kind:
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("kind", ["cpp", "reference"])
 def test_unknown_flags_are_refused(kind: str, bits: int) -> None:
-    op = _kernel(kind, bits)
+    op = _kernel(kind)
     op(*_step_args(Rule.LION, 0, 1, bits))
     with pytest.raises((ValueError, RuntimeError), match="flags"):
         op(*_step_args(Rule.LION, ALL_FLAGS + 1, 1, bits))

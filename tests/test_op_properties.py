@@ -314,14 +314,13 @@ def clone_call(a: dict) -> dict:
 
 
 def call_args(a: dict, bits: int) -> tuple:
-    """Schema order; absent states as empty lists, absent code books as the signed map."""
-    states = a["states"] + [[] for _ in range(3 - len(a["states"]))]
-    head = (a["rule"], a["flags"], a["params"], a["grads"], *states)
-    if bits == 32:
-        return (*head, a["steps"], a["hp"], a["gscale"], a["found_inf"])
-    absmax = a["absmax"] + [[] for _ in range(3 - len(a["absmax"]))]
-    codes = (a["codes"] + [qop.dynamic_map(True, a["hp"].device)] * 3)[:3]
-    return (*head, *absmax, a["steps"], a["hp"], *codes, a["gscale"], a["found_inf"])
+    """``qop::step``'s arguments in schema order: the states (and absmax) as flat lists, state j of tensor i at
+    j * n + i; one code book per state in 8 bits, none in 32."""
+    states = [t for s in a["states"] for t in s]
+    absmax = [t for s in a["absmax"] for t in s] if bits == 8 else []
+    codes = list(a["codes"][: len(a["states"])]) if bits == 8 else []
+    return (a["rule"], a["flags"], a["params"], a["grads"], states, absmax, codes, a["steps"], a["hp"], a["gscale"],
+            a["found_inf"])
 
 
 def written(a: dict) -> list[Tensor]:
@@ -359,8 +358,8 @@ def test_step_matches_reference(bits: int, data: st.DataObject) -> None:
     call = data.draw(step_calls(bits))
     ours, ref = clone_call(call), clone_call(call)
     before = snapshot(written(ours))
-    _, err = run(CPU[f"step_{bits}bit"], *call_args(ours, bits))
-    _, ref_err = run(REF[f"step_{bits}bit"], *call_args(ref, bits))
+    _, err = run(CPU["step"], *call_args(ours, bits))
+    _, ref_err = run(REF["step"], *call_args(ref, bits))
     if any(bool(p.isnan().any()) for p in ref["params"]):
         event("NaN in the reference's params")
     check_step(bits, ours, ref, err, ref_err, before)
@@ -422,9 +421,7 @@ def test_norms_neither_overflow_nor_vanish(scale: float) -> None:
     results = []
     for impl in (CPU, REF):
         pi, mi, vi, si = p.clone(), m.clone(), v.clone(), torch.zeros(())
-        impl["step_32bit"](
-            int(case.rule), int(case.flags), [pi], [g], [mi], [vi], [], [si], case.hp_tensor(), None, None
-        )
+        impl["step"](int(case.rule), int(case.flags), [pi], [g], [mi, vi], [], [], [si], case.hp_tensor(), None, None)
         results.append(pi)
     assert not torch.equal(results[0], p)
     torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=0)
@@ -524,8 +521,8 @@ def test_triton_step_matches_reference(bits: int, data: st.DataObject) -> None:
         codes=[_on(c) for c in ours["codes"]],
     )
     before = snapshot(written(ours))
-    _, err = run(getattr(_step, f"step_{bits}bit"), *call_args(dev, bits))
-    _, ref_err = run(REF[f"step_{bits}bit"], *call_args(ref, bits))
+    _, err = run(_step.step, *call_args(dev, bits))
+    _, ref_err = run(REF["step"], *call_args(ref, bits))
     back = dict(
         dev,
         params=[t.cpu() for t in dev["params"]],

@@ -19,89 +19,18 @@ import math
 
 import pytest
 import torch
+from cases import BASE_HP, CASES, SIGNED, STEP_CASES, StepCase, op_args  # noqa: F401
 from torch import Tensor
 
 import qop
 from qop import BLOCKSIZE, HP, Flag, Rule, reference
-from qop._schema import SCHEMAS, n_states
+from qop._schema import SCHEMAS
 
 needs_kernels = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
 
 SHAPES = [(0,), (1,), (255,), (256,), (257,), (1000,), (4097,), (33, 65)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 N_STEPS = 3
-
-# Which code book each state uses: signed for first moments and momentum, unsigned for second moments.
-SIGNED = {
-    Rule.ADAM: (True, False, False),
-    Rule.MOMENTUM: (True,),
-    Rule.ADAGRAD: (False,),
-    Rule.RMSPROP: (False,),
-    Rule.LION: (True,),
-    Rule.ADEMAMIX: (True, False, True),
-}
-
-BASE_HP = {
-    "LR": 1e-2,
-    "BETA1": 0.9,
-    "BETA2": 0.999,
-    "BETA3": 0.9999,
-    "EPS": 1e-8,
-    "WEIGHT_DECAY": 1e-2,
-    "ALPHA": 0.99,
-    "DAMPENING": 0.0,
-    "LR_DECAY": 0.0,
-    "MAX_UNORM": 0.0,
-    "T_ALPHA": 0.0,
-    "T_BETA3": 0.0,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class StepCase:
-    name: str
-    rule: Rule
-    flags: int = 0
-    momentum_state: bool = True  # MOMENTUM only: False is plain SGD (no state)
-    hp: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def n_states(self) -> int:
-        return n_states(self.rule, self.flags, self.momentum_state)
-
-    def hp_tensor(self) -> Tensor:
-        values = dict(BASE_HP, **dict(self.hp))
-        h = torch.zeros(len(HP))
-        for key, value in values.items():
-            h[HP[key]] = value
-        return h
-
-    def __str__(self) -> str:
-        return self.name
-
-
-STEP_CASES = [
-    StepCase("adam", Rule.ADAM),
-    StepCase("adam_amsgrad", Rule.ADAM, Flag.AMSGRAD),
-    StepCase("adam_no_bias_correction", Rule.ADAM, Flag.NO_BIAS_CORRECTION),
-    StepCase("adam_l2", Rule.ADAM, Flag.L2_WEIGHT_DECAY),
-    StepCase("lamb", Rule.ADAM, Flag.UNORM_CLIP, hp=(("MAX_UNORM", 0.02),)),
-    StepCase("lamb_l2_nobc_amsgrad", Rule.ADAM,
-             Flag.UNORM_CLIP | Flag.L2_WEIGHT_DECAY | Flag.NO_BIAS_CORRECTION | Flag.AMSGRAD,
-             hp=(("MAX_UNORM", 1.0),)),
-    StepCase("sgd", Rule.MOMENTUM),
-    StepCase("sgd_nesterov", Rule.MOMENTUM, Flag.NESTEROV),
-    StepCase("sgd_dampening", Rule.MOMENTUM, hp=(("DAMPENING", 0.3),)),
-    StepCase("sgd_no_momentum", Rule.MOMENTUM, momentum_state=False, hp=(("BETA1", 0.0),)),
-    StepCase("lars", Rule.MOMENTUM, Flag.UNORM_CLIP, hp=(("MAX_UNORM", 0.02),)),
-    StepCase("adagrad", Rule.ADAGRAD, hp=(("LR_DECAY", 0.01),)),
-    StepCase("rmsprop", Rule.RMSPROP),
-    StepCase("lion", Rule.LION, hp=(("LR", 1e-3),)),
-    StepCase("ademamix", Rule.ADEMAMIX, hp=(("ALPHA", 5.0),)),
-    StepCase("ademamix_schedules", Rule.ADEMAMIX, hp=(("ALPHA", 5.0), ("T_ALPHA", 3.0), ("T_BETA3", 3.0))),
-]
-CASES = {c.name: c for c in STEP_CASES}
-
 
 # ------------------------------------------------------------------------------------ sample inputs
 @dataclasses.dataclass
@@ -132,14 +61,9 @@ class StepInputs:
             unorm=None if self.unorm is None else self.unorm.clone())
 
     def args(self, grads: list[Tensor]) -> tuple:
-        k = self.case.n_states
-        states = self.states + [[] for _ in range(3 - k)]
-        head = (int(self.case.rule), int(self.case.flags), self.params, grads, *states)
-        tail = () if self.unorm is None else (self.unorm,)
-        if self.bits == 32:
-            return (*head, self.steps, self.hp, self.gscale, self.found_inf, *tail)
-        absmax = self.absmax + [[] for _ in range(3 - k)]
-        return (*head, *absmax, self.steps, self.hp, *self.codes, self.gscale, self.found_inf, *tail)
+        codes = self.codes[: self.case.n_states] if self.bits == 8 else []
+        return op_args(self.case.rule, self.case.flags, self.params, grads, self.states, self.absmax, codes,
+                       self.steps, self.hp, self.gscale, self.found_inf, self.unorm)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the op may write."""
@@ -206,11 +130,12 @@ def update_sums(inp: StepInputs, grads: list[Tensor]) -> Tensor:
 
 
 def step_op(bits: int):
-    return torch.ops.qop.step_32bit.default if bits == 32 else torch.ops.qop.step_8bit.default
+    """The op (one for every state format: ``bits`` only says which inputs the caller built)."""
+    return torch.ops.qop.step.default
 
 
 def step_reference(bits: int):
-    return reference.step_32bit if bits == 32 else reference.step_8bit
+    return reference.step
 
 
 # ------------------------------------------------------------------------------ percentile clipping
@@ -600,7 +525,7 @@ def test_unsigned_map_positive_never_code_zero(name, quantize, dtype):
     assert bool((qs[(A > 0) & (A.float() < 1e-30)] == 127).all())
 
 
-def _vanishing_gradient_move(step_8bit, rule: Rule) -> float:
+def _vanishing_gradient_move(step, rule: Rule) -> float:
     """Two 8-bit steps (lr 1e-3) on one 256-block: gradient 1.0 on element 0 and 1e-4 on element 1, then 0
     on element 1.  Returns how far the second step moves element 1: with its second moment rounded to
     code 0 it would be m / eps (~4.2)."""
@@ -608,33 +533,33 @@ def _vanishing_gradient_move(step_8bit, rule: Rule) -> float:
     hp = case.hp_tensor()
     hp[HP.LR], hp[HP.WEIGHT_DECAY] = 1e-3, 0.0
     signed = SIGNED[rule][: case.n_states]
-    codes = [dynamic_map(sg) for sg in signed] + [dynamic_map(True)] * (3 - len(signed))
+    codes = [dynamic_map(sg) for sg in signed]
     p = torch.zeros(256)
-    states = [[torch.zeros(256, dtype=torch.uint8)] for _ in signed] + [[] for _ in range(3 - len(signed))]
-    absmax = [[torch.zeros(1)] for _ in signed] + [[] for _ in range(3 - len(signed))]
+    states = [[torch.zeros(256, dtype=torch.uint8)] for _ in signed]
+    absmax = [[torch.zeros(1)] for _ in signed]
     steps = [torch.zeros(())]
     moves = []
     for g1 in (1e-4, 0.0):
         g = torch.zeros(256)
         g[0], g[1] = 1.0, g1
         before = float(p[1])
-        step_8bit(int(rule), 0, [p], [g], *states, *absmax, steps, hp, *codes, None, None)
+        step(*op_args(rule, 0, [p], [g], states, absmax, codes, steps, hp))
         moves.append(abs(float(p[1]) - before))
     return moves[1]
 
 
-def _step_8bit_impls():
-    yield "reference", reference.step_8bit
+def _step_impls():
+    yield "reference", reference.step
     if qop.HAS_CPU_KERNELS:
-        yield "cpu", torch.ops.qop.step_8bit.default
+        yield "cpu", torch.ops.qop.step.default
 
 
 @pytest.mark.parametrize("rule", [Rule.ADAM, Rule.ADEMAMIX], ids=["adam", "ademamix"])
-@pytest.mark.parametrize("name,step_8bit", list(_step_8bit_impls()), ids=[n for n, _ in _step_8bit_impls()])
-def test_vanishing_gradient_moves_by_lr(name, step_8bit, rule):
+@pytest.mark.parametrize("name,step", list(_step_impls()), ids=[n for n, _ in _step_impls()])
+def test_vanishing_gradient_moves_by_lr(name, step, rule):
     """A gradient that vanishes after being 1e-4 of its block's largest keeps v above code 0: the element
     moves by about lr (here ~0.1 lr), never by m / eps."""
-    assert _vanishing_gradient_move(step_8bit, rule) < 10 * 1e-3
+    assert _vanishing_gradient_move(step, rule) < 10 * 1e-3
 
 
 @needs_kernels
@@ -714,26 +639,30 @@ def _step_errors():
         ("unorm_shape", lambda inp, grads: (_set(inp, unorm=torch.zeros(2)), grads), r"unorm"),
         ("unorm_dtype", lambda inp, grads: (_set(inp, unorm=torch.zeros(2, 2, dtype=torch.float64)), grads),
          r"unorm"),
-        ("state_count", lambda inp, grads: (_set(inp, states=[inp.states[0][:1], inp.states[1]]), grads), r"state1"),
-        ("state_numel", state0(lambda s: s[:-1].clone()), r"state1\[0\]"),
-        ("state_non_contiguous", state0(lambda s: torch.empty_like(s.repeat(2))[::2]), r"state1\[0\]"),
+        ("state_count", lambda inp, grads: (_set(inp, states=[inp.states[0][:1], inp.states[1]]), grads),
+         r"\bstates\b"),
+        ("state_numel", state0(lambda s: s[:-1].clone()), r"states\[0\]"),
+        ("state_non_contiguous", state0(lambda s: torch.empty_like(s.repeat(2))[::2]), r"states\[0\]"),
     ]
     out = []
     for name, mutate, msg in cases:
         for bits in (32, 8):
             out.append((name, bits, mutate, msg))
     out += [
-        ("state_dtype", 32, state0(lambda s: s.double()), r"state1\[0\]"),
-        ("state_dtype", 8, state0(lambda s: s.float()), r"state1\[0\]"),
+        ("state_dtype", 32, state0(lambda s: s.double()), r"states\[0\]"),
+        ("state_dtype", 8, state0(lambda s: s.float()), r"states\[1\] is .* but states\[0\]"),
         ("absmax_length", 8, lambda inp, grads: (_set(inp, absmax=[[inp.absmax[0][0][:-1].clone(), inp.absmax[0][1]],
-                                                               inp.absmax[1]]), grads), r"absmax1\[0\]"),
+                                                               inp.absmax[1]]), grads), r"absmax\[0\]"),
         ("absmax_dtype", 8, lambda inp, grads: (_set(inp, absmax=[inp.absmax[0], [inp.absmax[1][0].double(),
                                                                                inp.absmax[1][1]]]), grads),
-         r"absmax2\[0\]"),
+         r"absmax\[2\]"),
         ("code_size", 8, lambda inp, grads: (_set(inp, codes=[inp.codes[0][:128].clone(), *inp.codes[1:]]), grads),
-         r"code1"),
+         r"codes\[0\]"),
         ("code_dtype", 8, lambda inp, grads: (_set(inp, codes=[inp.codes[0], inp.codes[1].double(), inp.codes[2]]),
-                                              grads), r"code2"),
+                                              grads), r"codes\[1\]"),
+        ("codes_count", 8, lambda inp, grads: (_set(inp, codes=inp.codes[:1]), grads), r"\bcodes\b"),
+        ("absmax_with_float32_states", 32, lambda inp, grads: (_set(inp, absmax=[[torch.zeros(2)]]), grads),
+         r"\babsmax\b"),
     ]
     return out
 

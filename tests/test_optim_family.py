@@ -5,7 +5,7 @@ percentile clipping.
 One spec table (``SPECS``) drives the parity tests. Each entry names a class and its arguments, and states
 independently of the class what it must compute: the rule, flags, hyper-parameters (the documented
 defaults), state count, code books and initial state value. The oracle feeds exactly that to
-``qop.reference.step_32bit`` / ``step_8bit`` with its own states.
+``qop.reference.step`` with its own states.
 """
 
 from __future__ import annotations
@@ -245,13 +245,9 @@ class Oracle:
     def step(self, grads: list[Tensor]) -> None:
         s = self.spec
         for i, (p, g) in enumerate(zip(self.params, grads)):
-            st = [[self.states[i][j]] if j < s.n_states else [] for j in range(3)]
-            if self.eight[i]:
-                am = [[self.absmax[i][j]] if j < s.n_states else [] for j in range(3)]
-                reference.step_8bit(int(s.rule), int(s.flags), [p], [g], *st, *am, [self.steps[i]], self.hp,
-                                    *self.codes, None, None)
-            else:
-                reference.step_32bit(int(s.rule), int(s.flags), [p], [g], *st, [self.steps[i]], self.hp, None, None)
+            codes = self.codes[: s.n_states] if self.eight[i] else []
+            reference.step(int(s.rule), int(s.flags), [p], [g], self.states[i], self.absmax[i], codes,
+                           [self.steps[i]], self.hp, None, None)
 
 
 def run(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[list[Tensor]]) -> None:

@@ -44,6 +44,8 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from cases import SIGNED, STEP_CASES, op_args  # noqa: E402
+
 import qop  # noqa: E402
 from qop import HP, Flag, Rule, reference  # noqa: E402
 from qop._schema import HP_SIZE  # noqa: E402
@@ -84,7 +86,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 gpu = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-SIGNED, UNSIGNED = True, False
 #: Mixed sizes of one call: a single element, partial and just-over-full 8-bit blocks, several chunks.
 SIZES = [1, 255, 257, 700]
 #: Small chunks and tiles so that the interpreter sees several chunks per tensor and several tiles
@@ -103,25 +104,8 @@ def make_hp(**values: float) -> torch.Tensor:
     return hp.to(DEVICE)
 
 
-# (id, rule, flags, map of each state (signed?), hyper-parameters)
-CASES = [
-    ("adamw", Rule.ADAM, Flag.NONE, (SIGNED, UNSIGNED), dict(WEIGHT_DECAY=1e-2)),
-    ("adam-amsgrad", Rule.ADAM, Flag.AMSGRAD, (SIGNED, UNSIGNED, UNSIGNED), dict()),
-    ("lamb-l2-nobc", Rule.ADAM, Flag.L2_WEIGHT_DECAY | Flag.NO_BIAS_CORRECTION | Flag.UNORM_CLIP,
-     (SIGNED, UNSIGNED), dict(WEIGHT_DECAY=1e-2, MAX_UNORM=1e-3)),
-    ("lamb", Rule.ADAM, Flag.UNORM_CLIP, (SIGNED, UNSIGNED), dict(MAX_UNORM=1.0)),
-    ("sgd-momentum", Rule.MOMENTUM, Flag.NONE, (SIGNED,), dict(BETA1=0.9, DAMPENING=0.1, WEIGHT_DECAY=1e-2)),
-    ("sgd-nesterov", Rule.MOMENTUM, Flag.NESTEROV, (SIGNED,), dict(BETA1=0.9)),
-    ("sgd-plain", Rule.MOMENTUM, Flag.NONE, (), dict(BETA1=0.0, WEIGHT_DECAY=1e-2)),
-    ("lars", Rule.MOMENTUM, Flag.UNORM_CLIP, (SIGNED,), dict(BETA1=0.9, MAX_UNORM=2e-3)),
-    ("adagrad", Rule.ADAGRAD, Flag.NONE, (UNSIGNED,), dict(EPS=1e-10, LR_DECAY=0.1, WEIGHT_DECAY=1e-2)),
-    ("rmsprop", Rule.RMSPROP, Flag.NONE, (UNSIGNED,), dict(ALPHA=0.99, WEIGHT_DECAY=1e-2)),
-    ("lion", Rule.LION, Flag.NONE, (SIGNED,), dict(LR=1e-4, BETA2=0.99, WEIGHT_DECAY=1e-2)),
-    ("ademamix", Rule.ADEMAMIX, Flag.NONE, (SIGNED, UNSIGNED, SIGNED), dict(ALPHA=5.0, WEIGHT_DECAY=1e-2)),
-    ("ademamix-warmup", Rule.ADEMAMIX, Flag.NONE, (SIGNED, UNSIGNED, SIGNED),
-     dict(ALPHA=5.0, T_ALPHA=10.0, T_BETA3=10.0)),
-]
-CASE_IDS = [c[0] for c in CASES]
+#: The op cases of the CPU and reference tests (tests/cases.py), run here on the Triton kernels.
+CASES = {c.name: c for c in STEP_CASES}
 
 
 class Problem:
@@ -129,8 +113,10 @@ class Problem:
     first step already dequantizes real codes."""
 
     def __init__(self, case, dtype, bits, sizes=SIZES, seed=0, gscale=False, found_inf=None):
-        _, self.rule, self.flags, maps, hp = case
+        self.rule, self.flags = case.rule, int(case.flags)
+        maps = SIGNED[case.rule][: case.n_states]
         self.bits = bits
+        self.k = len(maps)
         g = torch.Generator().manual_seed(seed)
         rand = lambda n: torch.randn(n, generator=g)
         self.params = [rand(n).to(dtype).to(DEVICE) for n in sizes]
@@ -149,7 +135,7 @@ class Problem:
                     self.states[j].append(q)
                     self.absmax[j].append(a)
         self.steps = [torch.tensor(float(i % 3), device=DEVICE) for i in range(len(sizes))]
-        self.hp = make_hp(**hp)
+        self.hp = case.hp_tensor().to(DEVICE)
         self.gscale = (torch.rand(len(sizes), generator=g) + 0.5).to(DEVICE) if gscale else None
         self.found_inf = None if found_inf is None else torch.tensor(found_inf, device=DEVICE)
 
@@ -160,16 +146,14 @@ class Problem:
         return [*self.params, *(t for s in self.states for t in s), *(t for a in self.absmax for t in a),
                 *self.steps]
 
-    def run(self, impl, **kw) -> None:
-        s1, s2, s3 = self.states
-        codes = (self.codes + [self.codes[0]] * 3)[:3]
-        if self.bits == 32:
-            impl.step_32bit(self.rule, int(self.flags), self.params, self.grads, s1, s2, s3, self.steps, self.hp,
-                            self.gscale, self.found_inf, **kw)
-        else:
-            a1, a2, a3 = self.absmax
-            impl.step_8bit(self.rule, int(self.flags), self.params, self.grads, s1, s2, s3, a1, a2, a3, self.steps,
-                           self.hp, *codes, self.gscale, self.found_inf, **kw)
+    def args(self, unorm: torch.Tensor | None = None) -> tuple:
+        """The arguments of ``qop::step`` for this problem."""
+        codes = self.codes[: self.k] if self.bits == 8 else []
+        return op_args(self.rule, self.flags, self.params, self.grads, self.states, self.absmax, codes, self.steps,
+                       self.hp, self.gscale, self.found_inf, unorm)
+
+    def run(self, impl, unorm: torch.Tensor | None = None, **kw) -> None:
+        impl.step(*self.args(unorm), **kw)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -265,22 +249,23 @@ def test_quantize_positive_never_code_zero_with_unsigned_map(dtype):
     assert bool((q[A > 0] >= 1).all()) and bool((q[A == 0] == 0).all())
 
 
-@pytest.mark.parametrize("case", ["adamw", "ademamix"])
+@pytest.mark.parametrize("case", ["adam", "ademamix"])
 def test_step_vanishing_gradient_moves_by_lr(case):
     """The requantized second moment of an element whose gradient was 1e-4 of its block's largest keeps a
     non-zero code, so when that gradient vanishes the element moves by about lr, not by m / eps (~4.2)."""
-    _, rule, flags, signed, _ = next(c for c in CASES if c[0] == case)
+    rule, flags = CASES[case].rule, CASES[case].flags
+    signed = SIGNED[rule][: CASES[case].n_states]
     hp = make_hp(LR=1e-3, ALPHA=5.0)
-    codes = [qop.dynamic_map(sg, DEVICE) for sg in signed] + [qop.dynamic_map(True, DEVICE)] * (3 - len(signed))
+    codes = [qop.dynamic_map(sg, DEVICE) for sg in signed]
     p = torch.zeros(256, device=DEVICE)
-    states = [[torch.zeros(256, dtype=torch.uint8, device=DEVICE)] for _ in signed] + [[]] * (3 - len(signed))
-    absmax = [[torch.zeros(1, device=DEVICE)] for _ in signed] + [[]] * (3 - len(signed))
+    states = [[torch.zeros(256, dtype=torch.uint8, device=DEVICE)] for _ in signed]
+    absmax = [[torch.zeros(1, device=DEVICE)] for _ in signed]
     steps = [torch.zeros((), device=DEVICE)]
     for g1 in (1e-4, 0.0):
         g = torch.zeros(256, device=DEVICE)
         g[0], g[1] = 1.0, g1
         before = float(p[1])
-        _step.step_8bit(int(rule), int(flags), [p], [g], *states, *absmax, steps, hp, *codes, None, None, **SMALL)
+        _step.step(*op_args(rule, flags, [p], [g], states, absmax, codes, steps, hp), **SMALL)
     assert int(states[1][0][1]) >= 1
     assert abs(float(p[1]) - before) < 10 * 1e-3
 
@@ -310,11 +295,10 @@ def test_step_amsgrad_nan_stays_nan():
     vmax[1] = float("nan")
     ours = [t.clone() for t in (p, m, v, vmax)]
     steps = [torch.zeros((), device=DEVICE)]
-    _step.step_32bit(int(Rule.ADAM), int(Flag.AMSGRAD), [ours[0]], [g], [ours[1]], [ours[2]], [ours[3]], steps, hp,
-                     None, None, **SMALL)
+    _step.step(int(Rule.ADAM), int(Flag.AMSGRAD), [ours[0]], [g], ours[1:], [], [], steps, hp, None, None, **SMALL)
     ref = [t.cpu().clone() for t in (p, m, v, vmax)]
-    reference.step_32bit(int(Rule.ADAM), int(Flag.AMSGRAD), [ref[0]], [g.cpu()], [ref[1]], [ref[2]], [ref[3]],
-                         [torch.zeros(())], hp.cpu(), None, None)
+    reference.step(int(Rule.ADAM), int(Flag.AMSGRAD), [ref[0]], [g.cpu()], ref[1:], [], [], [torch.zeros(())],
+                   hp.cpu(), None, None)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.cpu(), b, equal_nan=True)
     assert bool(ours[0][1].isnan()) and not bool(ours[0][0].isnan())
@@ -340,8 +324,8 @@ def test_norms_in_float64_like_reference(scale):
     for impl, dev in ((_step, DEVICE), (reference, torch.device("cpu"))):
         pi, m, v = p.clone().to(dev), torch.zeros(700, device=dev), torch.zeros(700, device=dev)
         kw = SMALL if impl is _step else {}
-        impl.step_32bit(int(Rule.ADAM), int(Flag.UNORM_CLIP), [pi], [g.to(dev)], [m], [v], [],
-                        [torch.zeros((), device=dev)], hp.to(dev), None, None, **kw)
+        impl.step(int(Rule.ADAM), int(Flag.UNORM_CLIP), [pi], [g.to(dev)], [m, v], [], [],
+                  [torch.zeros((), device=dev)], hp.to(dev), None, None, **kw)
         results.append(pi.cpu())
     if scale < 1:  # clipped to max_unorm * ||p|| with ||p||^2 below float32's range (a huge p barely moves)
         assert not torch.equal(results[1], p)
@@ -356,20 +340,20 @@ def test_quantize_empty():
 
 
 # ----------------------------------------------------------------------------------------- steps
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_32bit(case, dtype):
+def test_step_float32_states(case, dtype):
     check_against_reference(Problem(case, dtype, 32), n_steps=2 if dtype == torch.float32 else 1, **SMALL)
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_8bit(case, dtype):
+def test_step_blockwise8_states(case, dtype):
     check_against_reference(Problem(case, dtype, 8), n_steps=2 if dtype == torch.float32 else 1, **SMALL)
 
 
 @pytest.mark.parametrize("bits", [32, 8])
-@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=["adamw", "sgd-nesterov"])
+@pytest.mark.parametrize("case", [CASES["adam"], CASES["sgd_nesterov"]], ids=["adamw", "sgd-nesterov"])
 def test_step_float16(case, bits):
     check_against_reference(Problem(case, torch.float16, bits), n_steps=1, **SMALL)
 
@@ -377,16 +361,16 @@ def test_step_float16(case, bits):
 @pytest.mark.parametrize("bits", [32, 8])
 def test_step_default_config(bits):
     """The first autotune config and the default chunk (what the interpreter launches by default)."""
-    check_against_reference(Problem(CASES[0], torch.float32, bits, sizes=[3000, 5, 513]), n_steps=1)
+    check_against_reference(Problem(CASES["adam"], torch.float32, bits, sizes=[3000, 5, 513]), n_steps=1)
 
 
 @pytest.mark.parametrize("bits", [32, 8])
 def test_step_wide_tiles_aligned(bits):
     """Tiles of several 8-bit blocks (rows), chunks of several tiles; sizes that are multiples of 16
     (and aligned storage) take the kernel's vectorization hints."""
-    problem = Problem(CASES[1], torch.bfloat16, bits, sizes=[2560, 768])
+    problem = Problem(CASES["adam_amsgrad"], torch.bfloat16, bits, sizes=[2560, 768])
     check_against_reference(problem, n_steps=1, chunk=1024, config={"BLOCK": 512, "num_warps": 4})
-    k = len(CASES[1][3])
+    k = CASES["adam_amsgrad"].n_states
     rows = [[p, g, *[problem.states[j][i] for j in range(k)],
              *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k), st]
             for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))]
@@ -394,13 +378,13 @@ def test_step_wide_tiles_aligned(bits):
 
 
 @pytest.mark.parametrize("bits", [32, 8])
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[8]], ids=["adamw", "lamb", "adagrad"])
+@pytest.mark.parametrize("case", [CASES["adam"], CASES["lamb"], CASES["adagrad"]], ids=["adamw", "lamb", "adagrad"])
 def test_step_gscale(case, bits):
     check_against_reference(Problem(case, torch.float32, bits, gscale=True), n_steps=1, **SMALL)
 
 
 @pytest.mark.parametrize("bits", [32, 8])
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["adamw", "lamb"])
+@pytest.mark.parametrize("case", [CASES["adam"], CASES["lamb"]], ids=["adamw", "lamb"])
 def test_step_found_inf(case, bits):
     skipped = Problem(case, torch.bfloat16, bits, found_inf=1.0)
     before = skipped.clone()
@@ -411,7 +395,7 @@ def test_step_found_inf(case, bits):
 
 
 @pytest.mark.parametrize("bits", [32, 8])
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7]], ids=["amsgrad", "lamb", "lars"])
+@pytest.mark.parametrize("case", [CASES["adam_amsgrad"], CASES["lamb"], CASES["lars"]], ids=["amsgrad", "lamb", "lars"])
 def test_single_tensor_launches_match_multi(case, bits):
     """The torch.compile decomposition (one launch per tensor) computes what the eager launch does."""
     multi = Problem(case, torch.float32, bits, gscale=True)
@@ -423,7 +407,7 @@ def test_single_tensor_launches_match_multi(case, bits):
 
 
 def test_empty_tensor_advances_step():
-    problem = Problem(CASES[0], torch.float32, 8, sizes=[0, 300])
+    problem = Problem(CASES["adam"], torch.float32, 8, sizes=[0, 300])
     expected = problem.clone()
     problem.run(_step, **SMALL)
     expected.run(reference)
@@ -433,7 +417,7 @@ def test_empty_tensor_advances_step():
 
 def test_empty_call_is_a_noop():
     hp = make_hp()
-    _step.step_32bit(Rule.ADAM, 0, [], [], [], [], [], [], hp, None, None)
+    _step.step(Rule.ADAM, 0, [], [], [], [], [], [], hp, None, None)
 
 
 # ---------------------------------------------------------------------------------- percentile clip
@@ -476,7 +460,7 @@ def test_percentile_clip_default_config():
 
 # ----------------------------------------------------------------------------- multi-tensor metadata
 def test_metadata_cached_and_self_resetting():
-    problem = Problem(CASES[3], torch.float32, 8)  # LAMB: counters and norm sums both used
+    problem = Problem(CASES["lamb"], torch.float32, 8)  # LAMB: counters and norm sums both used
     rows = [[p, g, s1, s2, None, a1, a2, None, st] for p, g, s1, s2, a1, a2, st in
             zip(problem.params, problem.grads, *problem.states[:2], *problem.absmax[:2], problem.steps)]
     problem.run(_step, **SMALL)
@@ -494,9 +478,9 @@ def test_metadata_cached_and_self_resetting():
 @pytest.mark.parametrize("bits", [32, 8])
 def test_dry_run_writes_back_what_it_read(bits):
     """The autotuner's timing runs of multi-tensor launches must leave every tensor unchanged."""
-    problem = Problem(CASES[3], torch.float32, bits)
+    problem = Problem(CASES["lamb"], torch.float32, bits)
     problem.run(_step, **SMALL)  # builds the metadata of these tensors
-    k = len(CASES[3][3])
+    k = CASES["lamb"].n_states
     rows = [[p, g, *[problem.states[j][i] for j in range(k)], None,
              *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k), None, st]
             for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))]
@@ -514,10 +498,11 @@ def test_dry_run_writes_back_what_it_read(bits):
 
 
 def test_launcher_checks_arguments():
-    problem = Problem(CASES[0], torch.float32, 32)
+    problem = Problem(CASES["adam"], torch.float32, 32)
     with pytest.raises((ValueError, RuntimeError), match="grads"):
-        _step.step_32bit(Rule.ADAM, 0, problem.params, problem.grads[:-1], *problem.states, problem.steps,
-                         problem.hp, None, None)
+        short = problem.clone()
+        short.grads = short.grads[:-1]
+        short.run(_step)
     with pytest.raises(ValueError, match="BLOCK"):
         problem.run(_step, config={"BLOCK": 100, "num_warps": 4})
 
@@ -532,7 +517,7 @@ def test_decomposition_rule_is_consulted_and_defers_off_cuda():
     import qop.triton as qt
 
     seen = []
-    rule = qt._functional_decomposition("step_32bit", qt._step_32bit_traced, "hp")
+    rule = qt._functional_decomposition("step", qt._OPS["step"][1], "hp")
 
     def spy(mode, op, types, args, kwargs):
         seen.append(op)
@@ -540,13 +525,13 @@ def test_decomposition_rule_is_consulted_and_defers_off_cuda():
 
     lib = torch.library.Library("qop", "IMPL")
     try:
-        torch.library.register_torch_dispatch("qop::step_32bit", FunctionalTensorMode, spy, lib=lib)
-        problem = Problem(CASES[0], torch.float32, 32, sizes=[5, 300])
+        torch.library.register_torch_dispatch("qop::step", FunctionalTensorMode, spy, lib=lib)
+        problem = Problem(CASES["adam"], torch.float32, 32, sizes=[5, 300])
         expected = problem.clone()
         expected.run(reference)
         args = _op_args(problem)
-        torch.compile(lambda: torch.ops.qop.step_32bit(*args), backend="aot_eager", fullgraph=True)()
-        assert seen and set(seen) == {torch.ops.qop.step_32bit.default}  # AOT traces it more than once
+        torch.compile(lambda: torch.ops.qop.step(*args), backend="aot_eager", fullgraph=True)()
+        assert seen and set(seen) == {torch.ops.qop.step.default}  # AOT traces it more than once
         assert_same_step(problem, expected)
     finally:
         lib._destroy()
@@ -613,8 +598,8 @@ with FakeTensorMode():
              gscale=new(2), found=new(()))
 
 def f(params, grads, s1, s2, a1, a2, steps, hp, code, gscale, found):
-    _step.step_8bit(1, 16, params, grads, s1, s2, [], a1, a2, [], steps, hp, code, code, code, gscale, found,
-                    multi=False)  # Adam with the update-norm clip: two passes per tensor
+    _step.step(1, 16, params, grads, s1 + s2, a1 + a2, [code, code], steps, hp, gscale, found,
+               multi=False)  # Adam with the update-norm clip: two passes per tensor
 
 gm = make_fx(torch.func.functionalize(f, remove="mutations_and_views"), tracing_mode="fake")(*t.values())
 launches = [n for n in gm.graph.nodes if "triton_kernel_wrapper_functional" in str(n.target)]
@@ -693,17 +678,11 @@ def test_cuda_paging_helper_compiles(tmp_path):
 
 # --------------------------------------------------------------------------------- GPU-only checks
 def _op_args(problem: Problem) -> tuple:
-    s1, s2, s3 = problem.states
-    if problem.bits == 32:
-        return (int(problem.rule), int(problem.flags), problem.params, problem.grads, s1, s2, s3, problem.steps,
-                problem.hp, problem.gscale, problem.found_inf)
-    codes = (problem.codes + [problem.codes[0]] * 3)[:3]
-    return (int(problem.rule), int(problem.flags), problem.params, problem.grads, s1, s2, s3, *problem.absmax,
-            problem.steps, problem.hp, *codes, problem.gscale, problem.found_inf)
+    return problem.args()
 
 
 def _op(problem: Problem):
-    return torch.ops.qop.step_32bit.default if problem.bits == 32 else torch.ops.qop.step_8bit.default
+    return torch.ops.qop.step.default
 
 
 @gpu
@@ -711,9 +690,9 @@ def _op(problem: Problem):
 def test_cuda_kernels_are_registered():
     import qop.triton  # noqa: F401
 
-    for name in ("quantize_blockwise", "dequantize_blockwise", "step_32bit", "step_8bit"):
+    for name in ("quantize_blockwise", "dequantize_blockwise", "step"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qop::{name}", "CUDA")
-    problem = Problem(CASES[0], torch.bfloat16, 8)
+    problem = Problem(CASES["adam"], torch.bfloat16, 8)
     expected = problem.clone()
     _op(problem)(*_op_args(problem))
     expected.run(reference)
@@ -723,7 +702,7 @@ def test_cuda_kernels_are_registered():
 @gpu
 @requires_cuda
 @pytest.mark.parametrize("bits", [32, 8])
-@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[11]], ids=["adamw", "sgd", "ademamix"])
+@pytest.mark.parametrize("case", [CASES["adam"], CASES["sgd"], CASES["ademamix"]], ids=["adamw", "sgd", "ademamix"])
 def test_opcheck_cuda(case, bits):
     problem = Problem(case, torch.bfloat16, bits, sizes=[0, 1, 300], gscale=True, found_inf=0.0)
     torch.library.opcheck(_op(problem), _op_args(problem))
@@ -763,7 +742,7 @@ def test_percentile_clip_cuda_graph():
 @requires_cuda
 @pytest.mark.parametrize("bits", [32, 8])
 def test_cuda_graph_capture_and_replay(bits):
-    problem = Problem(CASES[3], torch.float32, bits, sizes=[1, 4096, 70000])  # LAMB: both passes
+    problem = Problem(CASES["lamb"], torch.float32, bits, sizes=[1, 4096, 70000])  # LAMB: both passes
     op, args = _op(problem), _op_args(problem)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -796,7 +775,7 @@ def test_compile_shows_kernels(decompose, monkeypatch):
 
     monkeypatch.setattr(qop.triton, "DECOMPOSE", decompose)
     torch._dynamo.reset()
-    problem = Problem(CASES[0], torch.bfloat16, 8, sizes=[1, 300, 5000])
+    problem = Problem(CASES["adam"], torch.bfloat16, 8, sizes=[1, 300, 5000])
     expected = problem.clone()
     expected.run(_step)
     op, args = _op(problem), _op_args(problem)
@@ -808,7 +787,7 @@ def test_compile_shows_kernels(decompose, monkeypatch):
     if decompose:  # inductor launches our kernel itself (one launch per tensor)
         assert "_step_kernel" in code
     else:  # the op stays opaque: inductor calls the eager kernel
-        assert "_step_kernel" not in code and "qop.step_8bit" in code
+        assert "_step_kernel" not in code and "qop.step.default" in code
     assert_same_step(problem, expected)
     torch._dynamo.reset()
 
@@ -835,7 +814,7 @@ def test_paged_managed_memory():
 def test_step_given_unorm(bits, multi):
     """With ``unorm`` (the squared norms of whole sharded parameters) the kernel clips with those, as the
     reference does, and leaves the tensor it was given unchanged."""
-    problem = Problem(CASES[3], torch.float32, bits)  # lamb
+    problem = Problem(CASES["lamb"], torch.float32, bits)  # lamb
     unorm = torch.rand(len(problem.params), 2, generator=torch.Generator().manual_seed(3)).to(DEVICE) * 50
     unorm[:, 1] *= 1e-3  # a small ||p||: the clip is active
     given = unorm.clone()

@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <string>
 
 namespace qop {
 
@@ -96,14 +97,42 @@ inline void check_dequantize(const at::Tensor& A, const at::Tensor& absmax, cons
   TORCH_CHECK_VALUE(code.device() == A.device(), "qop: code is on ", code.device(), " but A is on ", A.device());
 }
 
-// Validates a step op's arguments (32-bit form when absmax/codes are null) and returns the number of
-// state tensors per parameter.
-inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
-                      const std::array<at::TensorList, 3>& states, at::TensorList steps, const at::Tensor& hp,
-                      const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
-                      at::ScalarType state_dtype, const std::array<at::TensorList, 3>* absmax = nullptr,
-                      const std::array<const at::Tensor*, 3>* codes = nullptr,
-                      const std::optional<at::Tensor>& unorm = std::nullopt) {
+// How the step op's states are stored (qop._schema.StateFormat), told by their dtype in state_format(): a new
+// format is a new enumerator, a new case there and a new branch of each backend's step entry, not a new op.
+enum StateFormat : int {
+  FLOAT32 = 0,     // float32 values, no absmax, no code book
+  BLOCKWISE8 = 1,  // uint8 indices into a 256-entry code book, one float32 absmax per kBlocksize elements
+  N_FORMATS = 2,   // not a format: the number of them
+};
+
+// The format of states of this dtype; false when the dtype is no state format.
+inline bool state_format(at::ScalarType dtype, StateFormat* format) {
+  switch (dtype) {
+    case at::kFloat:
+      *format = FLOAT32;
+      return true;
+    case at::kByte:
+      *format = BLOCKWISE8;
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Elements per absmax entry of a blockwise format; 0 for formats without scales or code books.
+inline int64_t format_blocksize(StateFormat format) { return format == BLOCKWISE8 ? kBlocksize : 0; }
+
+// What check_step found: the states per tensor and their format (FLOAT32 when there are no state tensors).
+struct StepShape {
+  int k;
+  StateFormat format;
+};
+
+// Validates the step op's arguments (flat lists: state j of tensor i at j * n + i), as qop._checks.check_step.
+inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+                            at::TensorList states, at::TensorList absmax, at::TensorList codes, at::TensorList steps,
+                            const at::Tensor& hp, const std::optional<at::Tensor>& gscale,
+                            const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm) {
   TORCH_CHECK_VALUE(rule >= ADAM && rule <= ADEMAMIX, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
   TORCH_CHECK_VALUE(flags >= 0 && (flags & ~static_cast<int64_t>(ALL_FLAGS)) == 0,
                     "qop: flags must be a combination of qop.Flag, got ", flags);
@@ -112,15 +141,32 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                     " tensors but params has ", n);
   TORCH_CHECK_VALUE(static_cast<int64_t>(steps.size()) == n, "qop: steps has ", steps.size(),
                     " tensors but params has ", n);
-  const int k = n_states(rule, flags, !states[0].empty());
-  for (int j = 0; j < 3; ++j) {
-    const int64_t want = j < k ? n : 0;
-    TORCH_CHECK_VALUE(static_cast<int64_t>(states[j].size()) == want, "qop: state", j + 1, " has ",
-                      states[j].size(), " tensors, rule ", rule, " needs ", want);
-    if (absmax != nullptr && j < k) {  // qop/_checks.py would fail with an IndexError here
-      TORCH_CHECK_VALUE(static_cast<int64_t>((*absmax)[j].size()) == n, "qop: absmax", j + 1, " has ",
-                        (*absmax)[j].size(), " tensors but params has ", n);
+  const int k = n_states(rule, flags, !states.empty());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(states.size()) == k * n, "qop: states has ", states.size(),
+                    " tensors, rule ", rule, " needs ", k * n, " (", k, " states x ", n, " tensors)");
+  StateFormat format = FLOAT32;  // what a call without state tensors runs: nothing to load or store
+  if (k > 0 && n > 0) {
+    TORCH_CHECK_VALUE(state_format(states[0].scalar_type(), &format),
+                      "qop: states[0] must be float32 or uint8 (a state format), got ", states[0].scalar_type());
+    for (size_t at = 1; at < states.size(); ++at) {
+      TORCH_CHECK_VALUE(states[at].scalar_type() == states[0].scalar_type(), "qop: states[", at, "] is ",
+                        states[at].scalar_type(), " but states[0] is ", states[0].scalar_type(),
+                        ": one call takes one state format");
     }
+  }
+  const int64_t blocksize = format_blocksize(format);
+  const int64_t n_absmax = static_cast<int64_t>(absmax.size());
+  const int64_t n_codes = static_cast<int64_t>(codes.size());
+  if (k == 0 || n == 0) {  // no state tensors: no format to tell, code books optional
+    TORCH_CHECK_VALUE(n_absmax == 0, "qop: absmax has ", n_absmax, " tensors but states has none");
+    TORCH_CHECK_VALUE(n_codes == 0 || n_codes == k, "qop: codes has ", n_codes, " code books, one per state needs ",
+                      k);
+  } else if (blocksize == 0) {
+    TORCH_CHECK_VALUE(n_absmax == 0, "qop: absmax has ", n_absmax, " tensors but float32 states take none");
+    TORCH_CHECK_VALUE(n_codes == 0, "qop: codes has ", n_codes, " tensors but float32 states take none");
+  } else {
+    TORCH_CHECK_VALUE(n_absmax == k * n, "qop: absmax has ", n_absmax, " tensors but states has ", k * n);
+    TORCH_CHECK_VALUE(n_codes == k, "qop: codes has ", n_codes, " code books, one per state needs ", k);
   }
   TORCH_CHECK_VALUE(hp.scalar_type() == at::kFloat && hp.dim() == 1 && hp.numel() >= HP_SIZE,
                     "qop: hp must be a float32 vector of ", static_cast<int>(HP_SIZE),
@@ -141,7 +187,7 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                       "qop: unorm must be float32 of shape (", n, ", 2), got ", unorm->scalar_type(), " ",
                       unorm->sizes());
   }
-  if (n == 0) return k;
+  if (n == 0) return {k, format};
   const auto device = params[0].device();
   const auto dtype = params[0].scalar_type();
   TORCH_CHECK_VALUE(hp.device() == device, "qop: hp is on ", hp.device(), " but params are on ", device);
@@ -182,35 +228,35 @@ inline int check_step(int64_t rule, int64_t flags, at::TensorList params, at::Te
                       "] must be a float32 scalar tensor on ", device);
     const int64_t numel = p.numel();
     for (int j = 0; j < k; ++j) {
-      const at::Tensor& st = states[j][i];
-      TORCH_CHECK_VALUE(st.scalar_type() == state_dtype, "qop: state", j + 1, "[", i, "] must be ", state_dtype,
-                        ", got ", st.scalar_type());
-      TORCH_CHECK_VALUE(st.numel() == numel, "qop: state", j + 1, "[", i, "] has ", st.numel(),
-                        " elements but params[", i, "] has ", numel);
-      TORCH_CHECK_VALUE(st.device() == device, "qop: state", j + 1, "[", i, "] is on ", st.device(),
-                        " but params[", i, "] is on ", device);
-      TORCH_CHECK_VALUE(st.layout() == at::kStrided && st.is_contiguous(), "qop: state", j + 1, "[", i,
-                        "] must be a dense contiguous tensor");
-      if (absmax != nullptr) {
-        const at::Tensor& am = (*absmax)[j][i];
-        const int64_t nb = n_blocks(numel, kBlocksize);
-        TORCH_CHECK_VALUE(am.scalar_type() == at::kFloat && am.numel() == nb && am.device() == device, "qop: absmax",
-                          j + 1, "[", i, "] must be float32 with ", nb, " entries on ", device);
+      const int64_t at = j * n + i;
+      const at::Tensor& st = states[at];
+      TORCH_CHECK_VALUE(st.numel() == numel, "qop: states[", at, "] (state", j + 1, " of params[", i, "]) has ",
+                        st.numel(), " elements but params[", i, "] has ", numel);
+      TORCH_CHECK_VALUE(st.device() == device, "qop: states[", at, "] is on ", st.device(), " but params[", i,
+                        "] is on ", device);
+      TORCH_CHECK_VALUE(st.layout() == at::kStrided && st.is_contiguous(), "qop: states[", at, "] (state", j + 1,
+                        " of params[", i, "]) must be a dense contiguous tensor");
+      if (blocksize > 0) {
+        const at::Tensor& am = absmax[at];
+        const int64_t nb = n_blocks(numel, blocksize);
+        TORCH_CHECK_VALUE(am.scalar_type() == at::kFloat && am.numel() == nb && am.device() == device,
+                          "qop: absmax[", at, "] (state", j + 1, " of params[", i, "]) must be float32 with ", nb,
+                          " entries on ", device);
         // Stricter than qop/_checks.py: the kernel writes absmax through its data pointer.
-        TORCH_CHECK_VALUE(am.is_contiguous(), "qop: absmax", j + 1, "[", i, "] must be contiguous");
+        TORCH_CHECK_VALUE(am.is_contiguous(), "qop: absmax[", at, "] (state", j + 1, " of params[", i,
+                          "]) must be contiguous");
       }
     }
   }
-  if (codes != nullptr) {
-    static const char* names[3] = {"code1", "code2", "code3"};
+  if (blocksize > 0) {
     for (int j = 0; j < k; ++j) {
-      const at::Tensor& c = *(*codes)[j];
-      check_code(c, names[j]);
-      TORCH_CHECK_VALUE(c.device() == device, "qop: ", names[j], " is on ", c.device(), " but params are on ",
-                        device);
+      const std::string name = "codes[" + std::to_string(j) + "]";
+      check_code(codes[j], name.c_str());
+      TORCH_CHECK_VALUE(codes[j].device() == device, "qop: ", name, " is on ", codes[j].device(),
+                        " but params are on ", device);
     }
   }
-  return k;
+  return {k, format};
 }
 
 inline void check_percentile_clip(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,

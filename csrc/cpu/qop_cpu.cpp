@@ -1134,14 +1134,13 @@ Consts make_consts(int rule, int flags, const float* h, float t, float gs) {
   return k;
 }
 
-// Shared body of both step ops: checks, found_inf, per-tensor scalars, steps, work items, kernels.
-void step_cpu(bool q8, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
-              const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
-              at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
-              const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
-              const std::optional<at::Tensor>& unorm) {
-  const int k = check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf,
-                           q8 ? at::kByte : at::kFloat, absmax, codes, unorm);
+// One step call on validated arguments, k states per tensor (q8: blockwise 8-bit, with absmax and codes):
+// found_inf, per-tensor scalars, steps, work items, kernels.
+void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+                   const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
+                   at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
+                   const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& unorm) {
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // the whole call is a no-op
   const int64_t n = static_cast<int64_t>(params.size());
   if (n == 0) return;
@@ -1366,25 +1365,35 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
   return out;
 }
 
-void step_32bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
-                    at::TensorList state1, at::TensorList state2, at::TensorList state3, at::TensorList steps,
-                    const at::Tensor& hp, const std::optional<at::Tensor>& gscale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm) {
-  step_cpu(false, rule, flags, params, grads, {state1, state2, state3}, nullptr, steps, hp, nullptr, gscale,
-           found_inf, unorm);
+// qop::step: validates, then runs the kernels of the states' format (one branch per format; state j of tensor i
+// at j * n + i in the flat lists).
+void step_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads, at::TensorList states,
+              at::TensorList absmax, at::TensorList codes, at::TensorList steps, const at::Tensor& hp,
+              const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& unorm) {
+  const StepShape shape = check_step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale,
+                                     found_inf, unorm);
+  const size_t n = params.size();
+  std::array<at::TensorList, 3> per_state{};  // state j: its n tensors
+  for (int j = 0; j < shape.k; ++j) per_state[j] = states.slice(j * n, n);
+  switch (shape.format) {
+    case FLOAT32:
+      return run_step_call(false, shape.k, rule, flags, params, grads, per_state, nullptr, steps, hp, nullptr,
+                           gscale, found_inf, unorm);
+    case BLOCKWISE8: {
+      std::array<at::TensorList, 3> per_absmax{};
+      std::array<const at::Tensor*, 3> books{};
+      for (int j = 0; j < shape.k; ++j) {
+        per_absmax[j] = absmax.slice(j * n, n);
+        books[j] = &codes[j];
+      }
+      return run_step_call(true, shape.k, rule, flags, params, grads, per_state, &per_absmax, steps, hp, &books,
+                           gscale, found_inf, unorm);
+    }
+    default:
+      TORCH_CHECK_VALUE(false, "qop: no CPU kernel for state format ", static_cast<int>(shape.format));
+  }
 }
-
-void step_8bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads, at::TensorList state1,
-                   at::TensorList state2, at::TensorList state3, at::TensorList absmax1, at::TensorList absmax2,
-                   at::TensorList absmax3, at::TensorList steps, const at::Tensor& hp, const at::Tensor& code1,
-                   const at::Tensor& code2, const at::Tensor& code3, const std::optional<at::Tensor>& gscale,
-                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm) {
-  const std::array<at::TensorList, 3> absmax{absmax1, absmax2, absmax3};
-  const std::array<const at::Tensor*, 3> codes{&code1, &code2, &code3};
-  step_cpu(true, rule, flags, params, grads, {state1, state2, state3}, &absmax, steps, hp, &codes, gscale,
-           found_inf, unorm);
-}
-
 
 at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
                                int64_t percentile, const at::Tensor& prescale) {

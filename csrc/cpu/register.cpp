@@ -30,14 +30,13 @@ struct Kernels {
   const char* name;  // the ATEN_CPU_CAPABILITY spelling of the build
   decltype(&cpu_default::quantize_blockwise_cpu) quantize_blockwise;
   decltype(&cpu_default::dequantize_blockwise_cpu) dequantize_blockwise;
-  decltype(&cpu_default::step_32bit_cpu) step_32bit;
-  decltype(&cpu_default::step_8bit_cpu) step_8bit;
+  decltype(&cpu_default::step_cpu) step;
   decltype(&cpu_default::percentile_clip_cpu) percentile_clip;
 };
 
 #define QOP_KERNELS(ns, label)                                                                                \
   Kernels {                                                                                                   \
-    label, &ns::quantize_blockwise_cpu, &ns::dequantize_blockwise_cpu, &ns::step_32bit_cpu, &ns::step_8bit_cpu, \
+    label, &ns::quantize_blockwise_cpu, &ns::dequantize_blockwise_cpu, &ns::step_cpu, \
         &ns::percentile_clip_cpu                                                                              \
   }
 
@@ -76,20 +75,11 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
   return selected().dequantize_blockwise(A, absmax, code, blocksize, dtype);
 }
 
-void step_32bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
-                    at::TensorList state1, at::TensorList state2, at::TensorList state3, at::TensorList steps,
-                    const at::Tensor& hp, const std::optional<at::Tensor>& gscale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm) {
-  selected().step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm);
-}
-
-void step_8bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads, at::TensorList state1,
-                   at::TensorList state2, at::TensorList state3, at::TensorList absmax1, at::TensorList absmax2,
-                   at::TensorList absmax3, at::TensorList steps, const at::Tensor& hp, const at::Tensor& code1,
-                   const at::Tensor& code2, const at::Tensor& code3, const std::optional<at::Tensor>& gscale,
-                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm) {
-  selected().step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                       code1, code2, code3, gscale, found_inf, unorm);
+void step_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads, at::TensorList states,
+              at::TensorList absmax, at::TensorList codes, at::TensorList steps, const at::Tensor& hp,
+              const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
+              const std::optional<at::Tensor>& unorm) {
+  selected().step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale, found_inf, unorm);
 }
 
 at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,
@@ -127,8 +117,7 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY_IMPL(qop, CPU, m) {
   m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
   m.impl("dequantize_blockwise", &qop::dequantize_blockwise_cpu);
-  m.impl("step_32bit", &qop::step_32bit_cpu);
-  m.impl("step_8bit", &qop::step_8bit_cpu);
+  m.impl("step", &qop::step_cpu);
   m.impl("percentile_clip", &qop::percentile_clip_cpu);
 }
 
@@ -136,7 +125,6 @@ TORCH_LIBRARY_IMPL(qop, CPU, m) {
 // argument ("grads[0] is sparse ...") instead of the dispatcher's "no kernel for SparseCPU".
 TORCH_LIBRARY_IMPL(qop, SparseCPU, m) {
   m.impl("quantize_blockwise", &qop::quantize_blockwise_cpu);
-  m.impl("step_32bit", &qop::step_32bit_cpu);
-  m.impl("step_8bit", &qop::step_8bit_cpu);
+  m.impl("step", &qop::step_cpu);
   m.impl("percentile_clip", &qop::percentile_clip_cpu);
 }

@@ -49,7 +49,7 @@ def _git(*args: str) -> str | None:
 def _cpu_kernel_source() -> str:
     """Where qop's CPU step kernel comes from: the C++ extension or the Python reference."""
     try:
-        dump = torch._C._dispatch_dump("qop::step_8bit")
+        dump = torch._C._dispatch_dump("qop::step")
     except RuntimeError:
         return "unknown"
     for line in dump.splitlines():

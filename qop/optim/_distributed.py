@@ -16,7 +16,7 @@ Whether a parameter gets 8-bit states depends on its global size (``DTensor.nume
 Norms that clipping reads are norms of the whole parameter: the squared norms of the local pieces are
 summed across the ranks that shard it (a functional ``all_reduce`` on the device, no host sync) and handed to
 the ops: ``percentile_clip`` gets each global gradient norm as a one-element tensor (whose norm it is), the
-step ops get the squared norms of the update and of the parameter through their ``unorm`` input.
+step op gets the squared norms of the update and of the parameter through its ``unorm`` input.
 
 Checkpoints (``state_dict``, and ``torch.distributed.checkpoint`` through ``get_optimizer_state_dict``) hold
 the *unsharded* format: codes as DTensors laid out like the parameter, absmax as a DTensor of the global
@@ -194,19 +194,8 @@ def step_bucket(
     fi = None if found_inf is None else found_inf.to(b.device)
     k = len(b.states)
     if b.bits != 8:
-        states = [[s.view(-1) for s in b.states[j]] for j in range(k)]
-        ops.step_32bit(
-            int(opt.rule),
-            flags,
-            [p.view(-1) for p in lp],
-            [g.view(-1) for g in lg],
-            states,
-            b.steps,
-            hp,
-            gscale,
-            fi,
-            unorm,
-        )
+        ops.step(int(opt.rule), flags, [p.view(-1) for p in lp], [g.view(-1) for g in lg],
+                 [s.view(-1) for st in b.states for s in st], [], [], b.steps, hp, gscale, fi, unorm)
         return
     P: list[Tensor] = []
     G: list[Tensor] = []
@@ -232,7 +221,8 @@ def step_bucket(
     if plan.expand is not None:
         gscale = None if gscale is None else gscale.index_select(0, plan.expand)
         unorm = None if unorm is None else unorm.index_select(0, plan.expand)
-    ops.step_8bit(int(opt.rule), flags, P, G, S, A, steps, hp, b.codes, gscale, fi, unorm)
+    ops.step(int(opt.rule), flags, P, G, [s for st in S for s in st], [a for am in A for a in am], b.codes, steps, hp,
+             gscale, fi, unorm)
 
 
 def _update_sums(

@@ -346,11 +346,8 @@ class QopOptimizer(torch.optim.Optimizer):
                 continue
             gscale = self._gscale(b, grads, grad_scale)
             fi = None if found_inf is None else found_inf.to(b.device)
-            if b.bits == 8:
-                ops.step_8bit(int(self.rule), flags, params, grads, b.states, b.absmax, b.steps, hp, b.codes,
-                              gscale, fi)
-            else:
-                ops.step_32bit(int(self.rule), flags, params, grads, b.states, b.steps, hp, gscale, fi)
+            ops.step(int(self.rule), flags, params, grads, [s for st in b.states for s in st],
+                     [a for am in b.absmax for a in am], b.codes, b.steps, hp, gscale, fi)
 
     def _plan(self, index: int, have: tuple[bool, ...]) -> list[_Bucket]:
         """Group ``index``'s buckets for the parameters flagged in ``have`` (cached; creates missing states)."""
@@ -389,7 +386,7 @@ class QopOptimizer(torch.optim.Optimizer):
             bkey = (p.device, p.dtype, bits, id(p) if override else None, shard)
             b = buckets.get(bkey)
             if b is None:
-                codes = self._codes[p.device] if bits == 8 else []
+                codes = self._codes[p.device][:k] if bits == 8 else []  # one code book per state
                 b = buckets[bkey] = _Bucket(bits, p.device, codes=codes, states=[[] for _ in range(k)],
                                             absmax=[[] for _ in range(k)] if bits == 8 else [], shard=shard)
                 if override:
@@ -517,7 +514,7 @@ def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
 
 
 def _check_grad(where: str, p: Tensor, g: Any) -> None:
-    """A gradient the step ops accept for ``p`` (what their checks would refuse mid-step, refused up front)."""
+    """A gradient the step op accepts for ``p`` (what its checks would refuse mid-step, refused up front)."""
     if not isinstance(g, Tensor):
         raise TypeError(f"qop: {where}.grad must be a tensor, got {type(g).__name__}")
     if g.layout != torch.strided:

@@ -1,8 +1,8 @@
 """Triton kernels of every ``qop`` op on CUDA, registered on import (``qop._register`` imports this
 package only when CUDA is available).
 
-Kernels: ``_quant.py`` (blockwise quantize / dequantize), ``_step.py`` (the fused step: every rule, 32-
-and 8-bit states, the two passes of Flag.UNORM_CLIP), ``_clip.py`` (percentile clipping of a list of
+Kernels: ``_quant.py`` (blockwise quantize / dequantize), ``_step.py`` (the fused step: every rule, every
+state format, the two passes of Flag.UNORM_CLIP), ``_clip.py`` (percentile clipping of a list of
 gradients), ``_multi_tensor.py`` (device metadata of multi-tensor launches), ``_common.py`` (code-book
 search, exact float helpers, launch).
 
@@ -79,6 +79,7 @@ midpoints strictly below x (ties go to the lower code), exactly as the reference
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -102,60 +103,14 @@ def _export_keeps_custom_ops() -> bool:
     return custom_triton_ops_decomposition_disabled()
 
 
-# ------------------------------------------------------------------------------------------- eager
-def _quantize_blockwise(A, code, blocksize):
-    return _quant.quantize_blockwise(A, code, blocksize)
-
-
-def _dequantize_blockwise(A, absmax, code, blocksize, dtype):
-    return _quant.dequantize_blockwise(A, absmax, code, blocksize, dtype)
-
-
-def _step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None):
-    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm)
-
-
-def _step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-               code1, code2, code3, gscale, found_inf, unorm=None):
-    _step.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                    code1, code2, code3, gscale, found_inf, unorm)
-
-
-# ----------------------------------------------------------------------------- traced (decomposition)
-def _quantize_blockwise_traced(A, code, blocksize):
-    return _quant.quantize_blockwise(A, code, blocksize, traced=True)
-
-
-def _dequantize_blockwise_traced(A, absmax, code, blocksize, dtype):
-    return _quant.dequantize_blockwise(A, absmax, code, blocksize, dtype, traced=True)
-
-
-def _step_32bit_traced(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf,
-                       unorm=None):
-    _step.step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm,
-                     multi=False)
-
-
-def _step_8bit_traced(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                      code1, code2, code3, gscale, found_inf, unorm=None):
-    _step.step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-                    code1, code2, code3, gscale, found_inf, unorm, multi=False)
-
-
-def _percentile_clip(grads, gnorm_vecs, steps, percentile, prescale):
-    return _clip.percentile_clip(grads, gnorm_vecs, steps, percentile, prescale)
-
-
-def _percentile_clip_traced(grads, gnorm_vecs, steps, percentile, prescale):
-    return _clip.percentile_clip(grads, gnorm_vecs, steps, percentile, prescale, multi=False)
-
-
+# Each op: its eager kernel (one launch per call where it can), its traced kernel (what the FunctionalTensorMode
+# rule runs: one launch per tensor, every written tensor an argument) and the argument whose device decides.
 _OPS = {
-    "quantize_blockwise": (_quantize_blockwise, _quantize_blockwise_traced, "A"),
-    "dequantize_blockwise": (_dequantize_blockwise, _dequantize_blockwise_traced, "A"),
-    "step_32bit": (_step_32bit, _step_32bit_traced, "hp"),
-    "step_8bit": (_step_8bit, _step_8bit_traced, "hp"),
-    "percentile_clip": (_percentile_clip, _percentile_clip_traced, "prescale"),
+    "quantize_blockwise": (_quant.quantize_blockwise, functools.partial(_quant.quantize_blockwise, traced=True), "A"),
+    "dequantize_blockwise": (_quant.dequantize_blockwise, functools.partial(_quant.dequantize_blockwise, traced=True),
+                             "A"),
+    "step": (_step.step, functools.partial(_step.step, multi=False), "hp"),
+    "percentile_clip": (_clip.percentile_clip, functools.partial(_clip.percentile_clip, multi=False), "prescale"),
 }
 
 

@@ -15,15 +15,13 @@ call (and the next CUDA-graph replay).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from .._schema import BLOCKSIZE, HP, Flag, Rule, n_states
+from .._schema import BLOCKSIZE, HP, MAX_STATES, Flag, Rule, StateFormat, n_states, split_states
 from . import _multi_tensor as mt
 from ._common import (
     GATHER,
@@ -349,10 +347,6 @@ _step_single = triton.autotune(CONFIGS, key=_KEY, restore_value=_MUTATED)(_step_
 
 
 # ------------------------------------------------------------------------------------------ launchers
-def _n_states(rule: int, flags: int, state1: Sequence[Tensor]) -> int:
-    return n_states(rule, flags, len(state1) > 0)
-
-
 def _passes(flags: int, unorm: Tensor | None) -> tuple[int, ...]:
     """Launches of a step: the whole step, or with UNORM_CLIP the norms then the step (the norms alone when
     ``unorm`` gives them: they are copied into the sums that the second pass reads and resets)."""
@@ -367,7 +361,7 @@ def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gsc
     n = len(params)
     if n == 0:
         return
-    k = _n_states(rule, flags, states[0])
+    k = n_states(rule, flags, len(states[0]) > 0)
     quant = absmax is not None
     chunk = chunk or mt.CHUNK
     rows = []
@@ -398,7 +392,7 @@ def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gs
     n = len(params)
     if n == 0:
         return
-    k = _n_states(rule, flags, states[0])
+    k = n_states(rule, flags, len(states[0]) > 0)
     quant = absmax is not None
     chunk = chunk or mt.CHUNK
     work = torch.zeros(1 + n, dtype=torch.int32, device=hp.device)
@@ -442,32 +436,26 @@ def _consts(rule, flags, n_states, quant, pass_, multi, gscale, found_inf, align
     )
 
 
-def _step(multi: bool, rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf,
-          unorm, chunk, config) -> None:
-    if config is not None and (config["BLOCK"] % BLOCKSIZE or config["BLOCK"] <= 0):
-        raise ValueError(f"qop: BLOCK must be a positive multiple of {BLOCKSIZE}, got {config['BLOCK']}")
-    run = _run_multi if multi else _run_single
-    run(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm, chunk, config)
-
-
-def step_32bit(rule, flags, params, grads, state1, state2, state3, steps, hp, gscale, found_inf, unorm=None, *,
-               multi: bool = True, chunk: int | None = None, config: dict | None = None) -> None:
-    """``qop::step_32bit`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors).
+def step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale=None, found_inf=None, unorm=None, *,
+         multi: bool = True, chunk: int | None = None, config: dict | None = None) -> None:
+    """``qop::step`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors).
 
     ``multi``: one launch for all tensors (eager) or one per tensor (the torch.compile decomposition);
     ``chunk`` / ``config`` (``{"BLOCK": ..., "num_warps": ...}``) override the defaults, for tests.
     """
-    states = (state1, state2, state3)
-    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.float32, unorm=unorm)
-    _step(multi, rule, flags, params, grads, states, None, steps, hp, None, gscale, found_inf, unorm, chunk, config)
-
-
-def step_8bit(rule, flags, params, grads, state1, state2, state3, absmax1, absmax2, absmax3, steps, hp,
-              code1, code2, code3, gscale, found_inf, unorm=None, *, multi: bool = True, chunk: int | None = None,
-              config: dict | None = None) -> None:
-    """``qop::step_8bit`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors); see :func:`step_32bit`."""
-    states, absmax, codes = (state1, state2, state3), (absmax1, absmax2, absmax3), (code1, code2, code3)
-    _checks.check_step(rule, flags, params, grads, states, steps, hp, gscale, found_inf, torch.uint8, absmax, codes,
-                       unorm)
-    _step(multi, rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm, chunk,
-          config)
+    k, fmt = _checks.check_step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale, found_inf,
+                                unorm)
+    if config is not None and (config["BLOCK"] % BLOCKSIZE or config["BLOCK"] <= 0):
+        raise ValueError(f"qop: BLOCK must be a positive multiple of {BLOCKSIZE}, got {config['BLOCK']}")
+    n = len(params)
+    nested = split_states(states, n)
+    # the state format: one branch per format, each the same kernel with its own constexprs
+    if fmt == StateFormat.FLOAT32:
+        blocks, books = None, None
+    elif fmt == StateFormat.BLOCKWISE8:
+        blocks, books = split_states(absmax, n), [*codes, *[hp] * (MAX_STATES - k)]
+    else:  # pragma: no cover - a format that _checks knows and this kernel does not
+        raise NotImplementedError(f"qop: no Triton kernel for {fmt.name} states")
+    nested += [[] for _ in range(MAX_STATES - len(nested))]  # the launchers take three lists
+    run = _run_multi if multi else _run_single
+    run(rule, flags, params, grads, nested, blocks, steps, hp, books, gscale, found_inf, unorm, chunk, config)

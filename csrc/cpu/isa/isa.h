@@ -33,16 +33,10 @@
                                                             int64_t blocksize);                                  \
   at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,     \
                                       int64_t blocksize, at::ScalarType dtype);                                  \
-  void step_32bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,                  \
-                      at::TensorList state1, at::TensorList state2, at::TensorList state3, at::TensorList steps, \
-                      const at::Tensor& hp, const std::optional<at::Tensor>& gscale,                             \
-                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm);       \
-  void step_8bit_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,                   \
-                     at::TensorList state1, at::TensorList state2, at::TensorList state3,                        \
-                     at::TensorList absmax1, at::TensorList absmax2, at::TensorList absmax3,                     \
-                     at::TensorList steps, const at::Tensor& hp, const at::Tensor& code1,                        \
-                     const at::Tensor& code2, const at::Tensor& code3, const std::optional<at::Tensor>& gscale,  \
-                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& unorm);        \
+  void step_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads, at::TensorList states, \
+                at::TensorList absmax, at::TensorList codes, at::TensorList steps, const at::Tensor& hp,          \
+                const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,             \
+                const std::optional<at::Tensor>& unorm);                                                         \
   at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,          \
                                  int64_t percentile, const at::Tensor& prescale);                                \
   }                                                                                                              \
