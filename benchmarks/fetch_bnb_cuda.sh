@@ -4,9 +4,9 @@
 #
 #     bash benchmarks/fetch_bnb_cuda.sh            # BNB_VERSION=0.50.2 by default ("latest" for the newest)
 #
-# Then carry .bnb with the working tree; benchmarks/gpu_session.sh puts it first on PYTHONPATH:
+# Then copy .bnb with the working tree to the GPU machine; benchmarks/gpu_session.sh puts it first on PYTHONPATH:
 #
-#     run(command="bash benchmarks/gpu_session.sh", carry=[".bnb"], timeout_s=600)
+#     bash benchmarks/gpu_session.sh
 #
 # Why this works: the bitsandbytes wheel is py3-none-manylinux (no Python-ABI tag), so the copy loads under
 # the GPU machine's Python 3.12.  At import, bitsandbytes/cextension.py picks libbitsandbytes_cuda{MAJOR}{MINOR}.so

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One command for a GPU machine (issue 7): versions, in-place build, the GPU tests, then bench_optim.py on CUDA
+# One command for a GPU machine: versions, in-place build, the GPU tests, then bench_optim.py on CUDA
 # (torch AdamW(fused) fp32, bitsandbytes and qop side by side in one process), everything saved under $OUT.
 #
 # Before, here (with pip online): `bash benchmarks/fetch_bnb_cuda.sh` fills .bnb/ (bitsandbytes with its CUDA 13.0
-# library, and expecttest for tests/test_compile.py; ~5 MB).  Then, through the device tool, from the repo root:
+# library, and expecttest for tests/test_compile.py; ~5 MB).  Then, on the GPU machine, from the repo root with
+# .bnb/ beside it:
 #
-#     run(command="bash benchmarks/gpu_session.sh", carry=[".bnb"], timeout_s=600)
-#     run(command="STAGES='bench-all' bash benchmarks/gpu_session.sh", carry=[".bnb"], timeout_s=600)  # 2nd call
+#     bash benchmarks/gpu_session.sh
+#     STAGES='bench-all' bash benchmarks/gpu_session.sh     # a second run
 #
 # The first call runs: info, build, test-gpu, bench (adam family), test-rest, and bench-all only if enough time is
 # left (BENCH_ALL=auto).  The second runs the other seven families (the GPU path needs no build: Triton kernels).

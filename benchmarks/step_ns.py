@@ -69,8 +69,21 @@ def main() -> None:
     exp_avg, exp_avg_sq, step = torch.zeros(n), torch.zeros(n), torch.zeros(())
 
     def fused() -> None:
-        torch._fused_adamw_([q], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=1e-3, beta1=0.9, beta2=0.999,
-                            weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+        torch._fused_adamw_(
+            [q],
+            [grad],
+            [exp_avg],
+            [exp_avg_sq],
+            [],
+            [step],
+            lr=1e-3,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.01,
+            eps=1e-8,
+            amsgrad=False,
+            maximize=False,
+        )
 
     t_fused = _median_s(fused, reps)
     print(f"threads={args.threads} numel={n} median of {reps} steps")

@@ -31,7 +31,8 @@ def _check_step(*args: object) -> None:
 
 # the fake of the step op: its checks only (it returns nothing), with the op's signature
 torch.library.register_fake("qop::step")(
-    _schema.forwarder("step", _check_step, "Fake ``qop::step``: the shared argument checks, no output."))
+    _schema.forwarder("step", _check_step, "Fake ``qop::step``: the shared argument checks, no output.")
+)
 
 
 @torch.library.register_fake("qop::percentile_clip")

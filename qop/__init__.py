@@ -53,7 +53,7 @@ def _cpu_kernel_isa() -> str | None:
     """The build of the C++ CPU kernels chosen at import ("default", "avx2", "avx512"), or None."""
     if not HAS_CPU_KERNELS:
         return None
-    from . import _C
+    from . import _C  # type: ignore[attr-defined]  # (the compiled extension)
 
     return str(_C.cpu_kernel_isa())
 

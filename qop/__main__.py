@@ -71,8 +71,10 @@ def doctor(argv: Sequence[str] | None = None) -> int:
     print(f"C++ CPU kernels loaded (qop.HAS_CPU_KERNELS): {qop.HAS_CPU_KERNELS}")
     if qop.HAS_CPU_KERNELS:
         forced = os.environ.get("ATEN_CPU_CAPABILITY")
-        print(f"CPU kernel build (qop.CPU_KERNEL_ISA): {qop.CPU_KERNEL_ISA} (torch CPU capability: "
-              f"{torch.backends.cpu.get_cpu_capability()}, ATEN_CPU_CAPABILITY={forced or 'unset'})")
+        print(
+            f"CPU kernel build (qop.CPU_KERNEL_ISA): {qop.CPU_KERNEL_ISA} (torch CPU capability: "
+            f"{torch.backends.cpu.get_cpu_capability()}, ATEN_CPU_CAPABILITY={forced or 'unset'})"
+        )
     cuda = torch.cuda.is_available()
     devices = f" ({torch.cuda.device_count()} x {torch.cuda.get_device_name(0)})" if cuda else ""
     print(f"CUDA available: {cuda}{devices}")

@@ -41,8 +41,13 @@ def check_dequantize(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dt
     check(blocksize > 0, "blocksize must be positive, got {}", blocksize)
     check(absmax.dtype == torch.float32, "absmax must be float32, got {}", absmax.dtype)
     nblocks = -(-A.numel() // blocksize)
-    check(absmax.numel() == nblocks, "absmax must have {} entries for {} codes, got {}",
-          nblocks, A.numel(), absmax.numel())
+    check(
+        absmax.numel() == nblocks,
+        "absmax must have {} entries for {} codes, got {}",
+        nblocks,
+        A.numel(),
+        absmax.numel(),
+    )
     check_code(code)
     check(dtype in PARAM_DTYPES, "dtype must be float32, bfloat16 or float16, got {}", dtype)
     for name, t in (("absmax", absmax), ("code", code)):
@@ -70,16 +75,29 @@ def check_step(
     check(len(grads) == n, "grads has {} tensors but params has {}", len(grads), n)
     check(len(steps) == n, "steps has {} tensors but params has {}", len(steps), n)
     k = n_states(rule, flags, len(states) > 0)
-    check(len(states) == k * n, "states has {} tensors, rule {} needs {} ({} states x {} tensors)",
-          len(states), rule, k * n, k, n)
+    check(
+        len(states) == k * n,
+        "states has {} tensors, rule {} needs {} ({} states x {} tensors)",
+        len(states),
+        rule,
+        k * n,
+        k,
+        n,
+    )
     fmt = StateFormat.FLOAT32  # what a call without state tensors runs: nothing to load or store
     if k and n:
         found = state_format(states[0].dtype)
         check(found is not None, "states[0] must be float32 or uint8 (a state format), got {}", states[0].dtype)
+        assert found is not None
         fmt = found
         for at, st in enumerate(states):
-            check(st.dtype == states[0].dtype, "states[{}] is {} but states[0] is {}: one call takes one state format",
-                  at, st.dtype, states[0].dtype)
+            check(
+                st.dtype == states[0].dtype,
+                "states[{}] is {} but states[0] is {}: one call takes one state format",
+                at,
+                st.dtype,
+                states[0].dtype,
+            )
     blocksize = FORMAT_BLOCKSIZE.get(fmt)
     if not (k and n):  # no state tensors: no format to tell, code books optional
         check(len(absmax) == 0, "absmax has {} tensors but states has none", len(absmax))
@@ -90,17 +108,36 @@ def check_step(
     else:
         check(len(absmax) == k * n, "absmax has {} tensors but states has {}", len(absmax), k * n)
         check(len(codes) == k, "codes has {} code books, one per state needs {}", len(codes), k)
-    check(hp.dtype == torch.float32 and hp.dim() == 1 and hp.numel() >= HP_SIZE,
-          "hp must be a float32 vector of {} hyper-parameters, got {} {}", HP_SIZE, hp.dtype, tuple(hp.shape))
+    check(
+        hp.dtype == torch.float32 and hp.dim() == 1 and hp.numel() >= HP_SIZE,
+        "hp must be a float32 vector of {} hyper-parameters, got {} {}",
+        HP_SIZE,
+        hp.dtype,
+        tuple(hp.shape),
+    )
     if gscale is not None:
-        check(gscale.dtype == torch.float32 and gscale.numel() == n,
-              "gscale must be float32 with one entry per tensor ({}), got {} {}", n, gscale.dtype, tuple(gscale.shape))
+        check(
+            gscale.dtype == torch.float32 and gscale.numel() == n,
+            "gscale must be float32 with one entry per tensor ({}), got {} {}",
+            n,
+            gscale.dtype,
+            tuple(gscale.shape),
+        )
     if found_inf is not None:
-        check(found_inf.numel() == 1 and found_inf.is_floating_point(),
-              "found_inf must be a floating-point scalar tensor, got {} {}", found_inf.dtype, tuple(found_inf.shape))
+        check(
+            found_inf.numel() == 1 and found_inf.is_floating_point(),
+            "found_inf must be a floating-point scalar tensor, got {} {}",
+            found_inf.dtype,
+            tuple(found_inf.shape),
+        )
     if unorm is not None:
-        check(unorm.dtype == torch.float32 and tuple(unorm.shape) == (n, 2),
-              "unorm must be float32 of shape ({}, 2), got {} {}", n, unorm.dtype, tuple(unorm.shape))
+        check(
+            unorm.dtype == torch.float32 and tuple(unorm.shape) == (n, 2),
+            "unorm must be float32 of shape ({}, 2), got {} {}",
+            n,
+            unorm.dtype,
+            tuple(unorm.shape),
+        )
     if n == 0:
         return k, fmt
     device, dtype = params[0].device, params[0].dtype
@@ -120,23 +157,41 @@ def check_step(
         check(g.shape == p.shape, "grads[{}] has shape {} but params[{}] has {}", i, tuple(g.shape), i, tuple(p.shape))
         check(g.is_contiguous(), "grads[{}] must be contiguous", i)
         s = steps[i]
-        check(s.dtype == torch.float32 and s.numel() == 1 and s.device == device,
-              "steps[{}] must be a float32 scalar tensor on {}", i, device)
+        check(
+            s.dtype == torch.float32 and s.numel() == 1 and s.device == device,
+            "steps[{}] must be a float32 scalar tensor on {}",
+            i,
+            device,
+        )
         numel = p.numel()
         for j in range(k):
             at = j * n + i
             st = states[at]
-            check(st.numel() == numel, "states[{}] (state{} of params[{}]) has {} elements but params[{}] has {}",
-                  at, j + 1, i, st.numel(), i, numel)
+            check(
+                st.numel() == numel,
+                "states[{}] (state{} of params[{}]) has {} elements but params[{}] has {}",
+                at,
+                j + 1,
+                i,
+                st.numel(),
+                i,
+                numel,
+            )
             check(st.device == device, "states[{}] is on {} but params[{}] is on {}", at, st.device, i, device)
             check(st.is_contiguous(), "states[{}] (state{} of params[{}]) must be contiguous", at, j + 1, i)
             if blocksize is not None:
                 am = absmax[at]
                 nb = -(-numel // blocksize)
                 check(am.is_contiguous(), "absmax[{}] (state{} of params[{}]) must be contiguous", at, j + 1, i)
-                check(am.dtype == torch.float32 and am.numel() == nb and am.device == device,
-                      "absmax[{}] (state{} of params[{}]) must be float32 with {} entries on {}", at, j + 1, i, nb,
-                      device)
+                check(
+                    am.dtype == torch.float32 and am.numel() == nb and am.device == device,
+                    "absmax[{}] (state{} of params[{}]) must be float32 with {} entries on {}",
+                    at,
+                    j + 1,
+                    i,
+                    nb,
+                    device,
+                )
     if blocksize is not None:
         for j in range(k):
             check_code(codes[j], f"codes[{j}]")
@@ -152,8 +207,12 @@ def check_percentile_clip(
     check(len(gnorm_vecs) == n, "gnorm_vecs has {} tensors but grads has {}", len(gnorm_vecs), n)
     check(len(steps) == n, "steps has {} tensors but grads has {}", len(steps), n)
     check(1 <= percentile <= 99, "percentile must be in 1..99 (100 disables clipping), got {}", percentile)
-    check(prescale.dtype == torch.float32 and prescale.numel() == 1,
-          "prescale must be a float32 scalar tensor, got {} {}", prescale.dtype, tuple(prescale.shape))
+    check(
+        prescale.dtype == torch.float32 and prescale.numel() == 1,
+        "prescale must be a float32 scalar tensor, got {} {}",
+        prescale.dtype,
+        tuple(prescale.shape),
+    )
     device = prescale.device
     for i in range(n):
         g, h, s = grads[i], gnorm_vecs[i], steps[i]
@@ -161,8 +220,23 @@ def check_percentile_clip(
         check(g.layout == torch.strided, "grads[{}] is sparse; qop optimizers need dense gradients", i)
         check(g.is_contiguous(), "grads[{}] must be contiguous", i)
         check(g.device == device, "grads[{}] is on {} but prescale is on {}", i, g.device, device)
-        check(h.dtype == torch.float32 and h.dim() == 1 and h.numel() == HISTORY and h.is_contiguous()
-              and h.device == device, "gnorm_vecs[{}] must be a contiguous float32 vector of {} on {}, got {} {} on {}",
-              i, HISTORY, device, h.dtype, tuple(h.shape), h.device)
-        check(s.dtype == torch.float32 and s.numel() == 1 and s.device == device,
-              "steps[{}] must be a float32 scalar tensor on {}", i, device)
+        check(
+            h.dtype == torch.float32
+            and h.dim() == 1
+            and h.numel() == HISTORY
+            and h.is_contiguous()
+            and h.device == device,
+            "gnorm_vecs[{}] must be a contiguous float32 vector of {} on {}, got {} {} on {}",
+            i,
+            HISTORY,
+            device,
+            h.dtype,
+            tuple(h.shape),
+            h.device,
+        )
+        check(
+            s.dtype == torch.float32 and s.numel() == 1 and s.device == device,
+            "steps[{}] must be a float32 scalar tensor on {}",
+            i,
+            device,
+        )

@@ -17,7 +17,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -97,7 +97,7 @@ def _arguments(cls: type) -> dict[str, inspect.Parameter]:
     return {n: p for n, p in inspect.signature(cls).parameters.items() if n != "params"}
 
 
-def _hp_names(cls: type) -> str:
+def _hp_names(cls: Any) -> str:
     return ", ".join(f"`{k}`" for k in cls.hp_keys)
 
 
@@ -168,7 +168,7 @@ def _group_keys() -> dict[Any, list[str]]:
     """For each ``qop.HP`` slot, the param-group keys of every optimizer that write it (``betas[1]`` for a tuple)."""
     out: dict[Any, list[str]] = {}
     for base, _ in _families():
-        for key, slot in base.hp_keys.items():
+        for key, slot in cast(Any, base).hp_keys.items():
             slots = slot if isinstance(slot, tuple) else (slot,)
             for i, s in enumerate(slots):
                 name = f"{key}[{i}]" if isinstance(slot, tuple) else key
@@ -187,7 +187,7 @@ def _triton_ops() -> list[str]:
         if isinstance(node, (ast.Assign, ast.AnnAssign)):
             target = node.targets[0] if isinstance(node, ast.Assign) else node.target
             if isinstance(target, ast.Name) and target.id == "_OPS" and isinstance(node.value, ast.Dict):
-                return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+                return [str(k.value) for k in node.value.keys if isinstance(k, ast.Constant)]
     return []
 
 

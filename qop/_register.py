@@ -16,7 +16,7 @@ import torch
 from . import _checks, _schema, reference
 
 #: Each op's argument checks and reference kernel, both taking the op's arguments in schema order.
-_REFERENCE = {
+_REFERENCE: dict[str, tuple[Callable[..., object], Callable[..., Any]]] = {
     "quantize_blockwise": (_checks.check_quantize, reference.quantize_blockwise),
     "dequantize_blockwise": (_checks.check_dequantize, reference.dequantize_blockwise),
     "step": (_checks.check_step, reference.step),
@@ -35,8 +35,10 @@ def _checked(check: Callable[..., object], kernel: Callable[..., Any]) -> Callab
 def _checked_reference() -> dict[str, Callable[..., Any]]:
     """Reference kernels wrapped with the shared argument checks (the C++ and Triton paths check too), each with
     its op's signature (read from the schema)."""
-    return {name: _schema.forwarder(name, _checked(check, kernel), f"Checked reference of ``qop::{name}``.")
-            for name, (check, kernel) in _REFERENCE.items()}
+    return {
+        name: _schema.forwarder(name, _checked(check, kernel), f"Checked reference of ``qop::{name}``.")
+        for name, (check, kernel) in _REFERENCE.items()
+    }
 
 
 _lib = torch.library.Library("qop", "IMPL")

@@ -107,7 +107,6 @@ def n_states(rule: int, flags: int, momentum_state: bool) -> int:
     return STATE_COUNTS[Rule(rule)] + (1 if rule == Rule.ADAM and flags & Flag.AMSGRAD else 0)
 
 
-
 class StateFormat(enum.IntEnum):
     """How the step op's states are stored: the one list of formats (C++ mirror in ``csrc/cpu/checks.h``).
 
@@ -134,7 +133,7 @@ def state_format(dtype: torch.dtype) -> StateFormat | None:
 
 def split_states(flat: Sequence[Tensor], n: int) -> list[list[Tensor]]:
     """The flat ``states``/``absmax`` list of the step op as one list of n tensors per state."""
-    return [list(flat[j * n:(j + 1) * n]) for j in range(len(flat) // n)] if n else []
+    return [list(flat[j * n : (j + 1) * n]) for j in range(len(flat) // n)] if n else []
 
 
 #: Gradient norms remembered per parameter by percentile clipping (bitsandbytes' gnorm_vec).
@@ -142,9 +141,7 @@ HISTORY = 100
 
 SCHEMAS: dict[str, str] = {
     "quantize_blockwise": "(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
-    "dequantize_blockwise": (
-        "(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"
-    ),
+    "dequantize_blockwise": ("(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor"),
     "step": (
         "(int rule, int flags, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor(c!)[] absmax, "
         "Tensor[] codes, Tensor(d!)[] steps, Tensor hp, Tensor? gscale=None, Tensor? found_inf=None, "
@@ -160,7 +157,10 @@ for _name, _schema in SCHEMAS.items():
 
 #: Python annotations of the schema types (as the parser spells them; a ScalarType parses as int).
 _PY_TYPES: dict[str, Any] = {
-    "int": int, "Tensor": Tensor, "Optional[Tensor]": Tensor | None, "List[Tensor]": Sequence[Tensor],
+    "int": int,
+    "Tensor": Tensor,
+    "Optional[Tensor]": Tensor | None,
+    "List[Tensor]": Sequence[Tensor],
 }
 
 
@@ -170,8 +170,14 @@ def signature(name: str) -> inspect.Signature:
     params = []
     for arg in parsed.arguments:
         default = arg.default_value if arg.has_default_value() else inspect.Parameter.empty
-        params.append(inspect.Parameter(arg.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                                        annotation=_PY_TYPES.get(str(arg.type), Any)))
+        params.append(
+            inspect.Parameter(
+                arg.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=default,
+                annotation=_PY_TYPES.get(str(arg.type), Any),
+            )
+        )
     returns = [r.type for r in parsed.returns]
     return inspect.Signature(params, return_annotation=None if not returns else Any)
 
@@ -186,8 +192,10 @@ def forwarder(name: str, target: Callable[..., Any], doc: str, module: str = __n
     params = ", ".join(f"{n}=_default_{n}" if f"_default_{n}" in defaults else n for n in names)
     # made by a factory so that the target and the defaults are closure cells, not globals of a module
     outer = ", ".join(["_target", *defaults])
-    source = (f"def _make({outer}):\n    def {name}({params}):\n        return _target({', '.join(names)})\n"
-              f"    return {name}\n")
+    source = (
+        f"def _make({outer}):\n    def {name}({params}):\n        return _target({', '.join(names)})\n"
+        f"    return {name}\n"
+    )
     scope: dict[str, Any] = {}
     exec(source, scope)
     forward = scope["_make"](target, *defaults.values())

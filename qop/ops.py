@@ -23,15 +23,23 @@ def dequantize_blockwise(
     return torch.ops.qop.dequantize_blockwise(A, absmax, code, blocksize, dtype)
 
 
-step = _schema.forwarder("step", torch.ops.qop.step.default, """One fused optimizer step over a list of tensors.
+step = _schema.forwarder(
+    "step",
+    torch.ops.qop.step.default,
+    """One fused optimizer step over a list of tensors.
 
 ``states``: k states x n tensors in one flat list (state j of tensor i at ``j * n + i``), float32 or blockwise
 8-bit (uint8, then ``absmax`` flat like ``states`` and ``codes`` one code book per state; both empty otherwise).
-""", __name__)
+""",
+    __name__,
+)
 
 
 def percentile_clip(
-    grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor], percentile: int,
+    grads: Sequence[Tensor],
+    gnorm_vecs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    percentile: int,
     prescale: Tensor,
 ) -> Tensor:
     """Percentile clipping of a list of gradients: records each norm in its history, returns the factors."""

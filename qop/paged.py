@@ -47,8 +47,9 @@ def _size(shape: int | Sequence[int] | torch.Size) -> list[int]:
     return [int(shape)] if isinstance(shape, int) else [int(s) for s in shape]
 
 
-def paged_empty(shape: int | Sequence[int], dtype: torch.dtype = torch.float32,
-                device: torch.device | str | None = None) -> Tensor:
+def paged_empty(
+    shape: int | Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
     """An uninitialised tensor in managed memory on a CUDA ``device``; an ordinary one elsewhere.
 
     Raises RuntimeError when the GPU has less free memory than the tensor needs.
@@ -62,13 +63,17 @@ def paged_empty(shape: int | Sequence[int], dtype: torch.dtype = torch.float32,
             return torch.ops.qop_paged.managed_empty(_size(shape), dtype, device)
         if not _warned:
             _warned = True
-            warnings.warn("qop: the paging extension qop._C_cuda is not built; paged states are ordinary "
-                          "CUDA tensors (rebuild with CUDA and nvcc present to page them)", stacklevel=2)
+            warnings.warn(
+                "qop: the paging extension qop._C_cuda is not built; paged states are ordinary "
+                "CUDA tensors (rebuild with CUDA and nvcc present to page them)",
+                stacklevel=2,
+            )
     return torch.empty(_size(shape), dtype=dtype, device=device)
 
 
-def paged_zeros(shape: int | Sequence[int], dtype: torch.dtype = torch.float32,
-                device: torch.device | str | None = None) -> Tensor:
+def paged_zeros(
+    shape: int | Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
     """Like :func:`paged_empty`, filled with zeros."""
     return paged_empty(shape, dtype, device).zero_()
 

@@ -57,9 +57,7 @@ def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor,
     return q.view(A.shape), absmax.float()
 
 
-def dequantize_blockwise(
-    A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype
-) -> Tensor:
+def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype) -> Tensor:
     """``code[A] * absmax[block]`` in float32, returned in ``dtype``."""
     n = A.numel()
     values = code.float()[A.reshape(-1).long()]
@@ -190,8 +188,11 @@ def _apply(
     new, u, lr_eff, decay = rule_update(rule, flags, pf, gf, states, t, hp.float())
     scale: Tensor | float = 1.0
     if flags & Flag.UNORM_CLIP:
-        scale = (unorm_scale(u, pf, hp[HP.MAX_UNORM]) if unorm is None
-                 else unorm_scale_from_sums(unorm[0], unorm[1], hp[HP.MAX_UNORM]))
+        scale = (
+            unorm_scale(u, pf, hp[HP.MAX_UNORM])
+            if unorm is None
+            else unorm_scale_from_sums(unorm[0], unorm[1], hp[HP.MAX_UNORM])
+        )
     return pf * decay - lr_eff * scale * u, new
 
 
@@ -217,8 +218,9 @@ def step(
     for i, (p, g) in enumerate(zip(params, grads)):
         at = [j * n + i for j in range(k)]
         loaded = [_load_state(fmt, states[a], absmax, codes, a, j) for j, a in enumerate(at)]
-        new_p, new = _apply(rule, flags, p, g, loaded, steps[i], hp, _scale(gscale, i),
-                            None if unorm is None else unorm[i])
+        new_p, new = _apply(
+            rule, flags, p, g, loaded, steps[i], hp, _scale(gscale, i), None if unorm is None else unorm[i]
+        )
         keep = _keep(found_inf, p.device)
         p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
         for j, (a, s) in enumerate(zip(at, new)):
@@ -226,8 +228,9 @@ def step(
         steps[i].add_(keep.float())
 
 
-def _load_state(fmt: StateFormat | None, state: Tensor, absmax: list[Tensor], codes: list[Tensor], at: int,
-                j: int) -> Tensor:
+def _load_state(
+    fmt: StateFormat | None, state: Tensor, absmax: list[Tensor], codes: list[Tensor], at: int, j: int
+) -> Tensor:
     """State ``at`` (state j of its tensor) in float32: the one place that reads each format."""
     if fmt == StateFormat.FLOAT32:
         return state.reshape(-1)
@@ -236,8 +239,16 @@ def _load_state(fmt: StateFormat | None, state: Tensor, absmax: list[Tensor], co
     raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
 
 
-def _store_state(fmt: StateFormat | None, new: Tensor, keep: Tensor, state: Tensor, absmax: list[Tensor],
-                 codes: list[Tensor], at: int, j: int) -> None:
+def _store_state(
+    fmt: StateFormat | None,
+    new: Tensor,
+    keep: Tensor,
+    state: Tensor,
+    absmax: list[Tensor],
+    codes: list[Tensor],
+    at: int,
+    j: int,
+) -> None:
     """Write a new float32 state back in its format where ``keep`` (found_inf leaves it as it was)."""
     if fmt == StateFormat.FLOAT32:
         flat = state.reshape(-1)
@@ -280,4 +291,3 @@ def _keep(found_inf: Tensor | None, device: torch.device) -> Tensor:
     if found_inf is None:
         return torch.ones((), dtype=torch.bool, device=device)
     return found_inf.reshape(()) == 0
-

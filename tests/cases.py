@@ -72,9 +72,12 @@ STEP_CASES = [
     StepCase("adam_no_bias_correction", Rule.ADAM, Flag.NO_BIAS_CORRECTION),
     StepCase("adam_l2", Rule.ADAM, Flag.L2_WEIGHT_DECAY),
     StepCase("lamb", Rule.ADAM, Flag.UNORM_CLIP, hp=(("MAX_UNORM", 0.02),)),
-    StepCase("lamb_l2_nobc_amsgrad", Rule.ADAM,
-             Flag.UNORM_CLIP | Flag.L2_WEIGHT_DECAY | Flag.NO_BIAS_CORRECTION | Flag.AMSGRAD,
-             hp=(("MAX_UNORM", 1.0),)),
+    StepCase(
+        "lamb_l2_nobc_amsgrad",
+        Rule.ADAM,
+        Flag.UNORM_CLIP | Flag.L2_WEIGHT_DECAY | Flag.NO_BIAS_CORRECTION | Flag.AMSGRAD,
+        hp=(("MAX_UNORM", 1.0),),
+    ),
     StepCase("sgd", Rule.MOMENTUM),
     StepCase("sgd_nesterov", Rule.MOMENTUM, Flag.NESTEROV),
     StepCase("sgd_dampening", Rule.MOMENTUM, hp=(("DAMPENING", 0.3),)),
@@ -94,9 +97,32 @@ def flat(nested: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     return [t for per_state in nested for t in per_state]
 
 
-def op_args(rule: int, flags: int, params: list[Tensor], grads: list[Tensor], states: Sequence[Sequence[Tensor]],
-            absmax: Sequence[Sequence[Tensor]], codes: Sequence[Tensor], steps: list[Tensor], hp: Tensor,
-            gscale: Tensor | None = None, found_inf: Tensor | None = None, unorm: Tensor | None = None) -> tuple:
+def op_args(
+    rule: int,
+    flags: int,
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    absmax: Sequence[Sequence[Tensor]],
+    codes: Sequence[Tensor],
+    steps: list[Tensor],
+    hp: Tensor,
+    gscale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    unorm: Tensor | None = None,
+) -> tuple:
     """The arguments of ``qop::step`` from per-state lists; ``codes``: one per 8-bit state (none for float32)."""
-    return (int(rule), int(flags), params, grads, flat(states), flat(absmax), list(codes), steps, hp, gscale,
-            found_inf, unorm)
+    return (
+        int(rule),
+        int(flags),
+        params,
+        grads,
+        flat(states),
+        flat(absmax),
+        list(codes),
+        steps,
+        hp,
+        gscale,
+        found_inf,
+        unorm,
+    )

@@ -39,8 +39,12 @@ STEPS = 3
 def build_inputs() -> dict[str, list[Any]]:
     """The battery, built once in the parent process: torch's own kernels (randn, linspace) also
     follow ``ATEN_CPU_CAPABILITY`` and need not give identical inputs under every capability."""
-    quantize = [(f"{name}/{dtype}/{blocksize}", x.to(dtype), code, blocksize)
-                for name, x, code in QUANTIZER_INPUTS for dtype in DTYPES for blocksize in (256, 64, 100, 4096)]
+    quantize = [
+        (f"{name}/{dtype}/{blocksize}", x.to(dtype), code, blocksize)
+        for name, x, code in QUANTIZER_INPUTS
+        for dtype in DTYPES
+        for blocksize in (256, 64, 100, 4096)
+    ]
     steps = []
     for case in STEP_CASES:
         for dtype in DTYPES:

@@ -48,11 +48,8 @@ COMPARED: dict[str, str] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread_and_summary():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_and_summary(one_thread: None):
     yield
-    torch.set_num_threads(n)
     if COMPARED:
         print(f"\nqop vs bitsandbytes {bnb.__version__} (CPU):")
         for name, outcome in sorted(COMPARED.items()):
@@ -82,10 +79,16 @@ def _cases() -> list[Case]:
             out += [Case(f"{prefix}{fam}", 32), Case(f"{prefix}{fam}8bit", 8), Case(f"{prefix}{fam}32bit", 32)]
     sgd = {"lr": 0.01, "momentum": 0.9}
     out += [Case("SGD", 32, sgd), Case("SGD8bit", 8, sgd), Case("SGD32bit", 32, sgd)]
-    out += [Case("LARS", 32, sgd), Case("LARS32bit", 32, sgd),
-            Case("LARS8bit", 8, sgd, {"max_unorm": 0.0}, LARGE_SHAPES)]
-    out += [Case("LAMB", 32, param_scale=20.0), Case("LAMB32bit", 32, param_scale=20.0),
-            Case("LAMB8bit", 8, qop_kwargs={"max_unorm": 0.0}, shapes=LARGE_SHAPES)]
+    out += [
+        Case("LARS", 32, sgd),
+        Case("LARS32bit", 32, sgd),
+        Case("LARS8bit", 8, sgd, {"max_unorm": 0.0}, LARGE_SHAPES),
+    ]
+    out += [
+        Case("LAMB", 32, param_scale=20.0),
+        Case("LAMB32bit", 32, param_scale=20.0),
+        Case("LAMB8bit", 8, qop_kwargs={"max_unorm": 0.0}, shapes=LARGE_SHAPES),
+    ]
     for fam in ("Adagrad", "RMSprop"):
         out += [Case(fam, 32), Case(f"{fam}8bit", 8, accumulator=True), Case(f"{fam}32bit", 32)]
     return out
@@ -96,10 +99,14 @@ CASES = _cases()
 
 def test_every_class_has_a_case():
     """Every optimizer class of bitsandbytes is in qop (bar its PytorchLARS reference) and has a case here."""
-    theirs = {n for n in dir(bnb_optim)
-              if isinstance(getattr(bnb_optim, n), type) and issubclass(getattr(bnb_optim, n), torch.optim.Optimizer)
-              and n.endswith(("bit", "Adam", "AdamW", "SGD", "LARS", "LAMB", "Adagrad", "RMSprop", "Lion", "AdEMAMix"))
-              and n != "PytorchLARS"}
+    theirs = {
+        n
+        for n in dir(bnb_optim)
+        if isinstance(getattr(bnb_optim, n), type)
+        and issubclass(getattr(bnb_optim, n), torch.optim.Optimizer)
+        and n.endswith(("bit", "Adam", "AdamW", "SGD", "LARS", "LAMB", "Adagrad", "RMSprop", "Lion", "AdEMAMix"))
+        and n != "PytorchLARS"
+    }
     ours = {c.__name__ for c in qop_optim.CLASSES}
     assert theirs == ours == {c.name for c in CASES}
 
@@ -124,8 +131,11 @@ def bnb_states(case: Case, st: dict[str, Any]) -> list[tuple[Tensor, Tensor | No
     dyn, udyn = qop.dynamic_map(True), qop.dynamic_map(False)
     if case.name.startswith(("AdEMAMix", "PagedAdEMAMix")):  # m1 and m2 stacked in state1
         s1, a1 = st["state1"], st.get("absmax1")
-        return [(s1[0], None if a1 is None else a1[0], dyn), (st["state2"], st.get("absmax2"), udyn),
-                (s1[1], None if a1 is None else a1[1], dyn)]
+        return [
+            (s1[0], None if a1 is None else a1[0], dyn),
+            (st["state2"], st.get("absmax2"), udyn),
+            (s1[1], None if a1 is None else a1[1], dyn),
+        ]
     out = [(st["state1"], st.get("absmax1"), dyn)]  # bitsandbytes: signed map for every state1
     if "state2" in st:
         out.append((st["state2"], st.get("absmax2"), udyn))
@@ -145,8 +155,14 @@ def displacement_error(p: Tensor, bp: Tensor, p0: Tensor) -> float:
     return ((p - bp).norm() / (bp - p0).norm().clamp_min(1e-30)).item()
 
 
-def compare(case: Case, ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer, params: list[Tensor],
-            bparams: list[Tensor], params0: list[Tensor]) -> None:
+def compare(
+    case: Case,
+    ours: torch.optim.Optimizer,
+    theirs: torch.optim.Optimizer,
+    params: list[Tensor],
+    bparams: list[Tensor],
+    params0: list[Tensor],
+) -> None:
     """32-bit: float32 agreement. qop keeps hyper-parameters in float32 (``1 - 0.9999`` is 1.7e-4 off in
     float32, as in bitsandbytes' CUDA kernels) while bitsandbytes' CPU path computes ``1 - beta`` in double:
     states agree to 2e-4 of their largest value, params (where that error is damped) to 1e-5.
@@ -168,8 +184,9 @@ def compare(case: Case, ours: torch.optim.Optimizer, theirs: torch.optim.Optimiz
             what = f"state{j + 1} of {tuple(p.shape)}"
             if not eight:
                 scale = bq.abs().max().item()
-                torch.testing.assert_close(q, bq.view_as(q), rtol=2e-4, atol=2e-4 * scale,
-                                           msg=lambda m, w=what: f"{w}: {m}")
+                torch.testing.assert_close(
+                    q, bq.view_as(q), rtol=2e-4, atol=2e-4 * scale, msg=lambda m, w=what: f"{w}: {m}"
+                )
                 continue
             signed = qop_optim_class(case).state_signed[j]
             same_map = torch.equal(qop.dynamic_map(signed), bcode)
@@ -210,8 +227,22 @@ def test_trajectory_matches_bitsandbytes(case: Case):
     COMPARED[case.name] = f"compared, {case.bits}-bit" + (f" (qop {case.qop_kwargs})" if case.qop_kwargs else "")
 
 
-@pytest.mark.parametrize("name", ["Adam8bit", "AdamW8bit", "Adam", "AdEMAMix8bit", "AdEMAMix", "Lion8bit",
-                                  "SGD8bit", "RMSprop8bit", "Adagrad8bit", "LAMB32bit", "LARS"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Adam8bit",
+        "AdamW8bit",
+        "Adam",
+        "AdEMAMix8bit",
+        "AdEMAMix",
+        "Lion8bit",
+        "SGD8bit",
+        "RMSprop8bit",
+        "Adagrad8bit",
+        "LAMB32bit",
+        "LARS",
+    ],
+)
 def test_load_bnb_state_dict_and_continue(name: str):
     """A bitsandbytes state dict loads into the qop class of the same name; both then continue alike.
 
@@ -253,7 +284,8 @@ def test_signatures_match_bitsandbytes():
                 continue
             assert arg in ours.parameters, f"{name}: qop lacks argument {arg!r}"
             assert ours.parameters[arg].default == param.default, (
-                f"{name}.{arg}: qop default {ours.parameters[arg].default!r}, bitsandbytes {param.default!r}")
+                f"{name}.{arg}: qop default {ours.parameters[arg].default!r}, bitsandbytes {param.default!r}"
+            )
         checked.append(name)
     assert sorted(checked) == sorted(c.name for c in CASES)
 
@@ -267,4 +299,3 @@ def test_stable_embedding_signature_matches():
     ours = inspect.signature(StableEmbedding.__init__).parameters
     assert list(theirs) == list(ours)
     assert all(theirs[k].default == ours[k].default for k in theirs)
-

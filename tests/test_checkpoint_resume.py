@@ -35,13 +35,7 @@ BEFORE, AFTER = 3, 4
 MIN_8BIT = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The tensors are tiny: one intra-op thread is fastest, and steadier on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)

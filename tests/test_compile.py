@@ -238,8 +238,14 @@ def test_trace_autograd_ops_flag_exists() -> None:
     assert hasattr(torch._dynamo.config, "trace_autograd_ops")
 
 
-TRAIN_CASES = [("Adam8bit", "inductor"), ("AdamW32bit", "aot_eager"), ("SGD8bit", "aot_eager"),
-               ("LAMB8bit", "aot_eager"), ("AdEMAMix8bit", "aot_eager"), ("Lion32bit", "aot_eager")]
+TRAIN_CASES = [
+    ("Adam8bit", "inductor"),
+    ("AdamW32bit", "aot_eager"),
+    ("SGD8bit", "aot_eager"),
+    ("LAMB8bit", "aot_eager"),
+    ("AdEMAMix8bit", "aot_eager"),
+    ("Lion32bit", "aot_eager"),
+]
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -247,8 +253,9 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
 
 
-@pytest.mark.parametrize("name,backend_name", [c for c in TRAIN_CASES if hasattr(qop.optim, c[0])],
-                         ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    "name,backend_name", [c for c in TRAIN_CASES if hasattr(qop.optim, c[0])], ids=lambda c: str(c)
+)
 def test_compiled_train_step_is_one_graph(name: str, backend_name: str) -> None:
     """forward, loss.backward(), opt.step(), opt.zero_grad() trace as ONE graph, first step included."""
     cls = getattr(qop.optim, name)
@@ -432,8 +439,19 @@ def test_deepcopy_keeps_a_working_optimizer() -> None:
 
 # -------------------------------------------------------------------------------- 4. no host sync
 #: ops that wait for the device (a Python branch on a tensor value dispatches is_nonzero or item)
-SYNC_OPS = {"_local_scalar_dense", "item", "tolist", "is_nonzero", "equal", "nonzero", "masked_select",
-            "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave"}
+SYNC_OPS = {
+    "_local_scalar_dense",
+    "item",
+    "tolist",
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "masked_select",
+    "_unique2",
+    "unique_consecutive",
+    "unique_dim",
+    "repeat_interleave",
+}
 
 
 class _Recorder(TorchDispatchMode):
@@ -456,8 +474,9 @@ class _Recorder(TorchDispatchMode):
 
 
 def _state_tensors(opt: QopOptimizer) -> dict[tuple[int, str], int]:
-    return {(id(p), k): v.data_ptr() for p, st in opt.state.items() for k, v in st.items()
-            if isinstance(v, torch.Tensor)}
+    return {
+        (id(p), k): v.data_ptr() for p, st in opt.state.items() for k, v in st.items() if isinstance(v, torch.Tensor)
+    }
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
@@ -495,8 +514,9 @@ def test_percentile_clipping_and_amp_do_not_sync() -> None:
     assert not [c for c in recorder.created if c[1] in SIZES], recorder.created
 
 
-@pytest.mark.parametrize("name", ["Adam8bit", "AdamW32bit", "LAMB8bit", "LARS8bit", "AdEMAMix8bit", "Adagrad8bit"],
-                         ids=str)
+@pytest.mark.parametrize(
+    "name", ["Adam8bit", "AdamW32bit", "LAMB8bit", "LARS8bit", "AdEMAMix8bit", "Adagrad8bit"], ids=str
+)
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_steps_do_not_sync(name: str) -> None:
@@ -627,9 +647,11 @@ def _post_grad_graph(opt: QopOptimizer) -> torch.fx.GraphModule:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s)
     # caches off: a cache hit would skip the passes
-    with mock.patch.object(torch._inductor.compile_fx, "_recursive_post_grad_passes", capture), \
-            torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with (
+        mock.patch.object(torch._inductor.compile_fx, "_recursive_post_grad_passes", capture),
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
         step = torch.compile(lambda: opt.step(), backend="inductor", fullgraph=True)
         for i in range(2):
             _set_grads((opt,), i)
@@ -651,15 +673,21 @@ class TestGraphSnapshots(expecttest.TestCase):
     def test_adam8bit(self) -> None:
         # one param group: an 8-bit bucket (300 elements) and a 32-bit one (35 elements, under min_8bit_size)
         opt = qop.optim.Adam8bit(_groups()[0]["params"], lr=1e-2, min_8bit_size=256)
-        self.assertExpectedInline(_op_summary(_post_grad_graph(opt)), """\
+        self.assertExpectedInline(
+            _op_summary(_post_grad_graph(opt)),
+            """\
 aten.copy_.default (onto itself) x10
-qop.step.default x2""")
+qop.step.default x2""",
+        )
 
     def test_adam32bit(self) -> None:
         opt = qop.optim.Adam32bit(_groups()[0]["params"], lr=1e-2)
-        self.assertExpectedInline(_op_summary(_post_grad_graph(opt)), """\
+        self.assertExpectedInline(
+            _op_summary(_post_grad_graph(opt)),
+            """\
 aten.copy_.default (onto itself) x8
-qop.step.default x1""")
+qop.step.default x1""",
+        )
 
 
 # --------------------------------------------------------------------------------- 7. GradScaler

@@ -37,8 +37,9 @@ def run_python(args: list[str], capability: str | None) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     if capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S, check=False)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+    )
 
 
 def selected(capability: str | None) -> str:
@@ -58,8 +59,10 @@ def require(isa: str) -> None:
     """Skip unless this machine can run ``isa``."""
     best = best_isa()
     if ISAS.index(isa) > ISAS.index(best):
-        pytest.skip(f"this CPU runs builds up to {best} (torch capability "
-                    f"{torch.backends.cpu.get_cpu_capability()}); {isa} needs more")
+        pytest.skip(
+            f"this CPU runs builds up to {best} (torch capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); {isa} needs more"
+        )
 
 
 def test_best_isa_follows_torch_capability():
@@ -85,9 +88,11 @@ def test_capability_above_the_machine_is_not_selected():
 @pytest.mark.parametrize("isa", ISAS)
 def test_op_tests_pass_under_build(isa):
     require(isa)
-    code = ("import sys, pytest, qop\n"
-            f"assert qop.CPU_KERNEL_ISA == {isa!r}, qop.CPU_KERNEL_ISA\n"
-            "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/test_ops.py']))\n")
+    code = (
+        "import sys, pytest, qop\n"
+        f"assert qop.CPU_KERNEL_ISA == {isa!r}, qop.CPU_KERNEL_ISA\n"
+        "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/test_ops.py']))\n"
+    )
     proc = run_python(["-c", code], isa)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 

@@ -23,7 +23,10 @@ from torch import Tensor
 import qop
 from qop import HP, Rule, reference
 
-pytestmark = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
+pytestmark = [
+    pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built"),
+    pytest.mark.usefixtures("one_thread"),  # small tensors (tests/conftest.py)
+]
 
 STEPS = 10_000
 N = 300  # one full 256-block and a partial one
@@ -68,15 +71,6 @@ def differences(ours: Run, ref: Run, bits: int) -> dict[str, float]:
             d[f"state{j + 1} codes differing"] = float((apart > 0).sum())
             d[f"absmax{j + 1}"] = scaled_diff(ours.absmax[j][0], ref.absmax[j][0])
     return d
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (badly so on a loaded machine: 15x per step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CASES = [

@@ -39,20 +39,14 @@ from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_ops import SIGNED, STEP_CASES, assert_params_close  # noqa: E402  (same cases and tolerances)
 
-pytestmark = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
+pytestmark = [
+    pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built"),
+    pytest.mark.usefixtures("one_thread"),  # small tensors (tests/conftest.py)
+]
 
 REF = _checked_reference()
 CPU = {name: getattr(torch.ops.qop, name).default for name in REF}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bounded(max_examples: int) -> settings:
@@ -319,8 +313,19 @@ def call_args(a: dict, bits: int) -> tuple:
     states = [t for s in a["states"] for t in s]
     absmax = [t for s in a["absmax"] for t in s] if bits == 8 else []
     codes = list(a["codes"][: len(a["states"])]) if bits == 8 else []
-    return (a["rule"], a["flags"], a["params"], a["grads"], states, absmax, codes, a["steps"], a["hp"], a["gscale"],
-            a["found_inf"])
+    return (
+        a["rule"],
+        a["flags"],
+        a["params"],
+        a["grads"],
+        states,
+        absmax,
+        codes,
+        a["steps"],
+        a["hp"],
+        a["gscale"],
+        a["found_inf"],
+    )
 
 
 def written(a: dict) -> list[Tensor]:

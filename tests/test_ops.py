@@ -32,6 +32,7 @@ SHAPES = [(0,), (1,), (255,), (256,), (257,), (1000,), (4097,), (33, 65)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 N_STEPS = 3
 
+
 # ------------------------------------------------------------------------------------ sample inputs
 @dataclasses.dataclass
 class StepInputs:
@@ -54,16 +55,33 @@ class StepInputs:
             return [t.clone() for t in ts]
 
         return dataclasses.replace(
-            self, params=c(self.params), states=[c(s) for s in self.states], absmax=[c(a) for a in self.absmax],
-            steps=c(self.steps), hp=self.hp.clone(),
+            self,
+            params=c(self.params),
+            states=[c(s) for s in self.states],
+            absmax=[c(a) for a in self.absmax],
+            steps=c(self.steps),
+            hp=self.hp.clone(),
             gscale=None if self.gscale is None else self.gscale.clone(),
             found_inf=None if self.found_inf is None else self.found_inf.clone(),
-            unorm=None if self.unorm is None else self.unorm.clone())
+            unorm=None if self.unorm is None else self.unorm.clone(),
+        )
 
     def args(self, grads: list[Tensor]) -> tuple:
         codes = self.codes[: self.case.n_states] if self.bits == 8 else []
-        return op_args(self.case.rule, self.case.flags, self.params, grads, self.states, self.absmax, codes,
-                       self.steps, self.hp, self.gscale, self.found_inf, self.unorm)
+        return op_args(
+            self.case.rule,
+            self.case.flags,
+            self.params,
+            grads,
+            self.states,
+            self.absmax,
+            codes,
+            self.steps,
+            self.hp,
+            self.gscale,
+            self.found_inf,
+            self.unorm,
+        )
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the op may write."""
@@ -74,8 +92,15 @@ def dynamic_map(signed: bool) -> Tensor:
     return qop.dynamic_map(signed=signed)
 
 
-def make_inputs(case: StepCase, dtype: torch.dtype, bits: int, shapes=SHAPES, seed: int = 0,
-                gscale: bool = False, found_inf: float | None = None) -> StepInputs:
+def make_inputs(
+    case: StepCase,
+    dtype: torch.dtype,
+    bits: int,
+    shapes=SHAPES,
+    seed: int = 0,
+    gscale: bool = False,
+    found_inf: float | None = None,
+) -> StepInputs:
     gen = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
     signed = SIGNED[case.rule][: case.n_states]
@@ -85,7 +110,7 @@ def make_inputs(case: StepCase, dtype: torch.dtype, bits: int, shapes=SHAPES, se
         for s in shapes:
             x = torch.randn(s, generator=gen) * 0.1 if sg else torch.rand(s, generator=gen) * 1e-2
             if x.numel() >= 2 * BLOCKSIZE:  # one all-zero block: absmax 0
-                x.view(-1)[BLOCKSIZE: 2 * BLOCKSIZE] = 0
+                x.view(-1)[BLOCKSIZE : 2 * BLOCKSIZE] = 0
             per_param.append(x)
         raw.append(per_param)
     codes = [dynamic_map(sg) for sg in signed] + [dynamic_map(True)] * (3 - len(signed))
@@ -97,10 +122,17 @@ def make_inputs(case: StepCase, dtype: torch.dtype, bits: int, shapes=SHAPES, se
             states.append([q for q, _ in qa])
             absmax.append([a for _, a in qa])
     return StepInputs(
-        case=case, bits=bits, params=params, states=states, absmax=absmax,
-        steps=[torch.zeros(()) for _ in shapes], hp=case.hp_tensor(), codes=codes,
+        case=case,
+        bits=bits,
+        params=params,
+        states=states,
+        absmax=absmax,
+        steps=[torch.zeros(()) for _ in shapes],
+        hp=case.hp_tensor(),
+        codes=codes,
         gscale=(torch.rand(len(shapes), generator=gen) + 0.5) if gscale else None,
-        found_inf=None if found_inf is None else torch.tensor(found_inf))
+        found_inf=None if found_inf is None else torch.tensor(found_inf),
+    )
 
 
 def make_grads(params: list[Tensor], step: int) -> list[Tensor]:
@@ -109,7 +141,7 @@ def make_grads(params: list[Tensor], step: int) -> list[Tensor]:
     for p in params:
         g = (torch.randn(p.shape, generator=gen) * (1 + step)).to(p.dtype)
         if g.numel() >= 2 * BLOCKSIZE:
-            g.view(-1)[BLOCKSIZE: 2 * BLOCKSIZE] = 0
+            g.view(-1)[BLOCKSIZE : 2 * BLOCKSIZE] = 0
         grads.append(g)
     return grads
 
@@ -118,13 +150,19 @@ def update_sums(inp: StepInputs, grads: list[Tensor]) -> Tensor:
     """Per tensor, the squared norms of its update and of itself (what the ``unorm`` input carries)."""
     case, rows = inp.case, []
     for i, (p, g) in enumerate(zip(inp.params, grads)):
-        states = [reference.dequantize_blockwise(inp.states[j][i], inp.absmax[j][i], inp.codes[j], BLOCKSIZE,
-                                                 torch.float32).reshape(-1) if inp.bits == 8
-                  else inp.states[j][i].reshape(-1) for j in range(case.n_states)]
+        states = [
+            reference.dequantize_blockwise(
+                inp.states[j][i], inp.absmax[j][i], inp.codes[j], BLOCKSIZE, torch.float32
+            ).reshape(-1)
+            if inp.bits == 8
+            else inp.states[j][i].reshape(-1)
+            for j in range(case.n_states)
+        ]
         gf = g.float().reshape(-1) * (1.0 if inp.gscale is None else inp.gscale[i])
         pf = p.float().reshape(-1)
-        _, u, _, _ = reference.rule_update(case.rule, case.flags & ~Flag.UNORM_CLIP, pf, gf, states,
-                                           inp.steps[i] + 1, inp.hp)
+        _, u, _, _ = reference.rule_update(
+            case.rule, case.flags & ~Flag.UNORM_CLIP, pf, gf, states, inp.steps[i] + 1, inp.hp
+        )
         rows.append(torch.stack([u.square().sum(), pf.square().sum()]))
     return torch.stack(rows).float() if rows else torch.zeros(0, 2)
 
@@ -149,12 +187,18 @@ class ClipInputs:
     prescale: Tensor
 
     def clone(self) -> ClipInputs:
-        return ClipInputs(self.grads, [h.clone() for h in self.histories], [s.clone() for s in self.steps],
-                          self.prescale)
+        return ClipInputs(
+            self.grads, [h.clone() for h in self.histories], [s.clone() for s in self.steps], self.prescale
+        )
 
 
-def make_clip_inputs(dtype: torch.dtype, seed: int, shapes=((0,), (1,), (257,), (33, 65), (70000,)),
-                     steps=(0, 3, 99, 100, 250), prescale: float = 0.5) -> ClipInputs:
+def make_clip_inputs(
+    dtype: torch.dtype,
+    seed: int,
+    shapes=((0,), (1,), (257,), (33, 65), (70000,)),
+    steps=(0, 3, 99, 100, 250),
+    prescale: float = 0.5,
+) -> ClipInputs:
     gen = torch.Generator().manual_seed(seed)
     grads = [(torch.randn(s, generator=gen) * 10 ** torch.randint(-3, 3, (), generator=gen)).to(dtype) for s in shapes]
     histories = []
@@ -205,8 +249,7 @@ def test_percentile_clip_clips_outliers_only():
 def _clip_errors():
     def call(**change):
         clip = make_clip_inputs(torch.float32, seed=0)
-        args = dict(grads=clip.grads, gnorm_vecs=clip.histories, steps=clip.steps, percentile=5,
-                    prescale=clip.prescale)
+        args = dict(grads=clip.grads, gnorm_vecs=clip.histories, steps=clip.steps, percentile=5, prescale=clip.prescale)
         args.update({k: v(args[k]) for k, v in change.items()})
         return lambda: torch.ops.qop.percentile_clip(*args.values())
 
@@ -263,25 +306,41 @@ def _dequantize_samples():
     for shape, dtype, bs in [((0,), torch.float32, 256), ((1000,), torch.bfloat16, 256), ((33, 65), torch.float16, 64)]:
         A = torch.rand(shape)
         q, a = reference.quantize_blockwise(A, code, bs)
-        yield (f"dequantize_{dtype}_{shape}", torch.ops.qop.dequantize_blockwise.default,
-               (lambda q=q, a=a, bs=bs, dtype=dtype: (q.clone(), a.clone(), code, bs, dtype)))
+        yield (
+            f"dequantize_{dtype}_{shape}",
+            torch.ops.qop.dequantize_blockwise.default,
+            (lambda q=q, a=a, bs=bs, dtype=dtype: (q.clone(), a.clone(), code, bs, dtype)),
+        )
 
 
 def _step_samples():
     # the op signatures differ only by state count (0..3), dtype, gscale/found_inf presence and flags
-    picks = [("adam", torch.float32), ("lamb_l2_nobc_amsgrad", torch.bfloat16), ("sgd_nesterov", torch.float16),
-             ("sgd_no_momentum", torch.float32), ("ademamix_schedules", torch.bfloat16)]
+    picks = [
+        ("adam", torch.float32),
+        ("lamb_l2_nobc_amsgrad", torch.bfloat16),
+        ("sgd_nesterov", torch.float16),
+        ("sgd_no_momentum", torch.float32),
+        ("ademamix_schedules", torch.bfloat16),
+    ]
     for i, (name, dtype) in enumerate(picks):
         for bits in (32, 8):
             case = CASES[name]
 
             def build(case=case, dtype=dtype, bits=bits, i=i):
-                inp = make_inputs(case, dtype, bits, shapes=[(0,), (257,), (33, 65)], seed=i,
-                                  gscale=i % 2 == 0, found_inf=0.0 if i % 3 == 0 else None)
+                inp = make_inputs(
+                    case,
+                    dtype,
+                    bits,
+                    shapes=[(0,), (257,), (33, 65)],
+                    seed=i,
+                    gscale=i % 2 == 0,
+                    found_inf=0.0 if i % 3 == 0 else None,
+                )
                 return inp.args(make_grads(inp.params, 0))
 
             yield f"step_{bits}bit_{name}_{dtype}", step_op(bits), build
     for bits in (32, 8):  # with the squared norms of a whole parameter handed in
+
         def build_unorm(bits=bits):
             inp = make_inputs(CASES["lamb"], torch.float32, bits, shapes=[(0,), (257,), (33, 65)], seed=7)
             grads = make_grads(inp.params, 0)
@@ -293,6 +352,7 @@ def _step_samples():
 
 def _percentile_samples():
     for i, dtype in enumerate(DTYPES):
+
         def build(dtype=dtype, i=i):
             clip = make_clip_inputs(dtype, seed=i)
             return clip.grads, clip.histories, clip.steps, 5 + 40 * i, clip.prescale
@@ -366,8 +426,9 @@ def test_step_matches_reference(case, dtype, bits):
             for so, sr in zip(ours.states[j], ref.states[j]):
                 torch.testing.assert_close(so, sr, rtol=rtol, atol=1e-6)
     else:
-        exact = sum(int((qo == qr).sum()) for j in range(case.n_states)
-                    for qo, qr in zip(ours.states[j], ref.states[j]))
+        exact = sum(
+            int((qo == qr).sum()) for j in range(case.n_states) for qo, qr in zip(ours.states[j], ref.states[j])
+        )
         total = sum(q.numel() for s in ref.states for q in s)
         assert exact >= 0.999 * total
         for j in range(case.n_states):
@@ -604,6 +665,7 @@ def _set(inp: StepInputs, **changes) -> StepInputs:
 
 def _step_errors():
     """(name, bits, mutate(inp, grads) -> (inp, grads), message regex)."""
+
     def p0(fn):
         return lambda inp, grads: (_set(inp, params=[fn(inp.params[0]), *inp.params[1:]]), grads)
 
@@ -615,32 +677,50 @@ def _step_errors():
             states = [list(s) for s in inp.states]
             states[0][0] = fn(states[0][0])
             return _set(inp, states=states), grads
+
         return mutate
 
     cases = [
         ("int_params", p0(lambda p: p.to(torch.int32)), r"params\[0\]"),
         ("complex_params", p0(lambda p: p.to(torch.complex64)), r"params\[0\]"),
-        ("mixed_dtypes", lambda inp, grads: (_set(inp, params=[inp.params[0], inp.params[1].bfloat16()]),
-                                             [grads[0], grads[1].bfloat16()]), r"params\[1\]"),
-        ("non_contiguous_params", lambda inp, grads: (
-            _set(inp, params=[inp.params[0], inp.params[1].t().contiguous().t()]), grads), r"params\[1\]"),
+        (
+            "mixed_dtypes",
+            lambda inp, grads: (
+                _set(inp, params=[inp.params[0], inp.params[1].bfloat16()]),
+                [grads[0], grads[1].bfloat16()],
+            ),
+            r"params\[1\]",
+        ),
+        (
+            "non_contiguous_params",
+            lambda inp, grads: (_set(inp, params=[inp.params[0], inp.params[1].t().contiguous().t()]), grads),
+            r"params\[1\]",
+        ),
         ("sparse_grad", g0(lambda g: g.to_sparse()), r"grads\[0\]"),
         ("grad_shape", g0(lambda g: g[:-1].clone()), r"grads\[0\]"),
         ("grad_dtype", g0(lambda g: g.double()), r"grads\[0\]"),
         ("grads_length", lambda inp, grads: (inp, grads[:1]), r"grads"),
-        ("steps_dtype", lambda inp, grads: (_set(inp, steps=[inp.steps[0].double(), inp.steps[1]]), grads),
-         r"steps\[0\]"),
+        (
+            "steps_dtype",
+            lambda inp, grads: (_set(inp, steps=[inp.steps[0].double(), inp.steps[1]]), grads),
+            r"steps\[0\]",
+        ),
         ("hp_size", lambda inp, grads: (_set(inp, hp=inp.hp[:5].clone()), grads), r"\bhp\b"),
         ("hp_dtype", lambda inp, grads: (_set(inp, hp=inp.hp.double()), grads), r"\bhp\b"),
         ("gscale_size", lambda inp, grads: (_set(inp, gscale=torch.ones(5)), grads), r"gscale"),
         ("found_inf_shape", lambda inp, grads: (_set(inp, found_inf=torch.zeros(2)), grads), r"found_inf"),
-        ("found_inf_dtype", lambda inp, grads: (_set(inp, found_inf=torch.zeros((), dtype=torch.int32)), grads),
-         r"found_inf"),
+        (
+            "found_inf_dtype",
+            lambda inp, grads: (_set(inp, found_inf=torch.zeros((), dtype=torch.int32)), grads),
+            r"found_inf",
+        ),
         ("unorm_shape", lambda inp, grads: (_set(inp, unorm=torch.zeros(2)), grads), r"unorm"),
-        ("unorm_dtype", lambda inp, grads: (_set(inp, unorm=torch.zeros(2, 2, dtype=torch.float64)), grads),
-         r"unorm"),
-        ("state_count", lambda inp, grads: (_set(inp, states=[inp.states[0][:1], inp.states[1]]), grads),
-         r"\bstates\b"),
+        ("unorm_dtype", lambda inp, grads: (_set(inp, unorm=torch.zeros(2, 2, dtype=torch.float64)), grads), r"unorm"),
+        (
+            "state_count",
+            lambda inp, grads: (_set(inp, states=[inp.states[0][:1], inp.states[1]]), grads),
+            r"\bstates\b",
+        ),
         ("state_numel", state0(lambda s: s[:-1].clone()), r"states\[0\]"),
         ("state_non_contiguous", state0(lambda s: torch.empty_like(s.repeat(2))[::2]), r"states\[0\]"),
     ]
@@ -651,18 +731,43 @@ def _step_errors():
     out += [
         ("state_dtype", 32, state0(lambda s: s.double()), r"states\[0\]"),
         ("state_dtype", 8, state0(lambda s: s.float()), r"states\[1\] is .* but states\[0\]"),
-        ("absmax_length", 8, lambda inp, grads: (_set(inp, absmax=[[inp.absmax[0][0][:-1].clone(), inp.absmax[0][1]],
-                                                               inp.absmax[1]]), grads), r"absmax\[0\]"),
-        ("absmax_dtype", 8, lambda inp, grads: (_set(inp, absmax=[inp.absmax[0], [inp.absmax[1][0].double(),
-                                                                               inp.absmax[1][1]]]), grads),
-         r"absmax\[2\]"),
-        ("code_size", 8, lambda inp, grads: (_set(inp, codes=[inp.codes[0][:128].clone(), *inp.codes[1:]]), grads),
-         r"codes\[0\]"),
-        ("code_dtype", 8, lambda inp, grads: (_set(inp, codes=[inp.codes[0], inp.codes[1].double(), inp.codes[2]]),
-                                              grads), r"codes\[1\]"),
+        (
+            "absmax_length",
+            8,
+            lambda inp, grads: (
+                _set(inp, absmax=[[inp.absmax[0][0][:-1].clone(), inp.absmax[0][1]], inp.absmax[1]]),
+                grads,
+            ),
+            r"absmax\[0\]",
+        ),
+        (
+            "absmax_dtype",
+            8,
+            lambda inp, grads: (
+                _set(inp, absmax=[inp.absmax[0], [inp.absmax[1][0].double(), inp.absmax[1][1]]]),
+                grads,
+            ),
+            r"absmax\[2\]",
+        ),
+        (
+            "code_size",
+            8,
+            lambda inp, grads: (_set(inp, codes=[inp.codes[0][:128].clone(), *inp.codes[1:]]), grads),
+            r"codes\[0\]",
+        ),
+        (
+            "code_dtype",
+            8,
+            lambda inp, grads: (_set(inp, codes=[inp.codes[0], inp.codes[1].double(), inp.codes[2]]), grads),
+            r"codes\[1\]",
+        ),
         ("codes_count", 8, lambda inp, grads: (_set(inp, codes=inp.codes[:1]), grads), r"\bcodes\b"),
-        ("absmax_with_float32_states", 32, lambda inp, grads: (_set(inp, absmax=[[torch.zeros(2)]]), grads),
-         r"\babsmax\b"),
+        (
+            "absmax_with_float32_states",
+            32,
+            lambda inp, grads: (_set(inp, absmax=[[torch.zeros(2)]]), grads),
+            r"\babsmax\b",
+        ),
     ]
     return out
 

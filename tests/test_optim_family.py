@@ -75,13 +75,7 @@ WEIGHT_DECAYS = (0.0, 0.1)
 MIN_8BIT_SIZE = 4096
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors are tiny: intra-op threads only add contention (badly so on a shared 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (tests/conftest.py)
 
 
 # -------------------------------------------------------------------------------------------- spec table
@@ -135,8 +129,9 @@ def _torch_adam(amsgrad=False):
 
 
 def _torch_sgd(momentum, dampening=0.0, nesterov=False):
-    return lambda ps, wd: torch.optim.SGD(ps, lr=0.01, momentum=momentum, dampening=dampening,
-                                          nesterov=nesterov, weight_decay=wd)
+    return lambda ps, wd: torch.optim.SGD(
+        ps, lr=0.01, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=wd
+    )
 
 
 _ADAM_STATES = {0: "exp_avg", 1: "exp_avg_sq"}
@@ -150,50 +145,151 @@ SGD_HP = {HP.LR: 0.01, HP.BETA1: 0.9}
 
 SPECS: list[OptimSpec] = [
     *family(ADAM_ALL, {}, hp=_adam_hp(), torch_ref=_torch_adam(), **ADAM),
-    *family([Adam], {"amsgrad": True}, "amsgrad", hp=_adam_hp(), flags=Flag.AMSGRAD, torch_ref=_torch_adam(True),
-            **{**ADAM, "n_states": 3, "torch_states": {**_ADAM_STATES, 2: "max_exp_avg_sq"}}),
+    *family(
+        [Adam],
+        {"amsgrad": True},
+        "amsgrad",
+        hp=_adam_hp(),
+        flags=Flag.AMSGRAD,
+        torch_ref=_torch_adam(True),
+        **{**ADAM, "n_states": 3, "torch_states": {**_ADAM_STATES, 2: "max_exp_avg_sq"}},
+    ),
     *family(ADAMW_ALL, {}, hp=_adam_hp(), torch_ref=_torch_adam(), **ADAM),
-    *family([SGD, SGD8bit, SGD32bit], {"lr": 0.01, "momentum": 0.9}, hp=SGD_HP, n_states=1,
-            torch_ref=_torch_sgd(0.9), torch_states={0: "momentum_buffer"}, **SGD_),
-    *family([SGD], {"lr": 0.01, "momentum": 0.9, "nesterov": True}, "nesterov", hp=SGD_HP, n_states=1,
-            flags=Flag.NESTEROV, torch_ref=_torch_sgd(0.9, nesterov=True), torch_states={0: "momentum_buffer"},
-            **SGD_),
-    *family([SGD], {"lr": 0.01, "momentum": 0.8, "dampening": 0.3}, "dampening",
-            hp={HP.LR: 0.01, HP.BETA1: 0.8, HP.DAMPENING: 0.3}, n_states=1,
-            torch_ref=_torch_sgd(0.8, dampening=0.3), torch_states={0: "momentum_buffer"}, **SGD_),
+    *family(
+        [SGD, SGD8bit, SGD32bit],
+        {"lr": 0.01, "momentum": 0.9},
+        hp=SGD_HP,
+        n_states=1,
+        torch_ref=_torch_sgd(0.9),
+        torch_states={0: "momentum_buffer"},
+        **SGD_,
+    ),
+    *family(
+        [SGD],
+        {"lr": 0.01, "momentum": 0.9, "nesterov": True},
+        "nesterov",
+        hp=SGD_HP,
+        n_states=1,
+        flags=Flag.NESTEROV,
+        torch_ref=_torch_sgd(0.9, nesterov=True),
+        torch_states={0: "momentum_buffer"},
+        **SGD_,
+    ),
+    *family(
+        [SGD],
+        {"lr": 0.01, "momentum": 0.8, "dampening": 0.3},
+        "dampening",
+        hp={HP.LR: 0.01, HP.BETA1: 0.8, HP.DAMPENING: 0.3},
+        n_states=1,
+        torch_ref=_torch_sgd(0.8, dampening=0.3),
+        torch_states={0: "momentum_buffer"},
+        **SGD_,
+    ),
     *family([SGD], {"lr": 0.01}, "nomomentum", hp={HP.LR: 0.01}, n_states=0, torch_ref=_torch_sgd(0.0), **SGD_),
-    *family([LARS, LARS8bit, LARS32bit], {"lr": 0.01, "momentum": 0.9}, hp={**SGD_HP, HP.MAX_UNORM: 0.02},
-            n_states=1, flags=Flag.UNORM_CLIP, **SGD_),
-    *family([LARS], {"lr": 0.01}, "nomomentum", hp={HP.LR: 0.01, HP.MAX_UNORM: 0.02}, n_states=0,
-            flags=Flag.UNORM_CLIP, **SGD_),
-    *family([LAMB, LAMB8bit, LAMB32bit], {}, hp=_adam_hp(max_unorm=1.0), flags=Flag.UNORM_CLIP,
-            **{**ADAM, "torch_states": {}}),
-    *family([LAMB], {"bias_correction": False, "adam_w_mode": False, "max_unorm": 0.5}, "nobc-l2",
-            hp=_adam_hp(max_unorm=0.5),
-            flags=Flag.UNORM_CLIP | Flag.NO_BIAS_CORRECTION | Flag.L2_WEIGHT_DECAY, **{**ADAM, "torch_states": {}}),
-    *family([LAMB], {"amsgrad": True}, "amsgrad", hp=_adam_hp(max_unorm=1.0),
-            flags=Flag.UNORM_CLIP | Flag.AMSGRAD, **{**ADAM, "n_states": 3, "torch_states": {}}),
-    *family([Adagrad, Adagrad8bit, Adagrad32bit], {}, rule=Rule.ADAGRAD, hp={HP.LR: 1e-2, HP.EPS: 1e-10},
-            n_states=1, signed=(False, False, False), torch_ref=lambda ps, wd: torch.optim.Adagrad(ps, weight_decay=wd),
-            torch_states={0: "sum"}),
-    *family([Adagrad], {"lr_decay": 0.1, "initial_accumulator_value": 0.1}, "decay-init", rule=Rule.ADAGRAD,
-            hp={HP.LR: 1e-2, HP.EPS: 1e-10, HP.LR_DECAY: 0.1}, n_states=1, signed=(False, False, False), init=0.1,
-            torch_ref=lambda ps, wd: torch.optim.Adagrad(ps, lr_decay=0.1, initial_accumulator_value=0.1,
-                                                         weight_decay=wd),
-            torch_states={0: "sum"}),
-    *family([RMSprop, RMSprop8bit, RMSprop32bit], {}, rule=Rule.RMSPROP,
-            hp={HP.LR: 1e-2, HP.ALPHA: 0.99, HP.EPS: 1e-8}, n_states=1, signed=(False, False, False),
-            torch_ref=lambda ps, wd: torch.optim.RMSprop(ps, weight_decay=wd), torch_states={0: "square_avg"}),
-    *family([RMSprop], {"alpha": 0.9}, "alpha", rule=Rule.RMSPROP, hp={HP.LR: 1e-2, HP.ALPHA: 0.9, HP.EPS: 1e-8},
-            n_states=1, signed=(False, False, False),
-            torch_ref=lambda ps, wd: torch.optim.RMSprop(ps, alpha=0.9, weight_decay=wd),
-            torch_states={0: "square_avg"}),
-    *family([Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit], {}, rule=Rule.LION,
-            hp={HP.LR: 1e-4, HP.BETA1: 0.9, HP.BETA2: 0.99}, n_states=1, signed=(True, True, True)),
-    *family([AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit], {},
-            hp=ADEMAMIX_HP, **ADEMAMIX),
-    *family([AdEMAMix], {"t_alpha": 10, "t_beta3": 15}, "warmup",
-            hp={**ADEMAMIX_HP, HP.T_ALPHA: 10, HP.T_BETA3: 15}, **ADEMAMIX),
+    *family(
+        [LARS, LARS8bit, LARS32bit],
+        {"lr": 0.01, "momentum": 0.9},
+        hp={**SGD_HP, HP.MAX_UNORM: 0.02},
+        n_states=1,
+        flags=Flag.UNORM_CLIP,
+        **SGD_,
+    ),
+    *family(
+        [LARS],
+        {"lr": 0.01},
+        "nomomentum",
+        hp={HP.LR: 0.01, HP.MAX_UNORM: 0.02},
+        n_states=0,
+        flags=Flag.UNORM_CLIP,
+        **SGD_,
+    ),
+    *family(
+        [LAMB, LAMB8bit, LAMB32bit],
+        {},
+        hp=_adam_hp(max_unorm=1.0),
+        flags=Flag.UNORM_CLIP,
+        **{**ADAM, "torch_states": {}},
+    ),
+    *family(
+        [LAMB],
+        {"bias_correction": False, "adam_w_mode": False, "max_unorm": 0.5},
+        "nobc-l2",
+        hp=_adam_hp(max_unorm=0.5),
+        flags=Flag.UNORM_CLIP | Flag.NO_BIAS_CORRECTION | Flag.L2_WEIGHT_DECAY,
+        **{**ADAM, "torch_states": {}},
+    ),
+    *family(
+        [LAMB],
+        {"amsgrad": True},
+        "amsgrad",
+        hp=_adam_hp(max_unorm=1.0),
+        flags=Flag.UNORM_CLIP | Flag.AMSGRAD,
+        **{**ADAM, "n_states": 3, "torch_states": {}},
+    ),
+    *family(
+        [Adagrad, Adagrad8bit, Adagrad32bit],
+        {},
+        rule=Rule.ADAGRAD,
+        hp={HP.LR: 1e-2, HP.EPS: 1e-10},
+        n_states=1,
+        signed=(False, False, False),
+        torch_ref=lambda ps, wd: torch.optim.Adagrad(ps, weight_decay=wd),
+        torch_states={0: "sum"},
+    ),
+    *family(
+        [Adagrad],
+        {"lr_decay": 0.1, "initial_accumulator_value": 0.1},
+        "decay-init",
+        rule=Rule.ADAGRAD,
+        hp={HP.LR: 1e-2, HP.EPS: 1e-10, HP.LR_DECAY: 0.1},
+        n_states=1,
+        signed=(False, False, False),
+        init=0.1,
+        torch_ref=lambda ps, wd: torch.optim.Adagrad(ps, lr_decay=0.1, initial_accumulator_value=0.1, weight_decay=wd),
+        torch_states={0: "sum"},
+    ),
+    *family(
+        [RMSprop, RMSprop8bit, RMSprop32bit],
+        {},
+        rule=Rule.RMSPROP,
+        hp={HP.LR: 1e-2, HP.ALPHA: 0.99, HP.EPS: 1e-8},
+        n_states=1,
+        signed=(False, False, False),
+        torch_ref=lambda ps, wd: torch.optim.RMSprop(ps, weight_decay=wd),
+        torch_states={0: "square_avg"},
+    ),
+    *family(
+        [RMSprop],
+        {"alpha": 0.9},
+        "alpha",
+        rule=Rule.RMSPROP,
+        hp={HP.LR: 1e-2, HP.ALPHA: 0.9, HP.EPS: 1e-8},
+        n_states=1,
+        signed=(False, False, False),
+        torch_ref=lambda ps, wd: torch.optim.RMSprop(ps, alpha=0.9, weight_decay=wd),
+        torch_states={0: "square_avg"},
+    ),
+    *family(
+        [Lion, Lion8bit, Lion32bit, PagedLion, PagedLion8bit, PagedLion32bit],
+        {},
+        rule=Rule.LION,
+        hp={HP.LR: 1e-4, HP.BETA1: 0.9, HP.BETA2: 0.99},
+        n_states=1,
+        signed=(True, True, True),
+    ),
+    *family(
+        [AdEMAMix, AdEMAMix8bit, AdEMAMix32bit, PagedAdEMAMix, PagedAdEMAMix8bit, PagedAdEMAMix32bit],
+        {},
+        hp=ADEMAMIX_HP,
+        **ADEMAMIX,
+    ),
+    *family(
+        [AdEMAMix],
+        {"t_alpha": 10, "t_beta3": 15},
+        "warmup",
+        hp={**ADEMAMIX_HP, HP.T_ALPHA: 10, HP.T_BETA3: 15},
+        **ADEMAMIX,
+    ),
 ]
 SPEC_IDS = [s.id for s in SPECS]
 EVERY_CLASS = sorted({s.cls.__name__ for s in SPECS})
@@ -246,8 +342,19 @@ class Oracle:
         s = self.spec
         for i, (p, g) in enumerate(zip(self.params, grads)):
             codes = self.codes[: s.n_states] if self.eight[i] else []
-            reference.step(int(s.rule), int(s.flags), [p], [g], self.states[i], self.absmax[i], codes,
-                           [self.steps[i]], self.hp, None, None)
+            reference.step(
+                int(s.rule),
+                int(s.flags),
+                [p],
+                [g],
+                self.states[i],
+                self.absmax[i],
+                codes,
+                [self.steps[i]],
+                self.hp,
+                None,
+                None,
+            )
 
 
 def run(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[list[Tensor]]) -> None:
@@ -266,7 +373,8 @@ def assert_mostly_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: 
     assert torch.isfinite(a).all(), f"{what}: non-finite values"
     bad = (a - e).abs() > atol + rtol * e.abs()
     assert bad.float().mean().item() <= 1 - frac, (
-        f"{what}: {int(bad.sum())} of {a.numel()} elements differ, max |diff| {(a - e).abs().max().item():.3g}")
+        f"{what}: {int(bad.sum())} of {a.numel()} elements differ, max |diff| {(a - e).abs().max().item():.3g}"
+    )
 
 
 def param_tolerance(spec: OptimSpec, dtype: torch.dtype) -> dict[str, float]:
@@ -284,8 +392,9 @@ def assert_codes_close(q: Tensor, absmax: Tensor, q_ref: Tensor, absmax_ref: Ten
     assert (diff <= 1).float().mean().item() >= 0.99, f"{what}: codes differ by > 1 at {int((diff > 1).sum())} elements"
 
 
-def compare_with_oracle(opt: torch.optim.Optimizer, params: list[Tensor], oracle: Oracle, spec: OptimSpec,
-                        dtype: torch.dtype) -> None:
+def compare_with_oracle(
+    opt: torch.optim.Optimizer, params: list[Tensor], oracle: Oracle, spec: OptimSpec, dtype: torch.dtype
+) -> None:
     for i, (p, p_ref) in enumerate(zip(params, oracle.params)):
         assert p.dtype == dtype
         assert_mostly_close(p, p_ref, **param_tolerance(spec, dtype), what=f"param {SHAPES[i]}")
@@ -295,12 +404,19 @@ def compare_with_oracle(opt: torch.optim.Optimizer, params: list[Tensor], oracle
             mine = st[f"state{j + 1}"]
             if oracle.eight[i]:
                 assert mine.dtype == torch.uint8 and mine.shape == p.shape
-                assert_codes_close(mine, st[f"absmax{j + 1}"], oracle.states[i][j], oracle.absmax[i][j],
-                                   f"state{j + 1} of {SHAPES[i]}")
+                assert_codes_close(
+                    mine, st[f"absmax{j + 1}"], oracle.states[i][j], oracle.absmax[i][j], f"state{j + 1} of {SHAPES[i]}"
+                )
             else:
                 assert mine.dtype == torch.float32
-                assert_mostly_close(mine, oracle.states[i][j].view_as(mine), rtol=1e-5, atol=1e-7, frac=0.999,
-                                    what=f"state{j + 1} of {SHAPES[i]}")
+                assert_mostly_close(
+                    mine,
+                    oracle.states[i][j].view_as(mine),
+                    rtol=1e-5,
+                    atol=1e-7,
+                    frac=0.999,
+                    what=f"state{j + 1} of {SHAPES[i]}",
+                )
         assert f"state{spec.n_states + 1}" not in st
 
 
@@ -336,8 +452,9 @@ def test_matches_torch_optim(spec: OptimSpec, weight_decay: float):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         for j, key in spec.torch_states.items():
             theirs_state = ref.state[q][key]  # torch's lerp/addcmul round differently: scale atol to the state
-            torch.testing.assert_close(opt.state[p][f"state{j + 1}"], theirs_state, rtol=1e-5,
-                                       atol=1e-5 * theirs_state.abs().max().item())
+            torch.testing.assert_close(
+                opt.state[p][f"state{j + 1}"], theirs_state, rtol=1e-5, atol=1e-5 * theirs_state.abs().max().item()
+            )
 
 
 # ------------------------------------------------------------------------------------------- state dicts
@@ -463,21 +580,26 @@ INVALID: list[tuple[type, dict[str, Any], type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs,exc,name", INVALID,
-                         ids=[f"{c.__name__}-{'-'.join(k)}-{i}" for i, (c, k, _, _) in enumerate(INVALID)])
+@pytest.mark.parametrize(
+    "cls,kwargs,exc,name", INVALID, ids=[f"{c.__name__}-{'-'.join(k)}-{i}" for i, (c, k, _, _) in enumerate(INVALID)]
+)
 def test_invalid_arguments(cls, kwargs, exc, name):
     with pytest.raises(exc, match=re.escape(name)):
         cls(_p(), **kwargs)
 
 
-@pytest.mark.parametrize("cls,defaults,group,name", [
-    (Adam, {}, {"lr": -1.0}, "lr"),
-    (SGD, {"lr": 0.1, "momentum": 0.9}, {"momentum": 0.0, "nesterov": True}, "nesterov"),
-    (RMSprop, {}, {"centered": True}, "centered"),
-    (Adagrad, {}, {"initial_accumulator_value": -1.0}, "initial_accumulator_value"),
-    (AdEMAMix, {}, {"t_alpha": 0}, "t_alpha"),
-    (LAMB, {}, {"max_unorm": -1.0}, "max_unorm"),
-], ids=lambda v: v.__name__ if isinstance(v, type) else None)
+@pytest.mark.parametrize(
+    "cls,defaults,group,name",
+    [
+        (Adam, {}, {"lr": -1.0}, "lr"),
+        (SGD, {"lr": 0.1, "momentum": 0.9}, {"momentum": 0.0, "nesterov": True}, "nesterov"),
+        (RMSprop, {}, {"centered": True}, "centered"),
+        (Adagrad, {}, {"initial_accumulator_value": -1.0}, "initial_accumulator_value"),
+        (AdEMAMix, {}, {"t_alpha": 0}, "t_alpha"),
+        (LAMB, {}, {"max_unorm": -1.0}, "max_unorm"),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else None,
+)
 def test_invalid_param_group(cls, defaults, group, name):
     opt = cls(_p(), **defaults)
     with pytest.raises((ValueError, NotImplementedError), match=re.escape(name)):
@@ -498,10 +620,18 @@ def test_param_groups_mix_momentum_and_warmups():
 
 
 # ---------------------------------------------------------------------------------- GlobalOptimManager
-@pytest.mark.parametrize("cls,kwargs", [
-    (Adam, {"optim_bits": 8}), (SGD8bit, {"lr": 0.01, "momentum": 0.9}), (Lion8bit, {}), (AdEMAMix8bit, {}),
-    (Adagrad8bit, {}), (LAMB8bit, {}),
-], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (Adam, {"optim_bits": 8}),
+        (SGD8bit, {"lr": 0.01, "momentum": 0.9}),
+        (Lion8bit, {}),
+        (AdEMAMix8bit, {}),
+        (Adagrad8bit, {}),
+        (LAMB8bit, {}),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
 def test_manager_override_optim_bits(cls, kwargs):
     mng = GlobalOptimManager.get_instance()
     before, after, plain = (torch.randn(64, 80, requires_grad=True) for _ in range(3))
@@ -552,10 +682,19 @@ def test_stable_embedding_states_are_32bit(cls):
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item")
 
 
-@pytest.mark.parametrize("cls,kwargs", [
-    (Adam8bit, {}), (Adam, {}), (SGD, {"lr": 0.01, "momentum": 0.9}), (Lion8bit, {}), (AdEMAMix, {}),
-    (Adagrad8bit, {}), (LAMB, {}),
-], ids=lambda v: v.__name__ if isinstance(v, type) else "")
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (Adam8bit, {}),
+        (Adam, {}),
+        (SGD, {"lr": 0.01, "momentum": 0.9}),
+        (Lion8bit, {}),
+        (AdEMAMix, {}),
+        (Adagrad8bit, {}),
+        (LAMB, {}),
+    ],
+    ids=lambda v: v.__name__ if isinstance(v, type) else "",
+)
 def test_percentile_clipping(cls, kwargs):
     params0, grads = make_problem(torch.float32, seed=2)
     for t, gs in enumerate(grads):  # spikes the clipping must tame

@@ -11,7 +11,10 @@ import qop
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Embedding(64, 96), torch.nn.Flatten(), torch.nn.Linear(96 * 8, 256), torch.nn.GELU(),
+        torch.nn.Embedding(64, 96),
+        torch.nn.Flatten(),
+        torch.nn.Linear(96 * 8, 256),
+        torch.nn.GELU(),
         torch.nn.Linear(256, 64),
     )
 
@@ -38,8 +41,12 @@ def _train(make_opt, steps: int = 200) -> tuple[list[float], torch.optim.Optimiz
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
-               if isinstance(t, torch.Tensor) and k != "step")
+    return sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for k, t in st.items()
+        if isinstance(t, torch.Tensor) and k != "step"
+    )
 
 
 @functools.cache

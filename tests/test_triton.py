@@ -74,8 +74,14 @@ def test_interpreter_suite_in_subprocess():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", QOP_TRITON_INTERPRETER_CHILD="1")
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout, proc.stdout[-2000:]  # the child really ran the kernels
 
@@ -95,8 +101,20 @@ SMALL = dict(chunk=512, config={"BLOCK": 256, "num_warps": 4})
 
 # --------------------------------------------------------------------------------------------- cases
 def make_hp(**values: float) -> torch.Tensor:
-    defaults = dict(LR=1e-2, BETA1=0.9, BETA2=0.999, BETA3=0.9999, EPS=1e-8, WEIGHT_DECAY=0.0, ALPHA=0.99,
-                    DAMPENING=0.0, LR_DECAY=0.0, MAX_UNORM=0.0, T_ALPHA=0.0, T_BETA3=0.0)
+    defaults = dict(
+        LR=1e-2,
+        BETA1=0.9,
+        BETA2=0.999,
+        BETA3=0.9999,
+        EPS=1e-8,
+        WEIGHT_DECAY=0.0,
+        ALPHA=0.99,
+        DAMPENING=0.0,
+        LR_DECAY=0.0,
+        MAX_UNORM=0.0,
+        T_ALPHA=0.0,
+        T_BETA3=0.0,
+    )
     defaults.update(values)
     hp = torch.zeros(HP_SIZE, dtype=torch.float32)
     for name, value in defaults.items():
@@ -143,14 +161,25 @@ class Problem:
         return copy.deepcopy(self)
 
     def mutable(self) -> list[torch.Tensor]:
-        return [*self.params, *(t for s in self.states for t in s), *(t for a in self.absmax for t in a),
-                *self.steps]
+        return [*self.params, *(t for s in self.states for t in s), *(t for a in self.absmax for t in a), *self.steps]
 
     def args(self, unorm: torch.Tensor | None = None) -> tuple:
         """The arguments of ``qop::step`` for this problem."""
         codes = self.codes[: self.k] if self.bits == 8 else []
-        return op_args(self.rule, self.flags, self.params, self.grads, self.states, self.absmax, codes, self.steps,
-                       self.hp, self.gscale, self.found_inf, unorm)
+        return op_args(
+            self.rule,
+            self.flags,
+            self.params,
+            self.grads,
+            self.states,
+            self.absmax,
+            codes,
+            self.steps,
+            self.hp,
+            self.gscale,
+            self.found_inf,
+            unorm,
+        )
 
     def run(self, impl, unorm: torch.Tensor | None = None, **kw) -> None:
         impl.step(*self.args(unorm), **kw)
@@ -297,8 +326,9 @@ def test_step_amsgrad_nan_stays_nan():
     steps = [torch.zeros((), device=DEVICE)]
     _step.step(int(Rule.ADAM), int(Flag.AMSGRAD), [ours[0]], [g], ours[1:], [], [], steps, hp, None, None, **SMALL)
     ref = [t.cpu().clone() for t in (p, m, v, vmax)]
-    reference.step(int(Rule.ADAM), int(Flag.AMSGRAD), [ref[0]], [g.cpu()], ref[1:], [], [], [torch.zeros(())],
-                   hp.cpu(), None, None)
+    reference.step(
+        int(Rule.ADAM), int(Flag.AMSGRAD), [ref[0]], [g.cpu()], ref[1:], [], [], [torch.zeros(())], hp.cpu(), None, None
+    )
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.cpu(), b, equal_nan=True)
     assert bool(ours[0][1].isnan()) and not bool(ours[0][0].isnan())
@@ -324,8 +354,20 @@ def test_norms_in_float64_like_reference(scale):
     for impl, dev in ((_step, DEVICE), (reference, torch.device("cpu"))):
         pi, m, v = p.clone().to(dev), torch.zeros(700, device=dev), torch.zeros(700, device=dev)
         kw = SMALL if impl is _step else {}
-        impl.step(int(Rule.ADAM), int(Flag.UNORM_CLIP), [pi], [g.to(dev)], [m, v], [], [],
-                  [torch.zeros((), device=dev)], hp.to(dev), None, None, **kw)
+        impl.step(
+            int(Rule.ADAM),
+            int(Flag.UNORM_CLIP),
+            [pi],
+            [g.to(dev)],
+            [m, v],
+            [],
+            [],
+            [torch.zeros((), device=dev)],
+            hp.to(dev),
+            None,
+            None,
+            **kw,
+        )
         results.append(pi.cpu())
     if scale < 1:  # clipped to max_unorm * ||p|| with ||p||^2 below float32's range (a huge p barely moves)
         assert not torch.equal(results[1], p)
@@ -371,9 +413,16 @@ def test_step_wide_tiles_aligned(bits):
     problem = Problem(CASES["adam_amsgrad"], torch.bfloat16, bits, sizes=[2560, 768])
     check_against_reference(problem, n_steps=1, chunk=1024, config={"BLOCK": 512, "num_warps": 4})
     k = CASES["adam_amsgrad"].n_states
-    rows = [[p, g, *[problem.states[j][i] for j in range(k)],
-             *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k), st]
-            for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))]
+    rows = [
+        [
+            p,
+            g,
+            *[problem.states[j][i] for j in range(k)],
+            *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k),
+            st,
+        ]
+        for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))
+    ]
     assert _multi_tensor.metadata(rows, 1024).aligned
 
 
@@ -461,8 +510,12 @@ def test_percentile_clip_default_config():
 # ----------------------------------------------------------------------------- multi-tensor metadata
 def test_metadata_cached_and_self_resetting():
     problem = Problem(CASES["lamb"], torch.float32, 8)  # LAMB: counters and norm sums both used
-    rows = [[p, g, s1, s2, None, a1, a2, None, st] for p, g, s1, s2, a1, a2, st in
-            zip(problem.params, problem.grads, *problem.states[:2], *problem.absmax[:2], problem.steps)]
+    rows = [
+        [p, g, s1, s2, None, a1, a2, None, st]
+        for p, g, s1, s2, a1, a2, st in zip(
+            problem.params, problem.grads, *problem.states[:2], *problem.absmax[:2], problem.steps
+        )
+    ]
     problem.run(_step, **SMALL)
     meta = _multi_tensor.metadata(rows, SMALL["chunk"])
     assert _multi_tensor.metadata(rows, SMALL["chunk"]) is meta
@@ -481,9 +534,18 @@ def test_dry_run_writes_back_what_it_read(bits):
     problem = Problem(CASES["lamb"], torch.float32, bits)
     problem.run(_step, **SMALL)  # builds the metadata of these tensors
     k = CASES["lamb"].n_states
-    rows = [[p, g, *[problem.states[j][i] for j in range(k)], None,
-             *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k), None, st]
-            for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))]
+    rows = [
+        [
+            p,
+            g,
+            *[problem.states[j][i] for j in range(k)],
+            None,
+            *([problem.absmax[j][i] for j in range(k)] if bits == 8 else [None] * k),
+            None,
+            st,
+        ]
+        for i, (p, g, st) in enumerate(zip(problem.params, problem.grads, problem.steps))
+    ]
     meta = _multi_tensor.metadata(rows, SMALL["chunk"])
     before = problem.clone()
     _step._dry_run_on({"work_ptr": meta.work})
@@ -630,8 +692,9 @@ def test_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0 and ("ASTSource" in proc.stderr and "TypeError" in proc.stderr):
         pytest.skip(f"this Triton's ASTSource API differs: {proc.stderr.splitlines()[-1]}")
     assert proc.returncode == 0 and "traced" in proc.stdout, proc.stderr[-4000:]
@@ -669,8 +732,15 @@ def test_cuda_paging_helper_compiles(tmp_path):
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     includes = [str(tmp_path), *include_paths(), _cuda_include(), sysconfig.get_paths()["include"]]
-    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", *(f"-isystem{i}" for i in includes),
-           os.path.join(root, "csrc", "cuda", "paged.cpp")]
+    cmd = [
+        "g++",
+        "-std=c++20",
+        "-fsyntax-only",
+        "-Wall",
+        "-Wextra",
+        *(f"-isystem{i}" for i in includes),
+        os.path.join(root, "csrc", "cuda", "paged.cpp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "warning" not in proc.stderr, proc.stderr[-4000:]  # headers are -isystem: warnings are ours
@@ -711,8 +781,9 @@ def test_opcheck_cuda(case, bits):
     torch.library.opcheck(torch.ops.qop.quantize_blockwise.default, (A, code, 256))
     q, absmax = torch.ops.qop.quantize_blockwise(A, code, 256)
     torch.library.opcheck(torch.ops.qop.dequantize_blockwise.default, (q, absmax, code, 256, torch.bfloat16))
-    torch.library.opcheck(torch.ops.qop.percentile_clip.default, (*_clip_inputs(torch.bfloat16)[:3], 5,
-                                                                  torch.tensor(0.5, device=DEVICE)))
+    torch.library.opcheck(
+        torch.ops.qop.percentile_clip.default, (*_clip_inputs(torch.bfloat16)[:3], 5, torch.tensor(0.5, device=DEVICE))
+    )
 
 
 @gpu

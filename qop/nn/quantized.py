@@ -21,6 +21,10 @@ class QuantizedLinear(torch.nn.Module):
     """``y = x @ W.T + b`` with ``W`` held as blockwise 8-bit codes (buffers ``weight_codes``,
     ``weight_absmax``, ``code``); the bias, when present, stays in floating point."""
 
+    weight_codes: Tensor
+    weight_absmax: Tensor
+    code: Tensor
+
     def __init__(
         self,
         in_features: int,

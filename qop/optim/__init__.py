@@ -70,8 +70,11 @@ __all__ = [
 #: Every optimizer class exported here, by name: what the tests, the benchmarks and the docs iterate over.
 CLASSES: tuple[type[QopOptimizer], ...] = tuple(
     sorted(
-        (c for c in map(globals().get, __all__) if isinstance(c, type) and issubclass(c, QopOptimizer)
-         and c is not QopOptimizer),
+        (
+            c
+            for c in map(globals().get, __all__)
+            if isinstance(c, type) and issubclass(c, QopOptimizer) and c is not QopOptimizer
+        ),
         key=lambda c: c.__name__,
     )
 )

@@ -194,8 +194,20 @@ def step_bucket(
     fi = None if found_inf is None else found_inf.to(b.device)
     k = len(b.states)
     if b.bits != 8:
-        ops.step(int(opt.rule), flags, [p.view(-1) for p in lp], [g.view(-1) for g in lg],
-                 [s.view(-1) for st in b.states for s in st], [], [], b.steps, hp, gscale, fi, unorm)
+        ops.step(
+            int(opt.rule),
+            flags,
+            [p.view(-1) for p in lp],
+            [g.view(-1) for g in lg],
+            [s.view(-1) for st in b.states for s in st],
+            [],
+            [],
+            b.steps,
+            hp,
+            gscale,
+            fi,
+            unorm,
+        )
         return
     P: list[Tensor] = []
     G: list[Tensor] = []
@@ -221,8 +233,20 @@ def step_bucket(
     if plan.expand is not None:
         gscale = None if gscale is None else gscale.index_select(0, plan.expand)
         unorm = None if unorm is None else unorm.index_select(0, plan.expand)
-    ops.step(int(opt.rule), flags, P, G, [s for st in S for s in st], [a for am in A for a in am], b.codes, steps, hp,
-             gscale, fi, unorm)
+    ops.step(
+        int(opt.rule),
+        flags,
+        P,
+        G,
+        [s for st in S for s in st],
+        [a for am in A for a in am],
+        b.codes,
+        steps,
+        hp,
+        gscale,
+        fi,
+        unorm,
+    )
 
 
 def _update_sums(

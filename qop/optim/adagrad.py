@@ -37,11 +37,22 @@ class Adagrad(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                        initial_accumulator_value=initial_accumulator_value, eps=eps)
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
-
+        defaults = dict(
+            lr=lr,
+            lr_decay=lr_decay,
+            weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value,
+            eps=eps,
+        )
+        super().__init__(
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            args=args,
+        )
 
     def initial_state(self, group: dict[str, Any], index: int) -> float:
         return number("initial_accumulator_value", group["initial_accumulator_value"])
@@ -54,7 +65,7 @@ class Adagrad(QopOptimizer):
                 raise ValueError(f"qop: initial_accumulator_value must be >= 0, got {v}")
 
 
-@variant(bits=8, defaults={'optim_bits': 8})
+@variant(bits=8, defaults={"optim_bits": 8})
 class Adagrad8bit(Adagrad):
     """8-bit Adagrad."""
 
@@ -62,4 +73,3 @@ class Adagrad8bit(Adagrad):
 @variant(bits=32)
 class Adagrad32bit(Adagrad):
     """32-bit Adagrad."""
-

@@ -37,8 +37,16 @@ class Adam(QopOptimizer):
         is_paged: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad))
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise, is_paged=is_paged, args=args)
+        super().__init__(
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            is_paged=is_paged,
+            args=args,
+        )
 
     def flags(self, group: dict[str, Any]) -> Flag:
         return Flag.AMSGRAD if group["amsgrad"] else Flag.NONE
@@ -62,8 +70,20 @@ class AdamW(Adam):
         block_wise: bool = True,
         is_paged: bool = False,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, min_8bit_size,
-                         percentile_clipping, block_wise, is_paged)
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            optim_bits,
+            args,
+            min_8bit_size,
+            percentile_clipping,
+            block_wise,
+            is_paged,
+        )
 
 
 @variant(bits=8)
@@ -114,4 +134,3 @@ class PagedAdamW8bit(AdamW):
 @variant(bits=32, paged=True)
 class PagedAdamW32bit(AdamW):
     """32-bit paged AdamW."""
-

@@ -26,8 +26,15 @@ class AdEMAMix(QopOptimizer):
     """
 
     rule = Rule.ADEMAMIX
-    hp_keys = {"lr": HP.LR, "betas": (HP.BETA1, HP.BETA2, HP.BETA3), "alpha": HP.ALPHA, "t_alpha": HP.T_ALPHA,
-               "t_beta3": HP.T_BETA3, "eps": HP.EPS, "weight_decay": HP.WEIGHT_DECAY}
+    hp_keys = {
+        "lr": HP.LR,
+        "betas": (HP.BETA1, HP.BETA2, HP.BETA3),
+        "alpha": HP.ALPHA,
+        "t_alpha": HP.T_ALPHA,
+        "t_beta3": HP.T_BETA3,
+        "eps": HP.EPS,
+        "weight_decay": HP.WEIGHT_DECAY,
+    }
     state_signed = (True, False, True)
 
     def __init__(
@@ -46,10 +53,24 @@ class AdEMAMix(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, alpha=alpha, t_alpha=warmup_steps("t_alpha", t_alpha),
-                        t_beta3=warmup_steps("t_beta3", t_beta3), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise, is_paged=is_paged)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            alpha=alpha,
+            t_alpha=warmup_steps("t_alpha", t_alpha),
+            t_beta3=warmup_steps("t_beta3", t_beta3),
+            eps=eps,
+            weight_decay=weight_decay,
+        )
+        super().__init__(
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            is_paged=is_paged,
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # The kernels read the warm-ups from the hp vector, where 0 means off.
@@ -79,8 +100,14 @@ def _split_bnb_state(st: dict[str, Any]) -> dict[str, Any]:
     nested = st.get(BNB_QUANT_KEY)
     src = dict(nested) if isinstance(nested, dict) else st
     s1, s2 = src.get("state1"), src.get("state2")
-    if (isinstance(s1, Tensor) and isinstance(s2, Tensor) and "state3" not in src and s1.dim() == s2.dim() + 1
-            and s1.shape[0] == 2 and s1.numel() == 2 * s2.numel()):
+    if (
+        isinstance(s1, Tensor)
+        and isinstance(s2, Tensor)
+        and "state3" not in src
+        and s1.dim() == s2.dim() + 1
+        and s1.shape[0] == 2
+        and s1.numel() == 2 * s2.numel()
+    ):
         src["state1"], src["state3"] = s1[0], s1[1]
         a1 = src.get("absmax1")
         if isinstance(a1, Tensor) and a1.dim() == 2 and a1.shape[0] == 2:
@@ -92,27 +119,26 @@ def _split_bnb_state(st: dict[str, Any]) -> dict[str, Any]:
     return st
 
 
-@variant(bits=8, drop=('optim_bits',))
+@variant(bits=8, drop=("optim_bits",))
 class AdEMAMix8bit(AdEMAMix):
     """8-bit AdEMAMix."""
 
 
-@variant(bits=32, drop=('optim_bits',))
+@variant(bits=32, drop=("optim_bits",))
 class AdEMAMix32bit(AdEMAMix):
     """32-bit AdEMAMix."""
 
 
-@variant(paged=True, drop=('is_paged',))
+@variant(paged=True, drop=("is_paged",))
 class PagedAdEMAMix(AdEMAMix):
     """Paged AdEMAMix (states in CUDA unified memory)."""
 
 
-@variant(bits=8, paged=True, drop=('optim_bits', 'is_paged'))
+@variant(bits=8, paged=True, drop=("optim_bits", "is_paged"))
 class PagedAdEMAMix8bit(AdEMAMix):
     """8-bit paged AdEMAMix."""
 
 
-@variant(bits=32, paged=True, drop=('optim_bits', 'is_paged'))
+@variant(bits=32, paged=True, drop=("optim_bits", "is_paged"))
 class PagedAdEMAMix32bit(AdEMAMix):
     """32-bit paged AdEMAMix."""
-

@@ -21,8 +21,13 @@ class LAMB(QopOptimizer):
     """
 
     rule = Rule.ADAM
-    hp_keys = {"lr": HP.LR, "betas": (HP.BETA1, HP.BETA2), "eps": HP.EPS, "weight_decay": HP.WEIGHT_DECAY,
-               "max_unorm": HP.MAX_UNORM}
+    hp_keys = {
+        "lr": HP.LR,
+        "betas": (HP.BETA1, HP.BETA2),
+        "eps": HP.EPS,
+        "weight_decay": HP.WEIGHT_DECAY,
+        "max_unorm": HP.MAX_UNORM,
+    }
     state_signed = (True, False, False)
     block_wise_default = False
 
@@ -43,11 +48,25 @@ class LAMB(QopOptimizer):
         block_wise: bool = False,
         max_unorm: float = 1.0,
     ) -> None:
-        defaults = dict(lr=lr, bias_correction=bool(bias_correction), betas=betas, eps=eps,
-                        weight_decay=weight_decay, amsgrad=bool(amsgrad), adam_w_mode=bool(adam_w_mode),
-                        max_unorm=max_unorm)
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
+        defaults = dict(
+            lr=lr,
+            bias_correction=bool(bias_correction),
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=bool(amsgrad),
+            adam_w_mode=bool(adam_w_mode),
+            max_unorm=max_unorm,
+        )
+        super().__init__(
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            args=args,
+        )
 
     def flags(self, group: dict[str, Any]) -> Flag:
         flags = Flag.UNORM_CLIP
@@ -60,12 +79,11 @@ class LAMB(QopOptimizer):
         return flags
 
 
-@variant(bits=8, drop=('optim_bits',))
+@variant(bits=8, drop=("optim_bits",))
 class LAMB8bit(LAMB):
     """8-bit LAMB."""
 
 
-@variant(bits=32, drop=('optim_bits',))
+@variant(bits=32, drop=("optim_bits",))
 class LAMB32bit(LAMB):
     """32-bit LAMB."""
-

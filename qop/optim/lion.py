@@ -31,32 +31,38 @@ class Lion(QopOptimizer):
         is_paged: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise, is_paged=is_paged,
-                         args=args)
+        super().__init__(
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            is_paged=is_paged,
+            args=args,
+        )
 
 
-@variant(bits=8, drop=('optim_bits',))
+@variant(bits=8, drop=("optim_bits",))
 class Lion8bit(Lion):
     """8-bit Lion."""
 
 
-@variant(bits=32, drop=('optim_bits',))
+@variant(bits=32, drop=("optim_bits",))
 class Lion32bit(Lion):
     """32-bit Lion."""
 
 
-@variant(paged=True, drop=('is_paged',))
+@variant(paged=True, drop=("is_paged",))
 class PagedLion(Lion):
     """Paged Lion (states in CUDA unified memory)."""
 
 
-@variant(bits=8, paged=True, drop=('optim_bits', 'is_paged'))
+@variant(bits=8, paged=True, drop=("optim_bits", "is_paged"))
 class PagedLion8bit(Lion):
     """8-bit paged Lion."""
 
 
-@variant(bits=32, paged=True, drop=('optim_bits', 'is_paged'))
+@variant(bits=32, paged=True, drop=("optim_bits", "is_paged"))
 class PagedLion32bit(Lion):
     """32-bit paged Lion."""
-

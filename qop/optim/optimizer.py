@@ -27,7 +27,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -80,8 +80,14 @@ class _Bucket:
 
     def tensors(self) -> Iterable[Tensor]:
         """The optimizer's own tensors (not the params, which dynamo marks static itself)."""
-        yield from itertools.chain(*self.states, *self.absmax, self.steps, self.codes,
-                                   (t for t in self.histories if t is not None), (c.index for c in self.clips))
+        yield from itertools.chain(
+            *self.states,
+            *self.absmax,
+            self.steps,
+            self.codes,
+            (t for t in self.histories if t is not None),
+            (c.index for c in self.clips),
+        )
         if self.hp_slots is not None and self.hp_values is not None:
             yield from (self.hp_slots, self.hp_values)
 
@@ -128,8 +134,10 @@ class QopOptimizer(torch.optim.Optimizer):
             is_paged = args.get("is_paged", is_paged)
             block_wise = args.get("block_wise", block_wise)
         if not block_wise and self.block_wise_default:
-            raise ValueError("qop: block_wise=False is not supported: qop's 8-bit states are always block-wise "
-                             f"({BLOCKSIZE} elements per absmax)")
+            raise ValueError(
+                "qop: block_wise=False is not supported: qop's 8-bit states are always block-wise "
+                f"({BLOCKSIZE} elements per absmax)"
+            )
         defaults = dict(
             defaults,
             optim_bits=optim_bits,
@@ -157,8 +165,9 @@ class QopOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._init_runtime()
         for group in self.param_groups:
-            self._hp_views.append(_hparams.bind_views(self.hp_keys, group, {k: group[k] for k in self.hp_keys
-                                                                              if k in group}))
+            self._hp_views.append(
+                _hparams.bind_views(self.hp_keys, group, {k: group[k] for k in self.hp_keys if k in group})
+            )
             self._add_codes(group["params"])
 
     @property
@@ -346,8 +355,19 @@ class QopOptimizer(torch.optim.Optimizer):
                 continue
             gscale = self._gscale(b, grads, grad_scale)
             fi = None if found_inf is None else found_inf.to(b.device)
-            ops.step(int(self.rule), flags, params, grads, [s for st in b.states for s in st],
-                     [a for am in b.absmax for a in am], b.codes, b.steps, hp, gscale, fi)
+            ops.step(
+                int(self.rule),
+                flags,
+                params,
+                grads,
+                [s for st in b.states for s in st],
+                [a for am in b.absmax for a in am],
+                b.codes,
+                b.steps,
+                hp,
+                gscale,
+                fi,
+            )
 
     def _plan(self, index: int, have: tuple[bool, ...]) -> list[_Bucket]:
         """Group ``index``'s buckets for the parameters flagged in ``have`` (cached; creates missing states)."""
@@ -366,8 +386,9 @@ class QopOptimizer(torch.optim.Optimizer):
                 try:
                     manager.hp_override(p, self.hp_keys)
                 except (TypeError, ValueError) as exc:
-                    raise ValueError(f"qop: GlobalOptimManager override of param_groups[{index}]['params'][{i}]: "
-                                     f"{exc}") from exc
+                    raise ValueError(
+                        f"qop: GlobalOptimManager override of param_groups[{index}]['params'][{i}]: {exc}"
+                    ) from exc
 
     def _build_plan(self, group: dict[str, Any], have: tuple[bool, ...]) -> list[_Bucket]:
         manager = GlobalOptimManager.get_instance()
@@ -387,8 +408,14 @@ class QopOptimizer(torch.optim.Optimizer):
             b = buckets.get(bkey)
             if b is None:
                 codes = self._codes[p.device][:k] if bits == 8 else []  # one code book per state
-                b = buckets[bkey] = _Bucket(bits, p.device, codes=codes, states=[[] for _ in range(k)],
-                                            absmax=[[] for _ in range(k)] if bits == 8 else [], shard=shard)
+                b = buckets[bkey] = _Bucket(
+                    bits,
+                    p.device,
+                    codes=codes,
+                    states=[[] for _ in range(k)],
+                    absmax=[[] for _ in range(k)] if bits == 8 else [],
+                    shard=shard,
+                )
                 if override:
                     b.hp_slots = torch.tensor(list(override), dtype=torch.long).to(p.device)
                     b.hp_values = torch.tensor(list(override.values()), dtype=torch.float32).to(p.device)
@@ -413,9 +440,16 @@ class QopOptimizer(torch.optim.Optimizer):
             for i, k in enumerate(b.percentiles):
                 if k < 100:
                     by_percentile.setdefault(k, []).append(i)
-            b.clips = [_Clip(k, pos, torch.tensor(pos, dtype=torch.long).to(b.device),
-                             [b.histories[i] for i in pos], [b.steps[i] for i in pos])  # type: ignore[misc]
-                       for k, pos in by_percentile.items()]
+            b.clips = [
+                _Clip(
+                    k,
+                    pos,
+                    torch.tensor(pos, dtype=torch.long).to(b.device),
+                    [cast(Tensor, b.histories[i]) for i in pos],  # clipped: each has its history
+                    [b.steps[i] for i in pos],
+                )
+                for k, pos in by_percentile.items()
+            ]
         return list(buckets.values())
 
     def _gscale(self, b: _Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
@@ -518,8 +552,9 @@ def _check_grad(where: str, p: Tensor, g: Any) -> None:
     if not isinstance(g, Tensor):
         raise TypeError(f"qop: {where}.grad must be a tensor, got {type(g).__name__}")
     if g.layout != torch.strided:
-        raise RuntimeError(f"qop: {where} (shape {tuple(p.shape)}) has a {g.layout} gradient; qop optimizers need "
-                           "dense gradients")
+        raise RuntimeError(
+            f"qop: {where} (shape {tuple(p.shape)}) has a {g.layout} gradient; qop optimizers need dense gradients"
+        )
     if g.shape != p.shape:
         raise RuntimeError(f"qop: {where}.grad has shape {tuple(g.shape)}, its parameter {tuple(p.shape)}")
     if g.dtype != p.dtype:

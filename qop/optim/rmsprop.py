@@ -37,11 +37,16 @@ class RMSprop(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                        centered=centered)
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
-
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
+        super().__init__(
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            args=args,
+        )
 
     def check_group(self, group: dict[str, Any]) -> None:
         momentum = number("momentum", group.get("momentum", 0))
@@ -53,12 +58,11 @@ class RMSprop(QopOptimizer):
         check_range(group, "alpha", 0.0, 1.0)
 
 
-@variant(bits=8, drop=('optim_bits',))
+@variant(bits=8, drop=("optim_bits",))
 class RMSprop8bit(RMSprop):
     """8-bit RMSprop."""
 
 
-@variant(bits=32, drop=('optim_bits',))
+@variant(bits=32, drop=("optim_bits",))
 class RMSprop32bit(RMSprop):
     """32-bit RMSprop."""
-

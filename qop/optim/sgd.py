@@ -37,10 +37,18 @@ class SGD(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=bool(nesterov))
-        super().__init__(params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                         percentile_clipping=percentile_clipping, block_wise=block_wise, args=args)
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov)
+        )
+        super().__init__(
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            block_wise=block_wise,
+            args=args,
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Whether a group has state is structural (it decides the op's arguments), so it is fixed here from
@@ -52,7 +60,6 @@ class SGD(QopOptimizer):
     def flags(self, group: dict[str, Any]) -> Flag:
         return Flag.NESTEROV if group["nesterov"] else Flag.NONE
 
-
     def check_group(self, group: dict[str, Any]) -> None:
         super().check_group(group)
         check_range(group, "dampening", 0.0, 1.0)
@@ -60,8 +67,10 @@ class SGD(QopOptimizer):
             momentum = number("momentum", group.get("momentum", 0))
             dampening = number("dampening", group.get("dampening", 0))
             if momentum <= 0 or dampening != 0:
-                raise ValueError("qop: nesterov=True requires momentum > 0 and dampening == 0, "
-                                 f"got momentum={momentum}, dampening={dampening}")
+                raise ValueError(
+                    "qop: nesterov=True requires momentum > 0 and dampening == 0, "
+                    f"got momentum={momentum}, dampening={dampening}"
+                )
 
 
 class LARS(SGD):
@@ -86,31 +95,43 @@ class LARS(SGD):
         percentile_clipping: int = 100,
         max_unorm: float = 0.02,
     ) -> None:
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=bool(nesterov), max_unorm=max_unorm)
-        QopOptimizer.__init__(self, params, defaults, optim_bits=optim_bits, min_8bit_size=min_8bit_size,
-                              percentile_clipping=percentile_clipping, args=args)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=bool(nesterov),
+            max_unorm=max_unorm,
+        )
+        QopOptimizer.__init__(
+            self,
+            params,
+            defaults,
+            optim_bits=optim_bits,
+            min_8bit_size=min_8bit_size,
+            percentile_clipping=percentile_clipping,
+            args=args,
+        )
 
     def flags(self, group: dict[str, Any]) -> Flag:
         return super().flags(group) | Flag.UNORM_CLIP
 
 
-@variant(bits=8, drop=('optim_bits',))
+@variant(bits=8, drop=("optim_bits",))
 class SGD8bit(SGD):
     """8-bit SGD."""
 
 
-@variant(bits=32, drop=('optim_bits',))
+@variant(bits=32, drop=("optim_bits",))
 class SGD32bit(SGD):
     """32-bit SGD."""
 
 
-@variant(bits=8, drop=('optim_bits',))
+@variant(bits=8, drop=("optim_bits",))
 class LARS8bit(LARS):
     """8-bit LARS."""
 
 
-@variant(bits=32, drop=('optim_bits',))
+@variant(bits=32, drop=("optim_bits",))
 class LARS32bit(LARS):
     """32-bit LARS."""
-

@@ -107,8 +107,11 @@ def _export_keeps_custom_ops() -> bool:
 # rule runs: one launch per tensor, every written tensor an argument) and the argument whose device decides.
 _OPS = {
     "quantize_blockwise": (_quant.quantize_blockwise, functools.partial(_quant.quantize_blockwise, traced=True), "A"),
-    "dequantize_blockwise": (_quant.dequantize_blockwise, functools.partial(_quant.dequantize_blockwise, traced=True),
-                             "A"),
+    "dequantize_blockwise": (
+        _quant.dequantize_blockwise,
+        functools.partial(_quant.dequantize_blockwise, traced=True),
+        "A",
+    ),
     "step": (_step.step, functools.partial(_step.step, multi=False), "hp"),
     "percentile_clip": (_clip.percentile_clip, functools.partial(_clip.percentile_clip, multi=False), "prescale"),
 }

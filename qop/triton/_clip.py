@@ -34,9 +34,22 @@ _HISTORY_P2 = tl.constexpr(triton.next_power_of_2(HISTORY))
 
 @triton.jit
 def _clip_kernel(
-    g_ptr, h_ptr, step_ptr, pre_ptr, out_ptr, table_ptr, chunks_ptr, work_ptr, norms_ptr,
-    numel, tensor_index, size_class,
-    PERCENTILE: tl.constexpr, MULTI: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr,
+    h_ptr,
+    step_ptr,
+    pre_ptr,
+    out_ptr,
+    table_ptr,
+    chunks_ptr,
+    work_ptr,
+    norms_ptr,
+    numel,
+    tensor_index,
+    size_class,
+    PERCENTILE: tl.constexpr,
+    MULTI: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One chunk of one gradient; see the module docstring.  ``size_class`` only keys the autotuner."""
     pid = tl.program_id(0).to(tl.int64)
@@ -93,9 +106,17 @@ CONFIGS = [
 _clip = triton.autotune(CONFIGS, key=["size_class", "MULTI"])(_clip_kernel)
 
 
-def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps: Sequence[Tensor], percentile: int,
-                    prescale: Tensor, *, multi: bool = True, chunk: int | None = None,
-                    config: dict | None = None) -> Tensor:
+def percentile_clip(
+    grads: Sequence[Tensor],
+    gnorm_vecs: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    percentile: int,
+    prescale: Tensor,
+    *,
+    multi: bool = True,
+    chunk: int | None = None,
+    config: dict | None = None,
+) -> Tensor:
     """``qop::percentile_clip`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors).
 
     ``multi``: one launch for all tensors (eager) or one per tensor (the torch.compile decomposition);
@@ -112,19 +133,50 @@ def percentile_clip(grads: Sequence[Tensor], gnorm_vecs: Sequence[Tensor], steps
         rows = [[g, None, h, None, None, None, None, None, s] for g, h, s in zip(grads, gnorm_vecs, steps)]
         meta = mt.metadata(rows, chunk)
         total = sum(g.numel() for g in grads)
-        launch(_clip, (meta.n_chunks,), ("clip", tuning_size(total), grads[0].dtype, percentile), device, config,
-               g_ptr=grads[0], h_ptr=gnorm_vecs[0], step_ptr=steps[0], pre_ptr=prescale, out_ptr=out,
-               table_ptr=meta.table, chunks_ptr=meta.chunks, work_ptr=meta.work, norms_ptr=meta.norms,
-               numel=0, tensor_index=0, size_class=tuning_size(total), PERCENTILE=percentile, MULTI=True,
-               CHUNK=chunk)
+        launch(
+            _clip,
+            (meta.n_chunks,),
+            ("clip", tuning_size(total), grads[0].dtype, percentile),
+            device,
+            config,
+            g_ptr=grads[0],
+            h_ptr=gnorm_vecs[0],
+            step_ptr=steps[0],
+            pre_ptr=prescale,
+            out_ptr=out,
+            table_ptr=meta.table,
+            chunks_ptr=meta.chunks,
+            work_ptr=meta.work,
+            norms_ptr=meta.norms,
+            numel=0,
+            tensor_index=0,
+            size_class=tuning_size(total),
+            PERCENTILE=percentile,
+            MULTI=True,
+            CHUNK=chunk,
+        )
         return out
     work = torch.zeros(1 + n, dtype=torch.int32, device=device)
     norms = torch.zeros(n, 2, dtype=torch.float64, device=device)
     for i in range(n):
         numel = grads[i].numel()
-        args = dict(g_ptr=grads[i], h_ptr=gnorm_vecs[i], step_ptr=steps[i], pre_ptr=prescale, out_ptr=out,
-                    table_ptr=work, chunks_ptr=work, work_ptr=work, norms_ptr=norms, numel=numel, tensor_index=i,
-                    size_class=tuning_size(numel), PERCENTILE=percentile, MULTI=False, CHUNK=chunk)
+        args = dict(
+            g_ptr=grads[i],
+            h_ptr=gnorm_vecs[i],
+            step_ptr=steps[i],
+            pre_ptr=prescale,
+            out_ptr=out,
+            table_ptr=work,
+            chunks_ptr=work,
+            work_ptr=work,
+            norms_ptr=norms,
+            numel=numel,
+            tensor_index=i,
+            size_class=tuning_size(numel),
+            PERCENTILE=percentile,
+            MULTI=False,
+            CHUNK=chunk,
+        )
         grid = (mt.n_programs(numel, chunk),)
         if config is not None or is_interpreted(_clip):
             launch(_clip, grid, ("clip1", tuning_size(numel), grads[i].dtype, percentile), device, config, **args)

@@ -43,7 +43,8 @@ SLOT_P, SLOT_G, SLOT_S1, SLOT_S2, SLOT_S3, SLOT_A1, SLOT_A2, SLOT_A3, SLOT_STEP,
 N_SLOTS = 10
 #: The same, as constexprs for the kernels that read the table.
 K_SLOT_P, K_SLOT_G, K_SLOT_S1, K_SLOT_A1, K_SLOT_STEP, K_SLOT_NUMEL, K_N_SLOTS = (
-    tl.constexpr(v) for v in (SLOT_P, SLOT_G, SLOT_S1, SLOT_A1, SLOT_STEP, SLOT_NUMEL, N_SLOTS))
+    tl.constexpr(v) for v in (SLOT_P, SLOT_G, SLOT_S1, SLOT_A1, SLOT_STEP, SLOT_NUMEL, N_SLOTS)
+)
 #: Descriptions kept; a training loop needs one per param group (more when grads move between steps).
 CACHE_SIZE = 64
 #: Byte alignment that lets the kernel vectorize loads through addresses read from the table.

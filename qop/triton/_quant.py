@@ -35,8 +35,19 @@ MIN_COLS = 16
 
 
 @triton.jit
-def _quantize_kernel(a_ptr, code_ptr, q_ptr, absmax_ptr, numel, blocksize, n_blocks, size_class,
-                     COLS: tl.constexpr, TILE: tl.constexpr, GATHER: tl.constexpr):
+def _quantize_kernel(
+    a_ptr,
+    code_ptr,
+    q_ptr,
+    absmax_ptr,
+    numel,
+    blocksize,
+    n_blocks,
+    size_class,
+    COLS: tl.constexpr,
+    TILE: tl.constexpr,
+    GATHER: tl.constexpr,
+):
     ROWS: tl.constexpr = (TILE + COLS - 1) // COLS
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -64,8 +75,9 @@ def _quantize_kernel(a_ptr, code_ptr, q_ptr, absmax_ptr, numel, blocksize, n_blo
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, numel, blocksize, size_class,
-                       BLOCK: tl.constexpr, GATHER: tl.constexpr):
+def _dequantize_kernel(
+    q_ptr, absmax_ptr, code_ptr, out_ptr, numel, blocksize, size_class, BLOCK: tl.constexpr, GATHER: tl.constexpr
+):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -99,8 +111,9 @@ def _run(tuner, grid, key, device, traced: bool, config: dict | None, **kwargs) 
         launch(tuner, grid, key, device, config, **kwargs)
 
 
-def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int, *, traced: bool = False,
-                       config: dict | None = None) -> tuple[Tensor, Tensor]:
+def quantize_blockwise(
+    A: Tensor, code: Tensor, blocksize: int, *, traced: bool = False, config: dict | None = None
+) -> tuple[Tensor, Tensor]:
     """``qop::quantize_blockwise`` with Triton; ``traced`` launches through ``wrap_triton``."""
     _checks.check_quantize(A, code, blocksize)
     n = A.numel()
@@ -114,14 +127,37 @@ def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int, *, traced: bool 
     def grid(meta):
         return (triton.cdiv(n_blocks, max(1, meta["TILE"] // cols)),)
 
-    _run(_quantize, grid, ("quantize", tuning_size(n), cols, A.dtype), A.device, traced, config,
-         a_ptr=A, code_ptr=code, q_ptr=q, absmax_ptr=absmax, numel=n, blocksize=blocksize, n_blocks=n_blocks,
-         size_class=tuning_size(n), COLS=cols, GATHER=GATHER)
+    _run(
+        _quantize,
+        grid,
+        ("quantize", tuning_size(n), cols, A.dtype),
+        A.device,
+        traced,
+        config,
+        a_ptr=A,
+        code_ptr=code,
+        q_ptr=q,
+        absmax_ptr=absmax,
+        numel=n,
+        blocksize=blocksize,
+        n_blocks=n_blocks,
+        size_class=tuning_size(n),
+        COLS=cols,
+        GATHER=GATHER,
+    )
     return q, absmax
 
 
-def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype, *,
-                         traced: bool = False, config: dict | None = None) -> Tensor:
+def dequantize_blockwise(
+    A: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    dtype: torch.dtype,
+    *,
+    traced: bool = False,
+    config: dict | None = None,
+) -> Tensor:
     """``qop::dequantize_blockwise`` with Triton; ``traced`` launches through ``wrap_triton``."""
     _checks.check_dequantize(A, absmax, code, blocksize, dtype)
     out = torch.empty_like(A, dtype=dtype)
@@ -132,7 +168,20 @@ def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK"]),)
 
-    _run(_dequantize, grid, ("dequantize", tuning_size(n), dtype), A.device, traced, config,
-         q_ptr=A, absmax_ptr=absmax, code_ptr=code, out_ptr=out, numel=n, blocksize=blocksize,
-         size_class=tuning_size(n), GATHER=GATHER)
+    _run(
+        _dequantize,
+        grid,
+        ("dequantize", tuning_size(n), dtype),
+        A.device,
+        traced,
+        config,
+        q_ptr=A,
+        absmax_ptr=absmax,
+        code_ptr=code,
+        out_ptr=out,
+        numel=n,
+        blocksize=blocksize,
+        size_class=tuning_size(n),
+        GATHER=GATHER,
+    )
     return out

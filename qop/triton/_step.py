@@ -100,8 +100,27 @@ def _schedule(t, lr, b1, b2, b3, wd, alpha, lr_decay, t_alpha, t_beta3, RULE: tl
 
 
 @triton.jit
-def _rule(p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3_t,
-          RULE: tl.constexpr, FLAGS: tl.constexpr, N_STATES: tl.constexpr):
+def _rule(
+    p,
+    g,
+    m1,
+    m2,
+    m3,
+    t,
+    b1,
+    b2,
+    eps,
+    wd,
+    alpha,
+    damp,
+    c1,
+    c2,
+    alpha_t,
+    b3_t,
+    RULE: tl.constexpr,
+    FLAGS: tl.constexpr,
+    N_STATES: tl.constexpr,
+):
     """One rule on float32 tiles: returns the new states and the update direction u."""
     if RULE == _ADAM:
         if _L2_WEIGHT_DECAY & FLAGS:
@@ -154,8 +173,9 @@ def _unorm_clip(sum_u2, sum_p2, max_unorm):
 
 # ----------------------------------------------------------------------------------- state access
 @triton.jit
-def _load_state(s_ptr, a_ptr, code, code_ptr, offs, mask, blocks, block_mask, QUANT: tl.constexpr,
-                GATHER: tl.constexpr):
+def _load_state(
+    s_ptr, a_ptr, code, code_ptr, offs, mask, blocks, block_mask, QUANT: tl.constexpr, GATHER: tl.constexpr
+):
     """A state tile in float32, plus what a dry run writes back (codes and absmax, or the values)."""
     if QUANT:
         q = tl.load(s_ptr + offs, mask=mask, other=0)
@@ -168,8 +188,23 @@ def _load_state(s_ptr, a_ptr, code, code_ptr, offs, mask, blocks, block_mask, QU
 
 
 @triton.jit
-def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, floor, code_ptr, offs, mask, blocks, block_mask, dry,
-                 QUANT: tl.constexpr, GATHER: tl.constexpr):
+def _store_state(
+    s_ptr,
+    a_ptr,
+    x,
+    old_q,
+    old_absmax,
+    mids,
+    floor,
+    code_ptr,
+    offs,
+    mask,
+    blocks,
+    block_mask,
+    dry,
+    QUANT: tl.constexpr,
+    GATHER: tl.constexpr,
+):
     """Write a state tile; 8-bit: requantize each row (256-block) against a fresh absmax."""
     if QUANT:
         absmax = _row_absmax(tl.where(mask, x, 0.0))
@@ -184,13 +219,40 @@ def _store_state(s_ptr, a_ptr, x, old_q, old_absmax, mids, floor, code_ptr, offs
 # -------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _step_kernel(
-    p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, a1_ptr, a2_ptr, a3_ptr, step_ptr,
-    code1_ptr, code2_ptr, code3_ptr, hp_ptr, gscale_ptr, found_inf_ptr,
-    table_ptr, chunks_ptr, work_ptr, norms_ptr,
-    numel, tensor_index, size_class,
-    RULE: tl.constexpr, FLAGS: tl.constexpr, N_STATES: tl.constexpr, QUANT: tl.constexpr, PASS: tl.constexpr,
-    MULTI: tl.constexpr, HAS_GSCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, ALIGNED: tl.constexpr,
-    GATHER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    p_ptr,
+    g_ptr,
+    s1_ptr,
+    s2_ptr,
+    s3_ptr,
+    a1_ptr,
+    a2_ptr,
+    a3_ptr,
+    step_ptr,
+    code1_ptr,
+    code2_ptr,
+    code3_ptr,
+    hp_ptr,
+    gscale_ptr,
+    found_inf_ptr,
+    table_ptr,
+    chunks_ptr,
+    work_ptr,
+    norms_ptr,
+    numel,
+    tensor_index,
+    size_class,
+    RULE: tl.constexpr,
+    FLAGS: tl.constexpr,
+    N_STATES: tl.constexpr,
+    QUANT: tl.constexpr,
+    PASS: tl.constexpr,
+    MULTI: tl.constexpr,
+    HAS_GSCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    GATHER: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Step over one chunk.  MULTI: the chunk and its tensor come from the metadata tables and the
     pointer arguments only carry element types; otherwise the pointers are the tensor's own and
@@ -238,8 +300,19 @@ def _step_kernel(
     alpha = tl.load(hp_ptr + _HP_ALPHA)
     damp = tl.load(hp_ptr + _HP_DAMPENING)
     c1, c2, lr_eff, decay, alpha_t, b3_t = _schedule(
-        t, lr, b1, b2, tl.load(hp_ptr + _HP_BETA3), wd, alpha, tl.load(hp_ptr + _HP_LR_DECAY),
-        tl.load(hp_ptr + _HP_T_ALPHA), tl.load(hp_ptr + _HP_T_BETA3), RULE, FLAGS)
+        t,
+        lr,
+        b1,
+        b2,
+        tl.load(hp_ptr + _HP_BETA3),
+        wd,
+        alpha,
+        tl.load(hp_ptr + _HP_LR_DECAY),
+        tl.load(hp_ptr + _HP_T_ALPHA),
+        tl.load(hp_ptr + _HP_T_BETA3),
+        RULE,
+        FLAGS,
+    )
     clip = 1.0
     if PASS == 2:
         sum_u2 = tl.load(norms_ptr + 2 * ti)
@@ -278,8 +351,9 @@ def _step_kernel(
             m2, q2, am2 = _load_state(s2_ptr, a2_ptr, code2, code2_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
         if N_STATES >= 3:
             m3, q3, am3 = _load_state(s3_ptr, a3_ptr, code3, code3_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
-        m1, m2, m3, u = _rule(p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3_t,
-                              RULE, FLAGS, N_STATES)
+        m1, m2, m3, u = _rule(
+            p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3_t, RULE, FLAGS, N_STATES
+        )
         if PASS == 1:
             u64, p64 = u.to(tl.float64), p.to(tl.float64)
             acc_u2 += tl.where(mask, u64 * u64, 0.0)
@@ -288,14 +362,59 @@ def _step_kernel(
             new_p = p * decay - lr_eff * clip * u
             tl.store(p_ptr + offs, _round_to(tl.where(dry, p, new_p), p_ptr.dtype.element_ty), mask=mask)
             if N_STATES >= 1:
-                _store_state(s1_ptr, a1_ptr, m1, q1, am1, mids1, floor1, code1_ptr, offs, mask, blocks, block_mask, dry,
-                             QUANT, GATHER)
+                _store_state(
+                    s1_ptr,
+                    a1_ptr,
+                    m1,
+                    q1,
+                    am1,
+                    mids1,
+                    floor1,
+                    code1_ptr,
+                    offs,
+                    mask,
+                    blocks,
+                    block_mask,
+                    dry,
+                    QUANT,
+                    GATHER,
+                )
             if N_STATES >= 2:
-                _store_state(s2_ptr, a2_ptr, m2, q2, am2, mids2, floor2, code2_ptr, offs, mask, blocks, block_mask, dry,
-                             QUANT, GATHER)
+                _store_state(
+                    s2_ptr,
+                    a2_ptr,
+                    m2,
+                    q2,
+                    am2,
+                    mids2,
+                    floor2,
+                    code2_ptr,
+                    offs,
+                    mask,
+                    blocks,
+                    block_mask,
+                    dry,
+                    QUANT,
+                    GATHER,
+                )
             if N_STATES >= 3:
-                _store_state(s3_ptr, a3_ptr, m3, q3, am3, mids3, floor3, code3_ptr, offs, mask, blocks, block_mask, dry,
-                             QUANT, GATHER)
+                _store_state(
+                    s3_ptr,
+                    a3_ptr,
+                    m3,
+                    q3,
+                    am3,
+                    mids3,
+                    floor3,
+                    code3_ptr,
+                    offs,
+                    mask,
+                    blocks,
+                    block_mask,
+                    dry,
+                    QUANT,
+                    GATHER,
+                )
 
     if PASS == 1:
         tl.atomic_add(norms_ptr + 2 * ti, tl.where(dry, 0.0, tl.sum(acc_u2)))
@@ -355,8 +474,22 @@ def _passes(flags: int, unorm: Tensor | None) -> tuple[int, ...]:
     return (2,) if unorm is not None else (1, 2)
 
 
-def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm,
-               chunk: int | None, config: dict | None) -> None:
+def _run_multi(
+    rule,
+    flags,
+    params,
+    grads,
+    states,
+    absmax,
+    steps,
+    hp,
+    codes,
+    gscale,
+    found_inf,
+    unorm,
+    chunk: int | None,
+    config: dict | None,
+) -> None:
     """One launch (two with UNORM_CLIP) over all tensors, driven by cached device metadata."""
     n = len(params)
     if n == 0:
@@ -376,8 +509,24 @@ def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gsc
     total = sum(p.numel() for p in params)
     like = [states[j][0] if j < k else hp for j in range(3)]
     like_absmax = [absmax[j][0] if quant and j < k else hp for j in range(3)]
-    args = _args(params[0], grads[0], like, like_absmax, steps[0], codes, hp, gscale, found_inf,
-                 meta.table, meta.chunks, meta.work, meta.norms, 0, 0, total)
+    args = _args(
+        params[0],
+        grads[0],
+        like,
+        like_absmax,
+        steps[0],
+        codes,
+        hp,
+        gscale,
+        found_inf,
+        meta.table,
+        meta.chunks,
+        meta.work,
+        meta.norms,
+        0,
+        0,
+        total,
+    )
     if unorm is not None and flags & Flag.UNORM_CLIP:
         meta.norms.copy_(unorm)
     for pass_ in _passes(flags, unorm):
@@ -386,8 +535,22 @@ def _run_multi(rule, flags, params, grads, states, absmax, steps, hp, codes, gsc
         launch(_step_multi, (meta.n_chunks,), key, params[0].device, config, **args, **consts)
 
 
-def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gscale, found_inf, unorm,
-                chunk: int | None, config: dict | None) -> None:
+def _run_single(
+    rule,
+    flags,
+    params,
+    grads,
+    states,
+    absmax,
+    steps,
+    hp,
+    codes,
+    gscale,
+    found_inf,
+    unorm,
+    chunk: int | None,
+    config: dict | None,
+) -> None:
     """One launch per tensor with every tensor an explicit argument: what torch.compile traces."""
     n = len(params)
     if n == 0:
@@ -403,8 +566,9 @@ def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gs
         numel = params[i].numel()
         st = [states[j][i] if j < k else hp for j in range(3)]
         am = [absmax[j][i] if quant and j < k else hp for j in range(3)]
-        args = _args(params[i], grads[i], st, am, steps[i], codes, hp, gscale, found_inf, hp, hp, work, norms,
-                     numel, i, numel)
+        args = _args(
+            params[i], grads[i], st, am, steps[i], codes, hp, gscale, found_inf, hp, hp, work, norms, numel, i, numel
+        )
         grid = (mt.n_programs(numel, chunk),)
         for pass_ in _passes(flags, unorm):
             consts = _consts(rule, flags, k, quant, pass_, False, gscale, found_inf, False, chunk)
@@ -415,36 +579,76 @@ def _run_single(rule, flags, params, grads, states, absmax, steps, hp, codes, gs
                 torch.library.wrap_triton(_step_single)[grid](**args, **consts)
 
 
-def _args(p, g, states, absmax, step, codes, hp, gscale, found_inf, table, chunks, work, norms,
-          numel, tensor_index, size) -> dict:
+def _args(
+    p, g, states, absmax, step, codes, hp, gscale, found_inf, table, chunks, work, norms, numel, tensor_index, size
+) -> dict:
     codes = codes if codes is not None else (hp, hp, hp)
     return dict(
-        p_ptr=p, g_ptr=g, s1_ptr=states[0], s2_ptr=states[1], s3_ptr=states[2],
-        a1_ptr=absmax[0], a2_ptr=absmax[1], a3_ptr=absmax[2], step_ptr=step,
-        code1_ptr=codes[0], code2_ptr=codes[1], code3_ptr=codes[2], hp_ptr=hp,
-        gscale_ptr=hp if gscale is None else gscale, found_inf_ptr=hp if found_inf is None else found_inf,
-        table_ptr=table, chunks_ptr=chunks, work_ptr=work, norms_ptr=norms,
-        numel=numel, tensor_index=tensor_index, size_class=tuning_size(size),
+        p_ptr=p,
+        g_ptr=g,
+        s1_ptr=states[0],
+        s2_ptr=states[1],
+        s3_ptr=states[2],
+        a1_ptr=absmax[0],
+        a2_ptr=absmax[1],
+        a3_ptr=absmax[2],
+        step_ptr=step,
+        code1_ptr=codes[0],
+        code2_ptr=codes[1],
+        code3_ptr=codes[2],
+        hp_ptr=hp,
+        gscale_ptr=hp if gscale is None else gscale,
+        found_inf_ptr=hp if found_inf is None else found_inf,
+        table_ptr=table,
+        chunks_ptr=chunks,
+        work_ptr=work,
+        norms_ptr=norms,
+        numel=numel,
+        tensor_index=tensor_index,
+        size_class=tuning_size(size),
     )
 
 
 def _consts(rule, flags, n_states, quant, pass_, multi, gscale, found_inf, aligned, chunk) -> dict:
     return dict(
-        RULE=int(rule), FLAGS=int(flags), N_STATES=n_states, QUANT=quant, PASS=pass_, MULTI=multi,
-        HAS_GSCALE=gscale is not None, HAS_FOUND_INF=found_inf is not None, ALIGNED=aligned,
-        GATHER=GATHER, CHUNK=chunk,
+        RULE=int(rule),
+        FLAGS=int(flags),
+        N_STATES=n_states,
+        QUANT=quant,
+        PASS=pass_,
+        MULTI=multi,
+        HAS_GSCALE=gscale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        ALIGNED=aligned,
+        GATHER=GATHER,
+        CHUNK=chunk,
     )
 
 
-def step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale=None, found_inf=None, unorm=None, *,
-         multi: bool = True, chunk: int | None = None, config: dict | None = None) -> None:
+def step(
+    rule,
+    flags,
+    params,
+    grads,
+    states,
+    absmax,
+    codes,
+    steps,
+    hp,
+    gscale=None,
+    found_inf=None,
+    unorm=None,
+    *,
+    multi: bool = True,
+    chunk: int | None = None,
+    config: dict | None = None,
+) -> None:
     """``qop::step`` on CUDA (or under TRITON_INTERPRET=1 on CPU tensors).
 
     ``multi``: one launch for all tensors (eager) or one per tensor (the torch.compile decomposition);
     ``chunk`` / ``config`` (``{"BLOCK": ..., "num_warps": ...}``) override the defaults, for tests.
     """
-    k, fmt = _checks.check_step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale, found_inf,
-                                unorm)
+    k, fmt = _checks.check_step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale, found_inf, unorm)
     if config is not None and (config["BLOCK"] % BLOCKSIZE or config["BLOCK"] <= 0):
         raise ValueError(f"qop: BLOCK must be a positive multiple of {BLOCKSIZE}, got {config['BLOCK']}")
     n = len(params)

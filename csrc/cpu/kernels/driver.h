@@ -1,0 +1,563 @@
+// The driver: work items over all tensors of a step call, shared among the OpenMP threads by cost; one step
+// kernel template serves every rule, flag set, parameter dtype and state width.
+//
+// A piece of qop_cpu.cpp, included there inside the namespace of one ISA build (no include guard: every
+// build includes it once); see qop_cpu.cpp for the conventions.
+
+// ========================================================================================= driver
+// One tensor of a step call.
+struct Job {
+  void* p = nullptr;
+  const void* g = nullptr;
+  std::array<void*, 3> s{};       // float* (32-bit) or uint8_t* (8-bit) states
+  std::array<float*, 3> am{};     // absmax of the 8-bit states
+  int64_t n = 0;
+  Consts k;
+};
+
+// A work item: elements [begin, end) of one tensor (8-bit: whole blocks, end may be a partial one).
+struct Item {
+  int64_t job;
+  int64_t begin;
+  int64_t end;
+};
+
+struct StepCall {
+  std::vector<Job> jobs;
+  std::array<const Quantizer*, 3> quant{};
+  std::vector<Item> items;
+  std::vector<int64_t> cost;  // prefix sums of item costs, size items + 1
+  const float* given_norms = nullptr;  // the op's `unorm`: per job, sums of u^2 and p^2 (null: computed here)
+};
+
+constexpr int64_t kChunk = 16 * kBlocksize;  // elements per work item
+constexpr int64_t kItemOverhead = 64;        // cost of an item beyond its elements (balancing only)
+constexpr int64_t kSerialCost = 1 << 15;     // below this total cost, no parallel region
+
+// Calls fn(item_index) for every item, the items split into contiguous runs of equal cost, one per
+// OpenMP thread (as many threads as at::get_num_threads()).
+template <class Fn>
+void parallel_items(const StepCall& call, Fn&& fn) {
+  const int64_t n_items = static_cast<int64_t>(call.items.size());
+  if (n_items == 0) return;
+  const int64_t total = call.cost.back();
+  const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n_items));
+  if (nt <= 1 || total < kSerialCost || omp_in_parallel()) {
+    for (int64_t i = 0; i < n_items; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
+    const auto first = std::lower_bound(call.cost.begin(), call.cost.end() - 1, lo) - call.cost.begin();
+    const auto last = std::lower_bound(call.cost.begin(), call.cost.end() - 1, hi) - call.cost.begin();
+    for (int64_t i = first; i < last; ++i) fn(i);
+  }
+}
+
+// The per-tensor scalars broadcast for both lane widths.
+struct KBoth {
+  KV<float> s;
+#ifdef QOP_AVX2
+  KV<VF> v;
+#endif
+#ifdef QOP_AVX512
+  KV<VF16> w;
+#endif
+  explicit KBoth(const Consts& k)
+      : s(k)
+#ifdef QOP_AVX2
+        , v(k)
+#endif
+#ifdef QOP_AVX512
+        , w(k)
+#endif
+  {
+  }
+  template <class V>
+  const KV<V>& get() const {
+    if constexpr (std::is_same_v<V, float>) {
+      return s;
+#ifdef QOP_AVX512
+    } else if constexpr (std::is_same_v<V, VF16>) {
+      return w;
+#endif
+    } else {
+#ifdef QOP_AVX2
+      return v;
+#endif
+    }
+  }
+};
+
+// A sum of squares accumulated in double (as reference.l2_norm does: float32 squares overflow or vanish at
+// extreme magnitudes, and a plain float sum would drift on long tensors).  Sixteen partial sums, one per position
+// class i % 16 of the element, each adding its squares in element order, then added up 0..15: every
+// build adds the same doubles in the same order, so the sum has the same bits whatever the lane width
+// (for_lanes runs 16-lane steps, then at most one 8-lane step, then at most seven scalar ones, so each
+// class takes at most one element from each narrower step, after the wider ones).
+struct SquareSum {
+  std::array<double, 16> s{};
+#ifdef QOP_AVX2
+  __m256d v[4];  // classes 0-3, 4-7, 8-11, 12-15
+#endif
+#ifdef QOP_AVX512
+  __m512d w[2];  // classes 0-7, 8-15
+#endif
+  SquareSum() {
+#ifdef QOP_AVX2
+    for (auto& x : v) x = _mm256_setzero_pd();
+#endif
+#ifdef QOP_AVX512
+    for (auto& x : w) x = _mm512_setzero_pd();
+#endif
+  }
+  QOP_INLINE void add(float x, int64_t i) { s[i & 15] += static_cast<double>(x) * x; }
+#ifdef QOP_AVX2
+  QOP_INLINE void add(VF x, int64_t i) {  // i % 8 == 0
+    const int h = (i & 8) ? 2 : 0;
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x.v));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x.v, 1));
+    v[h] = _mm256_add_pd(v[h], _mm256_mul_pd(lo, lo));
+    v[h + 1] = _mm256_add_pd(v[h + 1], _mm256_mul_pd(hi, hi));
+  }
+#endif
+#ifdef QOP_AVX512
+  QOP_INLINE void add(VF16 x, int64_t) {  // i % 16 == 0
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x.v));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.v), 1)));
+    w[0] = _mm512_add_pd(w[0], _mm512_mul_pd(lo, lo));
+    w[1] = _mm512_add_pd(w[1], _mm512_mul_pd(hi, hi));
+  }
+#endif
+  double value() const {
+    std::array<double, 16> a{};
+#ifdef QOP_AVX512
+    _mm512_storeu_pd(a.data(), w[0]);
+    _mm512_storeu_pd(a.data() + 8, w[1]);
+#endif
+#ifdef QOP_AVX2
+    alignas(32) double lanes[16];
+    for (int j = 0; j < 4; ++j) _mm256_store_pd(lanes + 4 * j, v[j]);
+    for (int j = 0; j < 16; ++j) a[j] += lanes[j];
+#endif
+    double r = 0.0;
+    for (int j = 0; j < 16; ++j) r += a[j] + s[j];
+    return r;
+  }
+};
+
+// Sums of u^2 and p^2 for the update-norm clip.
+struct NormAcc {
+  SquareSum uu, pp;
+  template <class V>
+  QOP_INLINE void add(V u, V p, int64_t i) {
+    uu.add(u, i);
+    pp.add(p, i);
+  }
+  void write(double* acc) const {
+    acc[0] = uu.value();
+    acc[1] = pp.value();
+  }
+};
+
+// The rule over elements [0, n) of p and g, its float32 states read from st[j][0..n) and written back
+// there.  NORM: only accumulate ||u||^2 and ||p||^2 (nothing written).  TRACK: the running absmax of
+// each new state, for its requantization (8-bit states).
+template <int R, int F, bool NORM, bool TRACK, class PT>
+QOP_INLINE void rule_loop(const KBoth& kb, PT* p, const PT* g, const std::array<float*, 3>& st, int64_t n,
+                          NormAcc& norm, std::array<AbsmaxAcc, 3>& absmax) {
+  constexpr int K = state_count<R, F>();
+  for_lanes(n, [&](auto tag, int64_t i) {
+    using V = typename decltype(tag)::type;
+    const KV<V>& k = kb.get<V>();
+    const V pv = load(tag, p + i);
+    const V gv = load(tag, g + i) * k.gs;
+    V s[3];
+    for (int j = 0; j < K; ++j) s[j] = load(tag, st[j] + i);
+    const V u = rule_update<R, F>(k, pv, gv, s);
+    if constexpr (NORM) {
+      norm.add(u, pv, i);
+    } else {
+      store(p + i, apply_update<R, F>(k, pv, u));
+      for (int j = 0; j < K; ++j) {
+        store(st[j] + i, s[j]);
+        if constexpr (TRACK) absmax[j].add(s[j]);
+      }
+    }
+  });
+}
+
+// 32-bit states: elements [b, e) of one tensor, in place.
+template <int R, int F, class PT, bool NORM>
+void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
+  constexpr int K = state_count<R, F>();
+  std::array<float*, 3> st{};
+  for (int j = 0; j < K; ++j) st[j] = static_cast<float*>(J.s[j]) + b;
+  const KBoth kb(J.k);
+  NormAcc norm;
+  std::array<AbsmaxAcc, 3> unused;
+  rule_loop<R, F, NORM, false>(kb, static_cast<PT*>(J.p) + b, static_cast<const PT*>(J.g) + b, st, e - b, norm,
+                               unused);
+  if constexpr (NORM) norm.write(acc);
+}
+
+// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize the states
+// into an L1 buffer, run the rule on it (parameter written, new float32 states back into the buffer,
+// their absmax tracked), then requantize every state with its fresh absmax.
+template <int R, int F, class PT, bool NORM>
+void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int64_t b, int64_t e, double* acc) {
+  constexpr int K = state_count<R, F>();
+  PT* p = static_cast<PT*>(J.p);
+  const PT* g = static_cast<const PT*>(J.g);
+  std::array<uint8_t*, 3> q{};
+  std::array<const float*, 3> code{};
+  for (int j = 0; j < K; ++j) {
+    q[j] = static_cast<uint8_t*>(J.s[j]);
+    code[j] = quant[j]->code.data();
+  }
+  alignas(64) float fresh[3][kBlocksize];
+  const std::array<float*, 3> st{fresh[0], fresh[1], fresh[2]};
+  const KBoth kb(J.k);
+  NormAcc norm;
+  for (int64_t off = b; off < e; off += kBlocksize) {
+    const int64_t blk = off / kBlocksize;
+    const int64_t nb = std::min<int64_t>(kBlocksize, J.n - off);
+    // Prefetch the block after next: the loops below are compute-bound, so the hardware prefetcher
+    // alone leaves them waiting on memory for large tensors.
+    if (const int64_t ahead = off + 2 * kBlocksize; ahead + kBlocksize <= J.n) {
+      for (int64_t c = 0; c < kBlocksize; c += 64 / static_cast<int64_t>(sizeof(PT))) {
+        __builtin_prefetch(p + ahead + c, 1);
+        __builtin_prefetch(g + ahead + c, 0);
+      }
+      for (int j = 0; j < K; ++j) {
+        for (int64_t c = 0; c < kBlocksize; c += 64) __builtin_prefetch(q[j] + ahead + c, 1);
+      }
+    }
+    std::array<float, 3> a{};
+    for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
+    // Dequantize first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
+    // then overlap across many more elements than one fused loop can keep in flight.
+#ifdef QOP_AVX512
+    for (int j = 0; j < K; ++j) {
+      for (int64_t i = 0; i < nb; i += 64) {  // fresh[j] has room for the last 64 even when nb < 256
+        VF16 d[4];
+        dequant64(quant[j]->planes, q[j] + off + i, nb - i, a[j], d);
+        for (int c = 0; c < 4; ++c) store(fresh[j] + i + 16 * c, d[c]);
+      }
+    }
+#else
+    for_lanes(nb, [&](auto tag, int64_t i) {
+      for (int j = 0; j < K; ++j) store(fresh[j] + i, dequant(tag, code[j], q[j] + off + i, a[j]));
+    });
+#endif
+    std::array<AbsmaxAcc, 3> absmax;
+    rule_loop<R, F, NORM, true>(kb, p + off, g + off, st, nb, norm, absmax);
+    if constexpr (!NORM) {
+      for (int j = 0; j < K; ++j) {
+        const float m = absmax[j].value();
+        J.am[j][blk] = m;
+        quantize_block(*quant[j], fresh[j], nb, m, fresh[j], q[j] + off);
+      }
+    }
+  }
+  if constexpr (NORM) norm.write(acc);
+}
+
+template <int R, int F, class PT, bool Q8, bool NORM>
+void run_pass(const StepCall& call, std::vector<double>* partial) {
+  parallel_items(call, [&](int64_t i) {
+    const Item& it = call.items[i];
+    const Job& J = call.jobs[it.job];
+    double* acc = NORM ? partial->data() + 2 * i : nullptr;
+    if constexpr (Q8) {
+      chunk_8bit<R, F, PT, NORM>(J, call.quant, it.begin, it.end, acc);
+    } else {
+      chunk_32bit<R, F, PT, NORM>(J, it.begin, it.end, acc);
+    }
+  });
+}
+
+// reference.unorm_scale from the per-item partial sums (or, when `given` is set, from its per-tensor sums:
+// the squared norms of a whole sharded parameter), then lrs = lr_eff * scale.
+void apply_unorm_scales(StepCall& call, const std::vector<double>& partial, float max_unorm, const float* given) {
+  std::vector<double> uu(call.jobs.size(), 0.0), pp(call.jobs.size(), 0.0);
+  if (given != nullptr) {
+    for (size_t t = 0; t < call.jobs.size(); ++t) {
+      uu[t] = given[2 * t];
+      pp[t] = given[2 * t + 1];
+    }
+  }
+  for (size_t i = 0; given == nullptr && i < call.items.size(); ++i) {  // in item order: deterministic
+    uu[call.items[i].job] += partial[2 * i];
+    pp[call.items[i].job] += partial[2 * i + 1];
+  }
+  for (size_t t = 0; t < call.jobs.size(); ++t) {
+    const float unorm = static_cast<float>(std::sqrt(uu[t]));
+    const float limit = max_unorm * static_cast<float>(std::sqrt(pp[t]));
+    const bool clip = max_unorm > 0.0f && unorm > limit;
+    const float scale = clip ? limit / unorm : 1.0f;
+    call.jobs[t].k.lrs = call.jobs[t].k.lr_eff * scale;
+  }
+}
+
+template <int R, int F, class PT, bool Q8>
+void run_step(StepCall& call, bool unorm, float max_unorm) {
+  if (unorm) {
+    std::vector<double> partial;
+    if (call.given_norms == nullptr) {
+      partial.assign(2 * call.items.size(), 0.0);
+      run_pass<R, F, PT, Q8, true>(call, &partial);
+    }
+    apply_unorm_scales(call, partial, max_unorm, call.given_norms);
+  }
+  run_pass<R, F, PT, Q8, false>(call, nullptr);
+}
+
+// Turns the runtime flags into template flags, one bit at a time (only the bits a rule looks at).
+template <int R, class PT, bool Q8, int F, int... Bits>
+struct Dispatch;
+template <int R, class PT, bool Q8, int F>
+struct Dispatch<R, PT, Q8, F> {
+  static void run(int, StepCall& call, bool unorm, float max_unorm) { run_step<R, F, PT, Q8>(call, unorm, max_unorm); }
+};
+template <int R, class PT, bool Q8, int F, int B, int... Rest>
+struct Dispatch<R, PT, Q8, F, B, Rest...> {
+  static void run(int flags, StepCall& call, bool unorm, float max_unorm) {
+    if (flags & B) {
+      Dispatch<R, PT, Q8, F | B, Rest...>::run(flags, call, unorm, max_unorm);
+    } else {
+      Dispatch<R, PT, Q8, F, Rest...>::run(flags, call, unorm, max_unorm);
+    }
+  }
+};
+
+template <class PT, bool Q8>
+void dispatch_rule(int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
+  switch (rule) {
+    case ADAM:
+      return Dispatch<ADAM, PT, Q8, 0, AMSGRAD, L2_WEIGHT_DECAY>::run(flags, call, unorm, max_unorm);
+    case MOMENTUM:
+      return Dispatch<MOMENTUM, PT, Q8, 0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
+    case ADAGRAD:
+      return run_step<ADAGRAD, 0, PT, Q8>(call, unorm, max_unorm);
+    case RMSPROP:
+      return run_step<RMSPROP, 0, PT, Q8>(call, unorm, max_unorm);
+    case LION:
+      return run_step<LION, 0, PT, Q8>(call, unorm, max_unorm);
+    case ADEMAMIX:
+      return run_step<ADEMAMIX, 0, PT, Q8>(call, unorm, max_unorm);
+    default:
+      TORCH_CHECK_VALUE(false, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
+  }
+}
+
+template <bool Q8>
+void dispatch_dtype(at::ScalarType dtype, int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
+  switch (dtype) {
+    case at::kFloat:
+      return dispatch_rule<float, Q8>(rule, flags, call, unorm, max_unorm);
+    case at::kBFloat16:
+      return dispatch_rule<bf16, Q8>(rule, flags, call, unorm, max_unorm);
+    case at::kHalf:
+      return dispatch_rule<fp16, Q8>(rule, flags, call, unorm, max_unorm);
+    default:
+      TORCH_CHECK_VALUE(false, "qop: params must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+// torch.minimum / torch.maximum on scalars: NaN when either is NaN.
+float nan_min(float a, float b) {
+  return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : (a < b ? a : b);
+}
+
+// The per-tensor scalars of reference.rule_update for step t (float32, same operations).
+Consts make_consts(int rule, int flags, const float* h, float t, float gs) {
+  Consts k;
+  const float lr = h[LR], wd = h[WEIGHT_DECAY];
+  k.gs = gs;
+  k.wd = wd;
+  k.b1 = h[BETA1];
+  k.b2 = h[BETA2];
+  k.b3 = h[BETA3];
+  k.omb1 = 1.0f - k.b1;
+  k.omb2 = 1.0f - k.b2;
+  k.omb3 = 1.0f - k.b3;
+  k.eps = h[EPS];
+  k.lr_eff = lr;
+  k.decay = 1.0f - lr * wd;
+  k.first = t == 1.0f;
+  switch (rule) {
+    case ADAM:
+      if (!(flags & NO_BIAS_CORRECTION)) {
+        k.c1 = 1.0f - std::pow(k.b1, t);
+        k.c2 = std::sqrt(1.0f - std::pow(k.b2, t));
+      }
+      k.c2c1 = k.c2 / k.c1;
+      k.epsc2 = k.eps * k.c2;
+      break;
+    case MOMENTUM:
+      k.damp1 = 1.0f - h[DAMPENING];
+      break;
+    case ADAGRAD:
+      k.lr_eff = lr / (1.0f + (t - 1.0f) * h[LR_DECAY]);
+      break;
+    case RMSPROP:
+      k.alpha = h[ALPHA];
+      k.omalpha = 1.0f - k.alpha;
+      break;
+    case ADEMAMIX: {
+      const float alpha = h[ALPHA], t_alpha = h[T_ALPHA], t_beta3 = h[T_BETA3];
+      k.alpha = t_alpha > 0.0f ? nan_min(t * alpha / t_alpha, alpha) : alpha;
+      if (t_beta3 > 0.0f) {  // reference._beta3_schedule
+        const float frac = t / t_beta3;
+        const float lb1 = std::log(k.b1), lb3 = std::log(k.b3);
+        k.b3 = nan_min(std::exp(lb1 * lb3 / ((1.0f - frac) * lb3 + frac * lb1)), k.b3);
+        k.omb3 = 1.0f - k.b3;
+      }
+      k.c1 = 1.0f - std::pow(k.b1, t);
+      k.c2 = std::sqrt(1.0f - std::pow(k.b2, t));
+      break;
+    }
+    default:
+      break;
+  }
+  k.lrs = k.lr_eff;
+  return k;
+}
+
+// One step call on validated arguments, k states per tensor (q8: blockwise 8-bit, with absmax and codes):
+// found_inf, per-tensor scalars, steps, work items, kernels.
+void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+                   const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
+                   at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
+                   const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& unorm) {
+  if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // the whole call is a no-op
+  const int64_t n = static_cast<int64_t>(params.size());
+  if (n == 0) return;
+
+  std::array<float, HP_SIZE> h{};
+  const float* hp_data = hp.data_ptr<float>();
+  for (int i = 0; i < HP_SIZE; ++i) h[i] = hp_data[i * hp.stride(0)];
+  at::Tensor gs_tensor;
+  const float* gs = nullptr;
+  if (gscale.has_value()) {
+    gs_tensor = gscale->contiguous();
+    gs = gs_tensor.data_ptr<float>();
+  }
+
+  StepCall call;
+  call.jobs.resize(n);
+  at::Tensor unorm_tensor;
+  if (unorm.has_value() && (flags & UNORM_CLIP)) {
+    unorm_tensor = unorm->contiguous();
+    call.given_norms = unorm_tensor.data_ptr<float>();
+  }
+  std::shared_ptr<const Quantizer> held[3];
+  if (q8) {
+    for (int j = 0; j < k; ++j) {
+      held[j] = get_quantizer(*(*codes)[j]);
+      call.quant[j] = held[j].get();
+    }
+  }
+  const int64_t chunk = kChunk;
+  for (int64_t i = 0; i < n; ++i) {
+    Job& J = call.jobs[i];
+    J.p = params[i].data_ptr();
+    J.g = grads[i].data_ptr();
+    J.n = params[i].numel();
+    for (int j = 0; j < k; ++j) {
+      J.s[j] = states[j][i].data_ptr();
+      if (q8) J.am[j] = (*absmax)[j][i].data_ptr<float>();
+    }
+    // t = steps[i] + 1, then steps[i] += 1, one tensor after the other as the reference does.
+    float* step = steps[i].data_ptr<float>();
+    const float t = *step + 1.0f;
+    *step = t;
+    J.k = make_consts(static_cast<int>(rule), static_cast<int>(flags), h.data(), t, gs ? gs[i] : 1.0f);
+    for (int64_t b = 0; b < J.n; b += chunk) {
+      call.items.push_back({i, b, std::min(J.n, b + chunk)});
+    }
+  }
+  call.cost.resize(call.items.size() + 1);
+  call.cost[0] = 0;
+  for (size_t i = 0; i < call.items.size(); ++i) {
+    call.cost[i + 1] = call.cost[i] + (call.items[i].end - call.items[i].begin) + kItemOverhead;
+  }
+
+  int rflags = static_cast<int>(flags) & ~UNORM_CLIP;
+  if (rule == MOMENTUM && k == 1) rflags |= kHasState;
+  const bool clip = (flags & UNORM_CLIP) != 0;
+  if (q8) {
+    dispatch_dtype<true>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+  } else {
+    dispatch_dtype<false>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+  }
+}
+
+// Parallel loop over [0, n) in ranges of `grain`, with torch's thread count.
+template <class Fn>
+void parallel_range(int64_t n, int64_t grain, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t parts = (n + grain - 1) / grain;
+  const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), parts));
+  if (nt <= 1 || omp_in_parallel()) {
+    fn(0, n);
+    return;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < parts; ++i) fn(i * grain, std::min(n, (i + 1) * grain));
+}
+
+template <class T>
+void quantize_kernel(const T* x, int64_t n, int64_t blocksize, const Quantizer& Q, uint8_t* out, float* absmax) {
+  const int64_t nb = n_blocks(n, blocksize);
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / blocksize);
+  parallel_range(nb, grain, [&](int64_t b0, int64_t b1) {
+    alignas(64) float scratch[kBlocksize];
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t off = blk * blocksize, len = std::min(blocksize, n - off);
+      const float m = absmax_of(x + off, len);
+      absmax[blk] = m;
+      for (int64_t at = 0; at < len; at += kBlocksize) {
+        const int64_t piece = std::min<int64_t>(kBlocksize, len - at);
+        quantize_block(Q, x + off + at, piece, m, scratch, out + off + at);
+      }
+    }
+  });
+}
+
+template <class T>
+void dequantize_kernel(const uint8_t* q, int64_t n, int64_t blocksize, const float* absmax, const float* code,
+                       T* out) {
+  const int64_t nb = n_blocks(n, blocksize);
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / blocksize);
+#ifdef QOP_AVX512
+  const CodePlanes planes(code);
+#endif
+  parallel_range(nb, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t off = blk * blocksize, len = std::min(blocksize, n - off);
+      const float a = absmax[blk];
+#ifdef QOP_AVX512
+      int64_t i = 0;
+      for (; i + 64 <= len; i += 64) {
+        VF16 d[4];
+        dequant64(planes, q + off + i, 64, a, d);
+        for (int c = 0; c < 4; ++c) store(out + off + i + 16 * c, d[c]);
+      }
+      if (i < len) {  // the last codes of the block, through a buffer
+        VF16 d[4];
+        dequant64(planes, q + off + i, len - i, a, d);
+        alignas(64) float tail[64];
+        for (int c = 0; c < 4; ++c) store(tail + 16 * c, d[c]);
+        for_lanes(len - i, [&](auto tag, int64_t k) { store(out + off + i + k, load(tag, tail + k)); });
+      }
+#else
+      for_lanes(len, [&](auto tag, int64_t i) { store(out + off + i, dequant(tag, code, q + off + i, a)); });
+#endif
+    }
+  });
+}
