@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# Inductor's on-disk cache does not key its CPU kernels on ATEN_CPU_CAPABILITY: a graph compiled under one
+# forced capability, served to a run under another, computes garbage or corrupts the heap.  A run with a
+# forced capability therefore gets a cache of its own (seen with torch 2.13).
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_qop_{os.environ['ATEN_CPU_CAPABILITY'].lower()}"
+    )
 
 
 @pytest.fixture(scope="module")

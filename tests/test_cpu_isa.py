@@ -37,6 +37,7 @@ def run_python(args: list[str], capability: str | None) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     if capability is not None:
         env["ATEN_CPU_CAPABILITY"] = capability
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # tests/conftest.py gives each capability its own cache
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
     )

@@ -19,6 +19,7 @@
 //     every rule, flag set, parameter dtype and state width.
 //   * Driver: (tensor, chunk of blocks) work items flattened over all tensors of the call and
 //     shared among the OpenMP threads by cost; UNORM_CLIP adds a first pass computing the norms.
+//   * Blockwise: the quantize / dequantize loops over whole tensors.
 //   * Ops at the bottom (registered by csrc/cpu/register.cpp).
 //   Each lives in its own file under csrc/cpu/kernels/, included below in that order.
 //
@@ -59,6 +60,7 @@ namespace {
 #include "kernels/quantizer.h"
 #include "kernels/rules.h"
 #include "kernels/driver.h"
+#include "kernels/blockwise.h"
 #include "kernels/clip.h"
 
 }  // namespace

@@ -39,12 +39,12 @@ from torch import Tensor
 
 from .. import ops, reference
 from .._schema import BLOCKSIZE, Flag
+from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
+from ._state_dict import STATE_KEYS as _STATE_KEYS
 
 if TYPE_CHECKING:
-    from .optimizer import QopOptimizer, _Bucket
-
-_STATE_KEYS = ("state1", "state2", "state3")
-_ABSMAX_KEYS = ("absmax1", "absmax2", "absmax3")
+    from ._bucket import Bucket
+    from .optimizer import QopOptimizer
 
 
 def _dtensor_type() -> type | None:
@@ -168,7 +168,7 @@ class ShardPlan:
 
 def step_bucket(
     opt: QopOptimizer,
-    b: _Bucket,
+    b: Bucket,
     params: list[Tensor],
     grads: list[Tensor],
     hp: Tensor,
@@ -251,7 +251,7 @@ def step_bucket(
 
 def _update_sums(
     opt: QopOptimizer,
-    b: _Bucket,
+    b: Bucket,
     lp: list[Tensor],
     lg: list[Tensor],
     hp: Tensor,

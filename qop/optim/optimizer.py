@@ -26,7 +26,6 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import torch
@@ -36,60 +35,14 @@ from .. import ops, paged
 from .._maps import dynamic_map
 from .._schema import BLOCKSIZE, HISTORY, Flag, Rule, n_states
 from . import _distributed, _hparams, _state_dict, _torch_internals
+from ._bucket import Bucket, Clip, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
 from ._state_dict import STATE_KEYS as _STATE_KEYS
 from .manager import GlobalOptimManager
 
-#: Group keys that configure the engine (not the kernel): validated once, never read by kernels.
-ENGINE_KEYS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged")
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
-
-
-@dataclass
-class _Clip:
-    """The tensors of a bucket clipped at one percentile: one ``qop.percentile_clip`` call."""
-
-    percentile: int
-    positions: list[int]  # in the bucket
-    index: Tensor  # the same positions, on the bucket's device
-    histories: list[Tensor]
-    steps: list[Tensor]
-
-
-@dataclass
-class _Bucket:
-    """Tensors of one param group that one op call updates (same device, dtype and state bits)."""
-
-    bits: int
-    device: torch.device
-    params: list[Tensor] = field(default_factory=list)
-    states: list[list[Tensor]] = field(default_factory=list)
-    absmax: list[list[Tensor]] = field(default_factory=list)
-    steps: list[Tensor] = field(default_factory=list)
-    codes: list[Tensor] = field(default_factory=list)
-    index: list[int] = field(default_factory=list)  # positions of ``params`` in the group's params
-    hp_slots: Tensor | None = None  # GlobalOptimManager overrides: hp slots and values, on the device
-    hp_values: Tensor | None = None
-    histories: list[Tensor | None] = field(default_factory=list)
-    percentiles: list[int] = field(default_factory=list)
-    clips: list[_Clip] = field(default_factory=list)  # the tensors clipped, one entry per percentile
-    paged: list[Tensor] = field(default_factory=list)
-    shard: Any = None  # DTensor params: the bucket key's (mesh, placements), then a _distributed.ShardPlan
-
-    def tensors(self) -> Iterable[Tensor]:
-        """The optimizer's own tensors (not the params, which dynamo marks static itself)."""
-        yield from itertools.chain(
-            *self.states,
-            *self.absmax,
-            self.steps,
-            self.codes,
-            (t for t in self.histories if t is not None),
-            (c.index for c in self.clips),
-        )
-        if self.hp_slots is not None and self.hp_values is not None:
-            yield from (self.hp_slots, self.hp_values)
 
 
 #: Live optimizers by token: :func:`_prepare` takes the token, a constant that dynamo can pass to it.
@@ -153,7 +106,7 @@ class QopOptimizer(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         """Caches that are not part of the optimizer's state (rebuilt after unpickling)."""
-        self._plans: dict[tuple[int, tuple[bool, ...]], list[_Bucket]] = {}
+        self._plans: dict[tuple[int, tuple[bool, ...]], list[Bucket]] = {}
         self._static: set[tuple[int, tuple[bool, ...]]] = set()  # plans whose tensors are marked static
         self._codes: dict[torch.device, list[Tensor]] = {}
         self._hp_views: list[dict[str, Any]] = []  # per group: the views of ``hp`` that its keys hold
@@ -324,7 +277,7 @@ class QopOptimizer(torch.optim.Optimizer):
         for index, (group, have) in enumerate(zip(self.param_groups, haves)):
             for i, (p, has_grad) in enumerate(zip(group["params"], have)):
                 if has_grad:
-                    _check_grad(f"param_groups[{index}]['params'][{i}]", p, p.grad)
+                    check_grad(f"param_groups[{index}]['params'][{i}]", p, p.grad)
             if not torch.compiler.is_compiling():
                 _hparams.check_assigned_in(self.hp_keys, self._hp_views[index], group)
 
@@ -335,7 +288,7 @@ class QopOptimizer(torch.optim.Optimizer):
         _hparams.sync(self.hp_keys, self._hp_views[index], group)
 
     def _step_group(
-        self, group: dict[str, Any], plan: list[_Bucket], grad_scale: Tensor | None, found_inf: Tensor | None
+        self, group: dict[str, Any], plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
         flags = int(self.flags(group))
         for b in plan:
@@ -369,7 +322,7 @@ class QopOptimizer(torch.optim.Optimizer):
                 fi,
             )
 
-    def _plan(self, index: int, have: tuple[bool, ...]) -> list[_Bucket]:
+    def _plan(self, index: int, have: tuple[bool, ...]) -> list[Bucket]:
         """Group ``index``'s buckets for the parameters flagged in ``have`` (cached; creates missing states)."""
         key = (index, have)
         plan = self._plans.get(key)
@@ -390,10 +343,10 @@ class QopOptimizer(torch.optim.Optimizer):
                         f"qop: GlobalOptimManager override of param_groups[{index}]['params'][{i}]: {exc}"
                     ) from exc
 
-    def _build_plan(self, group: dict[str, Any], have: tuple[bool, ...]) -> list[_Bucket]:
+    def _build_plan(self, group: dict[str, Any], have: tuple[bool, ...]) -> list[Bucket]:
         manager = GlobalOptimManager.get_instance()
         k = self.n_states(group)
-        buckets: dict[tuple[Any, ...], _Bucket] = {}
+        buckets: dict[tuple[Any, ...], Bucket] = {}
         for index, (p, has_grad) in enumerate(zip(group["params"], have)):
             if not has_grad:
                 continue
@@ -408,7 +361,7 @@ class QopOptimizer(torch.optim.Optimizer):
             b = buckets.get(bkey)
             if b is None:
                 codes = self._codes[p.device][:k] if bits == 8 else []  # one code book per state
-                b = buckets[bkey] = _Bucket(
+                b = buckets[bkey] = Bucket(
                     bits,
                     p.device,
                     codes=codes,
@@ -441,7 +394,7 @@ class QopOptimizer(torch.optim.Optimizer):
                 if k < 100:
                     by_percentile.setdefault(k, []).append(i)
             b.clips = [
-                _Clip(
+                Clip(
                     k,
                     pos,
                     torch.tensor(pos, dtype=torch.long).to(b.device),
@@ -452,7 +405,7 @@ class QopOptimizer(torch.optim.Optimizer):
             ]
         return list(buckets.values())
 
-    def _gscale(self, b: _Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
+    def _gscale(self, b: Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
         """Per-tensor gradient multipliers: percentile clipping and the inverse AMP scale, on the device
         (one ``qop.percentile_clip`` call per distinct percentile of the bucket, usually one)."""
         if grad_scale is None and not b.clips:
@@ -545,19 +498,3 @@ def _prepare(token: int, haves: tuple[tuple[bool, ...], ...]) -> int:
             _torch_internals.mark_static(itertools.chain([opt.param_groups[index]["hp"]], *(b.tensors() for b in plan)))
             opt._static.add((index, have))
     return 0
-
-
-def _check_grad(where: str, p: Tensor, g: Any) -> None:
-    """A gradient the step op accepts for ``p`` (what its checks would refuse mid-step, refused up front)."""
-    if not isinstance(g, Tensor):
-        raise TypeError(f"qop: {where}.grad must be a tensor, got {type(g).__name__}")
-    if g.layout != torch.strided:
-        raise RuntimeError(
-            f"qop: {where} (shape {tuple(p.shape)}) has a {g.layout} gradient; qop optimizers need dense gradients"
-        )
-    if g.shape != p.shape:
-        raise RuntimeError(f"qop: {where}.grad has shape {tuple(g.shape)}, its parameter {tuple(p.shape)}")
-    if g.dtype != p.dtype:
-        raise RuntimeError(f"qop: {where}.grad is {g.dtype}, its parameter {p.dtype}")
-    if g.device != p.device:
-        raise RuntimeError(f"qop: {where}.grad is on {g.device}, its parameter on {p.device}")

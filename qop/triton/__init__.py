@@ -2,9 +2,9 @@
 package only when CUDA is available).
 
 Kernels: ``_quant.py`` (blockwise quantize / dequantize), ``_step.py`` (the fused step: every rule, every
-state format, the two passes of Flag.UNORM_CLIP), ``_clip.py`` (percentile clipping of a list of
-gradients), ``_multi_tensor.py`` (device metadata of multi-tensor launches), ``_common.py`` (code-book
-search, exact float helpers, launch).
+state format, the two passes of Flag.UNORM_CLIP), ``_rules.py`` (its rule math), ``_clip.py`` (percentile
+clipping of a list of gradients), ``_multi_tensor.py`` (device metadata of multi-tensor launches),
+``_common.py`` (code-book search, exact float helpers, launch).
 
 Design
 ======

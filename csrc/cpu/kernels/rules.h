@@ -105,3 +105,63 @@ QOP_INLINE V apply_update(const KV<V>& k, V p, V u) {
     return p - k.lrs * u;
   }
 }
+
+// torch.minimum / torch.maximum on scalars: NaN when either is NaN.
+float nan_min(float a, float b) {
+  return (a != a || b != b) ? std::numeric_limits<float>::quiet_NaN() : (a < b ? a : b);
+}
+
+// The per-tensor scalars of reference.rule_update for step t (float32, same operations).
+Consts make_consts(int rule, int flags, const float* h, float t, float gs) {
+  Consts k;
+  const float lr = h[LR], wd = h[WEIGHT_DECAY];
+  k.gs = gs;
+  k.wd = wd;
+  k.b1 = h[BETA1];
+  k.b2 = h[BETA2];
+  k.b3 = h[BETA3];
+  k.omb1 = 1.0f - k.b1;
+  k.omb2 = 1.0f - k.b2;
+  k.omb3 = 1.0f - k.b3;
+  k.eps = h[EPS];
+  k.lr_eff = lr;
+  k.decay = 1.0f - lr * wd;
+  k.first = t == 1.0f;
+  switch (rule) {
+    case ADAM:
+      if (!(flags & NO_BIAS_CORRECTION)) {
+        k.c1 = 1.0f - std::pow(k.b1, t);
+        k.c2 = std::sqrt(1.0f - std::pow(k.b2, t));
+      }
+      k.c2c1 = k.c2 / k.c1;
+      k.epsc2 = k.eps * k.c2;
+      break;
+    case MOMENTUM:
+      k.damp1 = 1.0f - h[DAMPENING];
+      break;
+    case ADAGRAD:
+      k.lr_eff = lr / (1.0f + (t - 1.0f) * h[LR_DECAY]);
+      break;
+    case RMSPROP:
+      k.alpha = h[ALPHA];
+      k.omalpha = 1.0f - k.alpha;
+      break;
+    case ADEMAMIX: {
+      const float alpha = h[ALPHA], t_alpha = h[T_ALPHA], t_beta3 = h[T_BETA3];
+      k.alpha = t_alpha > 0.0f ? nan_min(t * alpha / t_alpha, alpha) : alpha;
+      if (t_beta3 > 0.0f) {  // reference._beta3_schedule
+        const float frac = t / t_beta3;
+        const float lb1 = std::log(k.b1), lb3 = std::log(k.b3);
+        k.b3 = nan_min(std::exp(lb1 * lb3 / ((1.0f - frac) * lb3 + frac * lb1)), k.b3);
+        k.omb3 = 1.0f - k.b3;
+      }
+      k.c1 = 1.0f - std::pow(k.b1, t);
+      k.c2 = std::sqrt(1.0f - std::pow(k.b2, t));
+      break;
+    }
+    default:
+      break;
+  }
+  k.lrs = k.lr_eff;
+  return k;
+}
