@@ -52,7 +52,7 @@ def _families() -> list[tuple[type, list[type]]]:
     classes = [
         c for c in classes if isinstance(c, type) and issubclass(c, optim.QopOptimizer) and c is not optim.QopOptimizer
     ]
-    bases = [c for c in classes if not hasattr(c.__init__, "__signature__")]
+    bases = [c for c in classes if not vars(c).get("_forces_format", False)]
     out = []
     for base in sorted(bases, key=lambda c: (c.__module__, _position(c))):
         variants = [c for c in classes if c not in bases and c.__bases__[0] is base]

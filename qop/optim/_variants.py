@@ -71,6 +71,9 @@ def variant(
         __init__.__doc__ = base_init.__doc__
         __init__.__qualname__ = f"{cls.__qualname__}.__init__"
         cls.__init__ = __init__  # type: ignore[misc]
+        # a class that only changes defaults (AdamW) is a family of its own in the docs; one that forces bits or
+        # paging is listed under its base
+        cls._forces_format = bits is not None or paged  # type: ignore[attr-defined]
         return cls
 
     return decorate

@@ -8,7 +8,7 @@ from typing import Any
 from .._schema import HP, Rule
 from ._args import number
 from ._variants import variant
-from .optimizer import QopOptimizer
+from .optimizer import QopOptimizer, engine_args
 
 
 class Adagrad(QopOptimizer):
@@ -44,15 +44,7 @@ class Adagrad(QopOptimizer):
             initial_accumulator_value=initial_accumulator_value,
             eps=eps,
         )
-        super().__init__(
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            block_wise=block_wise,
-            args=args,
-        )
+        super().__init__(params, defaults, **engine_args(locals()))
 
     def initial_state(self, group: dict[str, Any], index: int) -> float:
         return number("initial_accumulator_value", group["initial_accumulator_value"])

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._schema import HP, Flag, Rule
 from ._variants import variant
-from .optimizer import QopOptimizer
+from .optimizer import QopOptimizer, engine_args
 
 
 class Adam(QopOptimizer):
@@ -37,53 +37,15 @@ class Adam(QopOptimizer):
         is_paged: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad))
-        super().__init__(
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            block_wise=block_wise,
-            is_paged=is_paged,
-            args=args,
-        )
+        super().__init__(params, defaults, **engine_args(locals()))
 
     def flags(self, group: dict[str, Any]) -> Flag:
         return Flag.AMSGRAD if group["amsgrad"] else Flag.NONE
 
 
+@variant(defaults={"weight_decay": 1e-2})
 class AdamW(Adam):
     """AdamW: Adam with decoupled weight decay, default ``weight_decay=1e-2``."""
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        optim_bits: int = 32,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        block_wise: bool = True,
-        is_paged: bool = False,
-    ) -> None:
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            amsgrad,
-            optim_bits,
-            args,
-            min_8bit_size,
-            percentile_clipping,
-            block_wise,
-            is_paged,
-        )
 
 
 @variant(bits=8)

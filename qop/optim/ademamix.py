@@ -11,7 +11,7 @@ from .._schema import HP, Rule
 from ._args import warmup_steps
 from ._state_dict import BNB_QUANT_KEY
 from ._variants import variant
-from .optimizer import QopOptimizer
+from .optimizer import QopOptimizer, engine_args
 
 _WARMUPS = ("t_alpha", "t_beta3")
 
@@ -62,15 +62,7 @@ class AdEMAMix(QopOptimizer):
             eps=eps,
             weight_decay=weight_decay,
         )
-        super().__init__(
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            block_wise=block_wise,
-            is_paged=is_paged,
-        )
+        super().__init__(params, defaults, **engine_args(locals()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # The kernels read the warm-ups from the hp vector, where 0 means off.

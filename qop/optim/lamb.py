@@ -7,7 +7,7 @@ from typing import Any
 
 from .._schema import HP, Flag, Rule
 from ._variants import variant
-from .optimizer import QopOptimizer
+from .optimizer import QopOptimizer, engine_args
 
 
 class LAMB(QopOptimizer):
@@ -58,15 +58,7 @@ class LAMB(QopOptimizer):
             adam_w_mode=bool(adam_w_mode),
             max_unorm=max_unorm,
         )
-        super().__init__(
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            block_wise=block_wise,
-            args=args,
-        )
+        super().__init__(params, defaults, **engine_args(locals()))
 
     def flags(self, group: dict[str, Any]) -> Flag:
         flags = Flag.UNORM_CLIP

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._schema import HP, Rule
 from ._variants import variant
-from .optimizer import QopOptimizer
+from .optimizer import QopOptimizer, engine_args
 
 
 class Lion(QopOptimizer):
@@ -31,16 +31,7 @@ class Lion(QopOptimizer):
         is_paged: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
-        super().__init__(
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            block_wise=block_wise,
-            is_paged=is_paged,
-            args=args,
-        )
+        super().__init__(params, defaults, **engine_args(locals()))
 
 
 @variant(bits=8, drop=("optim_bits",))

@@ -41,6 +41,17 @@ from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
 from ._state_dict import STATE_KEYS as _STATE_KEYS
 from .manager import GlobalOptimManager
 
+#: Constructor arguments that every optimizer hands to the engine as they are (bitsandbytes' names).
+ENGINE_ARGS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged", "args")
+
+
+def engine_args(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The engine's arguments among a constructor's ``locals()``: what each optimizer passes on to
+    :class:`QopOptimizer` without writing the list out again (an optimizer without ``is_paged`` or
+    ``block_wise`` in its signature gets the engine's default)."""
+    return {key: arguments[key] for key in ENGINE_ARGS if key in arguments}
+
+
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
 

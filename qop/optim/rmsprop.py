@@ -8,7 +8,7 @@ from typing import Any
 from .._schema import HP, Rule
 from ._args import check_range, number
 from ._variants import variant
-from .optimizer import QopOptimizer
+from .optimizer import QopOptimizer, engine_args
 
 
 class RMSprop(QopOptimizer):
@@ -38,15 +38,7 @@ class RMSprop(QopOptimizer):
         block_wise: bool = True,
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
-        super().__init__(
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            block_wise=block_wise,
-            args=args,
-        )
+        super().__init__(params, defaults, **engine_args(locals()))
 
     def check_group(self, group: dict[str, Any]) -> None:
         momentum = number("momentum", group.get("momentum", 0))

@@ -8,7 +8,7 @@ from typing import Any
 from .._schema import HP, Flag, Rule
 from ._args import check_range, number
 from ._variants import variant
-from .optimizer import MOMENTUM_BUFFER, QopOptimizer
+from .optimizer import MOMENTUM_BUFFER, QopOptimizer, engine_args
 
 
 class SGD(QopOptimizer):
@@ -40,15 +40,7 @@ class SGD(QopOptimizer):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov)
         )
-        super().__init__(
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            block_wise=block_wise,
-            args=args,
-        )
+        super().__init__(params, defaults, **engine_args(locals()))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Whether a group has state is structural (it decides the op's arguments), so it is fixed here from
@@ -103,15 +95,7 @@ class LARS(SGD):
             nesterov=bool(nesterov),
             max_unorm=max_unorm,
         )
-        QopOptimizer.__init__(
-            self,
-            params,
-            defaults,
-            optim_bits=optim_bits,
-            min_8bit_size=min_8bit_size,
-            percentile_clipping=percentile_clipping,
-            args=args,
-        )
+        QopOptimizer.__init__(self, params, defaults, **engine_args(locals()))
 
     def flags(self, group: dict[str, Any]) -> Flag:
         return super().flags(group) | Flag.UNORM_CLIP
