@@ -36,6 +36,7 @@ class Adagrad(QopOptimizer):
         min_8bit_size: int = 4096,
         percentile_clipping: int = 100,
         block_wise: bool = True,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -52,6 +53,7 @@ class Adagrad(QopOptimizer):
             percentile_clipping=percentile_clipping,
             block_wise=block_wise,
             args=args,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def initial_state(self, group: dict[str, Any], index: int) -> float:

@@ -35,6 +35,7 @@ class Adam(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad))
         super().__init__(
@@ -46,6 +47,7 @@ class Adam(QopOptimizer):
             block_wise=block_wise,
             is_paged=is_paged,
             args=args,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def flags(self, group: dict[str, Any]) -> Flag:
@@ -69,6 +71,7 @@ class AdamW(Adam):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         super().__init__(
             params,
@@ -83,6 +86,7 @@ class AdamW(Adam):
             percentile_clipping,
             block_wise,
             is_paged,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
 

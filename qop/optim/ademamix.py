@@ -52,6 +52,7 @@ class AdEMAMix(QopOptimizer):
         is_paged: bool = False,
         percentile_clipping: int = 100,
         block_wise: bool = True,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -70,6 +71,7 @@ class AdEMAMix(QopOptimizer):
             percentile_clipping=percentile_clipping,
             block_wise=block_wise,
             is_paged=is_paged,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ class LAMB(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = False,
         max_unorm: float = 1.0,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -66,6 +67,7 @@ class LAMB(QopOptimizer):
             percentile_clipping=percentile_clipping,
             block_wise=block_wise,
             args=args,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def flags(self, group: dict[str, Any]) -> Flag:

@@ -29,6 +29,7 @@ class Lion(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         super().__init__(
@@ -40,6 +41,7 @@ class Lion(QopOptimizer):
             block_wise=block_wise,
             is_paged=is_paged,
             args=args,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
 

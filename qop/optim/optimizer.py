@@ -8,9 +8,12 @@ lives here, once:
   ``lr``, ``betas``, ``eps``... are 0-d *views* into it.  Schedulers write them in place (``fill_``), so a
   compiled step reads them as tensors and never recompiles when they change;
 * state: created lazily at the first step, 8-bit (uint8 codes + float32 absmax per 256-block) when the
-  optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, float32 otherwise;
+  optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, bfloat16 with 16 bits, float32 otherwise;
   ``GlobalOptimManager`` overrides apply per parameter; ``step`` is a float32 tensor on the device;
 * one fused op call per (device, dtype, bits) bucket of a param group;
+* ``bf16_stochastic_round``: bfloat16 params are written with stochastic rounding (``Flag.STOCHASTIC_ROUND``),
+  seeded by the group's ``bf16_sr_seed`` (drawn from torch's default generator when the group is added, kept in
+  ``hp`` and saved in the state dict); params of other dtypes are written as usual;
 * percentile clipping and AMP (``GradScaler`` hands ``grad_scale``/``found_inf``) stay on the device;
 * ``state_dict``/``load_state_dict`` round-trip exactly and accept bitsandbytes state dicts;
 * ``torch.compile``: a step traces as one graph with no graph break.  States and buckets are made by
@@ -33,8 +36,9 @@ from torch import Tensor
 
 from .. import ops, paged
 from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY, Flag, Rule, n_states
+from .._schema import BLOCKSIZE, HISTORY, HP, SR_SEED_LIMIT, Flag, Rule, n_states
 from . import _distributed, _hparams, _state_dict, _torch_internals
+from ._args import check_optim_bits, check_sr_seed
 from ._bucket import Bucket, Clip, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
@@ -43,6 +47,11 @@ from .manager import GlobalOptimManager
 
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
+#: Group key of the seed of stochastic rounding (an ``hp`` slot of every optimizer; 0 where the group does not
+#: round stochastically).
+SR_SEED_KEY = "bf16_sr_seed"
+#: The dtype of the states of each ``optim_bits`` that keeps values (8 bits keeps codes).
+_VALUE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
 
 #: Live optimizers by token: :func:`_prepare` takes the token, a constant that dynamo can pass to it.
@@ -67,6 +76,13 @@ class QopOptimizer(torch.optim.Optimizer):
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling with a host sync.
     _step_supports_amp_scaling = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every optimizer keeps the seed of stochastic rounding among its hyper-parameters (in ``hp``, so that it
+        is a device value and round-trips through state dicts like the others)."""
+        super().__init_subclass__(**kwargs)
+        if SR_SEED_KEY not in cls.hp_keys:
+            cls.hp_keys = {**cls.hp_keys, SR_SEED_KEY: HP.SR_SEED}
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -77,6 +93,7 @@ class QopOptimizer(torch.optim.Optimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        bf16_stochastic_round: bool = False,
         args: Any = None,
     ) -> None:
         if args is not None:  # bitsandbytes' legacy namespace of overrides
@@ -98,6 +115,7 @@ class QopOptimizer(torch.optim.Optimizer):
             percentile_clipping=percentile_clipping,
             block_wise=block_wise,
             is_paged=is_paged,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
         self.check_group(defaults)
         self._init_runtime()
@@ -149,9 +167,11 @@ class QopOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's arguments; every error names the argument."""
         _hparams.check_values(self.hp_keys, group)
-        bits = group.get("optim_bits", 32)
-        if bits not in (8, 32) or isinstance(bits, bool):
-            raise ValueError(f"qop: optim_bits must be 8 or 32, got {bits!r}")
+        check_optim_bits(group.get("optim_bits", 32))
+        if not isinstance(group.get("bf16_stochastic_round", False), bool):
+            raise TypeError(f"qop: bf16_stochastic_round must be a bool, got {group['bf16_stochastic_round']!r}")
+        if group.get(SR_SEED_KEY) is not None:
+            check_sr_seed(SR_SEED_KEY, group[SR_SEED_KEY], SR_SEED_LIMIT)
         size = group.get("min_8bit_size", 4096)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"qop: min_8bit_size must be an int >= 0, got {size!r}")
@@ -161,7 +181,12 @@ class QopOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its hyper-parameters become 0-d views of the group's device vector ``hp``."""
+        """Add a group; its hyper-parameters become 0-d views of the group's device vector ``hp``.  A group that
+        rounds stochastically and has no ``bf16_sr_seed`` draws one from torch's default generator."""
+        if isinstance(param_group, dict) and param_group.get(SR_SEED_KEY) is None:
+            sr = param_group.get("bf16_stochastic_round", self.defaults.get("bf16_stochastic_round", False))
+            seed = int(torch.randint(0, SR_SEED_LIMIT, ()).item()) if sr is True else 0
+            param_group = {**param_group, SR_SEED_KEY: seed}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -188,9 +213,12 @@ class QopOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------ state
     def _bits(self, group: dict[str, Any], p: Tensor) -> int:
+        """The bits of ``p``'s states: 8 (``min_8bit_size`` and more elements), 16 (bfloat16, any size) or 32."""
         cfg = GlobalOptimManager.get_instance().config_for(p)
         bits = cfg.get("optim_bits", group["optim_bits"])
         min_size = cfg.get("min_8bit_size", group["min_8bit_size"])
+        if bits == 16:
+            return 16
         return 8 if bits == 8 and p.numel() >= min_size else 32
 
     def _paged(self, group: dict[str, Any], p: Tensor) -> bool:
@@ -222,7 +250,7 @@ class QopOptimizer(torch.optim.Optimizer):
                     absmax.fill_(init)
                 state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
             else:
-                state[_STATE_KEYS[j]] = self._zeros(group, like, torch.float32).fill_(init)
+                state[_STATE_KEYS[j]] = self._zeros(group, like, _VALUE_DTYPES[bits]).fill_(init)
 
     def _percentile(self, group: dict[str, Any], p: Tensor) -> int:
         return GlobalOptimManager.get_instance().config_for(p).get("percentile_clipping", group["percentile_clipping"])
@@ -291,6 +319,7 @@ class QopOptimizer(torch.optim.Optimizer):
         self, group: dict[str, Any], plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
         flags = int(self.flags(group))
+        sr = group.get("bf16_stochastic_round", False)
         for b in plan:
             # the group's own params (not the bucket's references): in a compiled train step these are the
             # tensors whose .grad the traced backward has just produced
@@ -298,19 +327,20 @@ class QopOptimizer(torch.optim.Optimizer):
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
             if b.paged:
                 paged.prefetch(b.paged)
+            bflags = flags | Flag.STOCHASTIC_ROUND if sr and params[0].dtype == torch.bfloat16 else flags
             hp = group["hp"]
             if hp.device != b.device:
                 hp = hp.to(b.device)
             if b.hp_slots is not None:  # per-parameter overrides (GlobalOptimManager)
                 hp = hp.index_put((b.hp_slots,), b.hp_values)
             if b.shard is not None:  # DTensor params (FSDP2): the op runs on local shards, norms are global
-                _distributed.step_bucket(self, b, params, grads, hp, flags, grad_scale, found_inf)
+                _distributed.step_bucket(self, b, params, grads, hp, bflags, grad_scale, found_inf)
                 continue
             gscale = self._gscale(b, grads, grad_scale)
             fi = None if found_inf is None else found_inf.to(b.device)
             ops.step(
                 int(self.rule),
-                flags,
+                bflags,
                 params,
                 grads,
                 [s for st in b.states for s in st],
@@ -353,7 +383,7 @@ class QopOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(group, p)
             st = self.state[p]
-            bits = 8 if "absmax1" in st else 32
+            bits = 8 if "absmax1" in st else 16 if k and st[_STATE_KEYS[0]].dtype == torch.bfloat16 else 32
             override = manager.hp_override(p, self.hp_keys)
             # overridden hyper-parameters get a bucket of their own
             shard = _distributed.shard_key(p)  # DTensor params: a bucket per mesh and placements

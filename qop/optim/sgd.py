@@ -36,6 +36,7 @@ class SGD(QopOptimizer):
         min_8bit_size: int = 4096,
         percentile_clipping: int = 100,
         block_wise: bool = True,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov)
@@ -48,6 +49,7 @@ class SGD(QopOptimizer):
             percentile_clipping=percentile_clipping,
             block_wise=block_wise,
             args=args,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -94,6 +96,7 @@ class LARS(SGD):
         min_8bit_size: int = 4096,
         percentile_clipping: int = 100,
         max_unorm: float = 0.02,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -111,6 +114,7 @@ class LARS(SGD):
             min_8bit_size=min_8bit_size,
             percentile_clipping=percentile_clipping,
             args=args,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
 
     def flags(self, group: dict[str, Any]) -> Flag:
