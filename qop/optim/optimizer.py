@@ -11,9 +11,8 @@ lives here, once:
   optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, bfloat16 with 16 bits, float32 otherwise;
   ``GlobalOptimManager`` overrides apply per parameter; ``step`` is a float32 tensor on the device;
 * one fused op call per (device, dtype, bits) bucket of a param group;
-* ``bf16_stochastic_round``: bfloat16 params are written with stochastic rounding (``Flag.STOCHASTIC_ROUND``),
-  seeded by the group's ``bf16_sr_seed`` (drawn from torch's default generator when the group is added, kept in
-  ``hp`` and saved in the state dict); params of other dtypes are written as usual;
+* ``bf16_stochastic_round``: bfloat16 params are written with stochastic rounding, seeded per group
+  (:mod:`qop.optim._rounding`);
 * percentile clipping and AMP (``GradScaler`` hands ``grad_scale``/``found_inf``) stay on the device;
 * ``state_dict``/``load_state_dict`` round-trip exactly and accept bitsandbytes state dicts;
 * ``torch.compile``: a step traces as one graph with no graph break.  States and buckets are made by
@@ -36,9 +35,9 @@ from torch import Tensor
 
 from .. import ops, paged
 from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY, HP, SR_SEED_LIMIT, Flag, Rule, n_states
-from . import _distributed, _hparams, _state_dict, _torch_internals
-from ._args import check_optim_bits, check_sr_seed
+from .._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule, n_states
+from . import _distributed, _hparams, _rounding, _state_dict, _torch_internals
+from ._args import check_optim_bits
 from ._bucket import Bucket, Clip, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
@@ -47,9 +46,7 @@ from .manager import GlobalOptimManager
 
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
-#: Group key of the seed of stochastic rounding (an ``hp`` slot of every optimizer; 0 where the group does not
-#: round stochastically).
-SR_SEED_KEY = "bf16_sr_seed"
+SR_SEED_KEY = _rounding.SR_SEED_KEY
 #: The dtype of the states of each ``optim_bits`` that keeps values (8 bits keeps codes).
 _VALUE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
@@ -168,10 +165,7 @@ class QopOptimizer(torch.optim.Optimizer):
         """Validate a group's arguments; every error names the argument."""
         _hparams.check_values(self.hp_keys, group)
         check_optim_bits(group.get("optim_bits", 32))
-        if not isinstance(group.get("bf16_stochastic_round", False), bool):
-            raise TypeError(f"qop: bf16_stochastic_round must be a bool, got {group['bf16_stochastic_round']!r}")
-        if group.get(SR_SEED_KEY) is not None:
-            check_sr_seed(SR_SEED_KEY, group[SR_SEED_KEY], SR_SEED_LIMIT)
+        _rounding.check_group(group)
         size = group.get("min_8bit_size", 4096)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"qop: min_8bit_size must be an int >= 0, got {size!r}")
@@ -183,10 +177,8 @@ class QopOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyper-parameters become 0-d views of the group's device vector ``hp``.  A group that
         rounds stochastically and has no ``bf16_sr_seed`` draws one from torch's default generator."""
-        if isinstance(param_group, dict) and param_group.get(SR_SEED_KEY) is None:
-            sr = param_group.get("bf16_stochastic_round", self.defaults.get("bf16_stochastic_round", False))
-            seed = int(torch.randint(0, SR_SEED_LIMIT, ()).item()) if sr is True else 0
-            param_group = {**param_group, SR_SEED_KEY: seed}
+        if isinstance(param_group, dict):
+            param_group = _rounding.with_seed(param_group, self.defaults)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -319,7 +311,6 @@ class QopOptimizer(torch.optim.Optimizer):
         self, group: dict[str, Any], plan: list[Bucket], grad_scale: Tensor | None, found_inf: Tensor | None
     ) -> None:
         flags = int(self.flags(group))
-        sr = group.get("bf16_stochastic_round", False)
         for b in plan:
             # the group's own params (not the bucket's references): in a compiled train step these are the
             # tensors whose .grad the traced backward has just produced
@@ -327,7 +318,7 @@ class QopOptimizer(torch.optim.Optimizer):
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
             if b.paged:
                 paged.prefetch(b.paged)
-            bflags = flags | Flag.STOCHASTIC_ROUND if sr and params[0].dtype == torch.bfloat16 else flags
+            bflags = _rounding.flags(group, flags, params[0].dtype)
             hp = group["hp"]
             if hp.device != b.device:
                 hp = hp.to(b.device)
