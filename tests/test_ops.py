@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from cases import BASE_HP, CASES, SIGNED, STEP_CASES, StepCase, op_args  # noqa: F401
+from cases import BASE_HP, CASES, SIGNED, SR_CASES, STEP_CASES, StepCase, op_args  # noqa: F401
 from torch import Tensor
 
 import qop
@@ -342,6 +342,14 @@ def _step_samples():
                 return inp.args(make_grads(inp.params, 0))
 
             yield f"step_{bits}bit_{name}_{dtype}", step_op(bits), build
+    for bits in (32, 16):  # stochastic rounding of bfloat16 params
+        sr = next(c for c in SR_CASES if c.name == "adam_sr")
+
+        def build_sr(bits=bits, sr=sr):
+            inp = make_inputs(sr, torch.bfloat16, bits, shapes=[(0,), (257,), (33, 65)], seed=11, gscale=True)
+            return inp.args(make_grads(inp.params, 0))
+
+        yield f"step_{bits}bit_adam_sr_bf16", step_op(bits), build_sr
     for bits in (32, 8):  # with the squared norms of a whole parameter handed in
 
         def build_unorm(bits=bits):
