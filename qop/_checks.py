@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._schema import ALL_FLAGS, FORMAT_BLOCKSIZE, HISTORY, HP_SIZE, Rule, StateFormat, n_states, state_format
+from ._schema import ALL_FLAGS, FORMAT_BLOCKSIZE, HISTORY, HP_SIZE, Flag, Rule, StateFormat, n_states, state_format
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -87,7 +87,9 @@ def check_step(
     fmt = StateFormat.FLOAT32  # what a call without state tensors runs: nothing to load or store
     if k and n:
         found = state_format(states[0].dtype)
-        check(found is not None, "states[0] must be float32 or uint8 (a state format), got {}", states[0].dtype)
+        check(
+            found is not None, "states[0] must be float32, bfloat16 or uint8 (a state format), got {}", states[0].dtype
+        )
         assert found is not None
         fmt = found
         for at, st in enumerate(states):
@@ -148,6 +150,12 @@ def check_step(
         p, g = params[i], grads[i]
         check(p.dtype in PARAM_DTYPES, "params[{}] must be float32, bfloat16 or float16, got {}", i, p.dtype)
         check(p.dtype == dtype, "params[{}] is {} but params[0] is {}: one call takes one dtype", i, p.dtype, dtype)
+        check(
+            not flags & Flag.STOCHASTIC_ROUND or dtype == torch.bfloat16,
+            "flags has STOCHASTIC_ROUND, which needs bfloat16 params, but params[{}] is {}",
+            i,
+            dtype,
+        )
         check(p.device == device, "params[{}] is on {} but params[0] is on {}", i, p.device, device)
         check(p.layout == torch.strided, "params[{}] must be a dense tensor", i)
         check(p.is_contiguous(), "params[{}] must be contiguous", i)

@@ -1,5 +1,6 @@
 """``python -m qop demo``: a small language model trained with qop's 8-bit Adam beside torch's AdamW, the same
-qop step compiled with ``torch.compile``, and bitsandbytes' Adam8bit when it is installed.
+qop step compiled with ``torch.compile``, bitsandbytes' Adam8bit when it is installed, and any other qop formats
+named with ``--formats`` (e.g. ``AdamW:optim_bits=16 AdamW4bit``) side by side.
 
 Every run starts from the same weights, sees the same batches and follows the same learning-rate schedule
 (warm-up, then cosine decay: the lr changes at every step), so the loss curves differ only by the optimizer,
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ._tinylm import VOCAB, TinyLM, batches, make_corpus
+from .bench.formats import parse
 from .bench.measure import optimizer_state_bytes
 
 __all__ = [
@@ -139,6 +141,7 @@ def _make_runs(
     steps: int,
     compile_backend: str | None,
     with_bnb: bool,
+    formats: Sequence[str] = (),
 ) -> tuple[list[_Run], list[Curve]]:
     """The runs that take place, and curves of those that cannot (named, with the reason)."""
     import qop
@@ -164,6 +167,12 @@ def _make_runs(
             absent.append(Curve(BNB, absent=why))
         else:
             runs.append(build(BNB, cls, make_model()))
+    for spec in formats:  # qop optimizers named on the command line; absent where this build has no such class
+        fmt = parse(spec)
+        if fmt.cls is None:
+            absent.append(Curve(fmt.label, absent=fmt.absent))
+        else:
+            runs.append(build(fmt.label, lambda params, fmt=fmt, **kw: fmt.build(params, **kw), make_model()))
     return runs, absent
 
 
@@ -204,9 +213,11 @@ def run(
     compile_backend: str | None = "aot_eager",
     with_bnb: bool = True,
     verbose: bool = True,
+    formats: Sequence[str] = (),
 ) -> DemoResult:
     """Train copies of :class:`TinyLM` in lock-step: torch AdamW, qop Adam8bit eager and compiled (unless
-    ``compile_backend`` is None), bitsandbytes' Adam8bit (when ``with_bnb`` and installed)."""
+    ``compile_backend`` is None), bitsandbytes' Adam8bit (when ``with_bnb`` and installed), and one run per
+    ``formats`` entry (``qop.optim`` ``Name[:key=value,...]``)."""
     torch.manual_seed(seed)
     reference = TinyLM(len(VOCAB), ctx, d, layers)
 
@@ -219,7 +230,7 @@ def run(
     trace_flag = torch._dynamo.config.trace_autograd_ops
     torch._dynamo.config.trace_autograd_ops = True  # lets dynamo trace loss.backward() into the graph
     try:
-        runs, absent = _make_runs(reference, make_model, hp, steps, compile_backend, with_bnb)
+        runs, absent = _make_runs(reference, make_model, hp, steps, compile_backend, with_bnb, formats)
         total = sum(p.numel() for p in reference.parameters())
         if verbose:
             print(
@@ -228,7 +239,7 @@ def run(
             )
             for c in absent:
                 print(f"{c.name}: {c.absent}")
-            print(f"{'step':>6}  " + "  ".join(f"{r.curve.name:>22}" for r in runs))
+            print(f"{'step':>6}  " + "  ".join(f"{r.curve.name:>26}" for r in runs))
         _train(runs, batches(make_corpus(20_000, seed), batch, ctx, seed), steps, log_every, verbose)
     finally:
         torch._dynamo.config.trace_autograd_ops = trace_flag
@@ -271,7 +282,7 @@ def _train(runs: list[_Run], data: Iterator[tuple[Tensor, Tensor]], steps: int, 
                 r.curve.points.append((step, mean))
             if verbose:
                 progress.done()
-                print(f"{step:>6}  " + "  ".join(f"{m:>22.4f}" for m in means))
+                print(f"{step:>6}  " + "  ".join(f"{m:>26.4f}" for m in means))
             running = [torch.zeros(()) for _ in runs]
             count = 0
     progress.done()
@@ -283,15 +294,15 @@ def report(result: DemoResult) -> str:
     steps = max(1, result.steps - 1)
     lines = [
         "",
-        f"{'run':<22} {'final eval loss':>16} {'state B/param':>14} {'state KiB':>10} {'ms/step':>8} "
+        f"{'run':<26} {'final eval loss':>16} {'state B/param':>14} {'state KiB':>10} {'ms/step':>8} "
         f"{'first step s':>13}",
     ]
     for c in result.curves:
         if c.absent:
-            lines.append(f"{c.name:<22} {c.absent}")
+            lines.append(f"{c.name:<26} {c.absent}")
             continue
         lines.append(
-            f"{c.name:<22} {c.final_loss:>16.4f} {c.state_bytes / result.n_params:>14.2f} "
+            f"{c.name:<26} {c.final_loss:>16.4f} {c.state_bytes / result.n_params:>14.2f} "
             f"{c.state_bytes / 1024:>10.1f} {1e3 * c.seconds / steps:>8.1f} {c.first_step_s:>13.2f}"
         )
     full, q8 = result.curve(TORCH), result.curve(QOP)
@@ -352,6 +363,14 @@ def cli(argv: Sequence[str] | None = None) -> DemoResult:
     )
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled run")
     parser.add_argument("--no-bnb", action="store_true", help="leave out bitsandbytes' Adam8bit")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="more qop optimizers side by side, e.g. AdamW:optim_bits=16 AdamW8bit AdamW4bit (classes this build "
+        "lacks are reported absent)",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.log_every < 1:
         parser.error("--steps and --log-every must be >= 1")
@@ -364,6 +383,7 @@ def cli(argv: Sequence[str] | None = None) -> DemoResult:
         log_every=args.log_every,
         compile_backend=None if args.no_compile else args.backend,
         with_bnb=not args.no_bnb,
+        formats=args.formats,
     )
     print(report(result))
     if args.plot:

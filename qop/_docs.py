@@ -98,7 +98,9 @@ def _arguments(cls: type) -> dict[str, inspect.Parameter]:
 
 
 def _hp_names(cls: Any) -> str:
-    return ", ".join(f"`{k}`" for k in cls.hp_keys)
+    from .optim.optimizer import SR_SEED_KEY  # every optimizer's; documented once, with bf16_stochastic_round
+
+    return ", ".join(f"`{k}`" for k in cls.hp_keys if k != SR_SEED_KEY)
 
 
 @_section("optimizers.md", "optimizers")

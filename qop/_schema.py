@@ -10,8 +10,9 @@ every schedulable hyper-parameter from tensors, so no value is baked into a trac
 
 * ``states`` -- ONE flat list of k states x n tensors, state j of tensor i at ``j * n + i`` (k from
   :func:`n_states`; a momentum rule passes no state at all for plain SGD, so ``len(states) == 0`` says
-  so).  Their dtype says the format (:class:`StateFormat`, told by :func:`state_format`): float32 states
-  are the values themselves; uint8 states are blockwise 8-bit codes with ``absmax`` (flat like
+  so).  Their dtype says the format (:class:`StateFormat`, told by :func:`state_format`): float32 and
+  bfloat16 states are the values themselves (the rule computes in float32, bfloat16 ones are stored rounded
+  to nearest-even); uint8 states are blockwise 8-bit codes with ``absmax`` (flat like
   ``states``, one float32 per 256-block) and ``codes`` (one 256-entry code book per state).  Formats
   without them take empty ``absmax`` and ``codes``;
 * ``hp`` -- float32 vector laid out by :class:`HP` (lr, betas, eps, weight decay, ...);
@@ -23,6 +24,13 @@ every schedulable hyper-parameter from tensors, so no value is baked into a trac
 * ``unorm`` -- optional float32 ``[n, 2]``: per tensor, the squared norms of its update and of itself, summed
   over the whole parameter when the tensor is one shard of it.  With ``Flag.UNORM_CLIP`` the op then clips
   with these instead of the norms of the tensors it is given (and skips its first pass); ignored otherwise.
+
+With ``Flag.STOCHASTIC_ROUND`` (bfloat16 params only) the new float32 value x of a parameter is rounded to one of
+its two bfloat16 neighbours: to the one farther from zero with probability (the low 16 bits of x) / 2^16, else
+toward zero, so its expectation is x.  The 16 random bits of element e (its index in the tensor, mod 2^32) at step t
+(``steps[i] + 1``) are the top half of ``mix32(e ^ mix32(seed ^ mix32(t)))`` with ``seed = hp[SR_SEED]``
+(:data:`MIX32_MULTIPLIERS`); x's bits plus them, cut to the top 16, are the rounded value (a NaN becomes 0x7FC0, as
+in nearest rounding).  Counter-based: every backend computes the same bits, with no generator state.
 
 ``percentile_clip`` computes the ``gscale`` of percentile clipping for a whole list of gradients at
 once: it records each gradient's norm in that parameter's 100-entry history and returns the clip
@@ -66,6 +74,7 @@ class Flag(enum.IntFlag):
     NO_BIAS_CORRECTION = 4  # ADAM: c1 = c2 = 1 (LAMB bias_correction=False)
     L2_WEIGHT_DECAY = 8  # ADAM: g += wd * p instead of decoupled decay (LAMB adam_w_mode=False)
     UNORM_CLIP = 16  # two passes: clip the update norm to hp[MAX_UNORM] * ||p|| (LAMB, LARS)
+    STOCHASTIC_ROUND = 32  # bfloat16 params only: round the new value stochastically, seeded by hp[SR_SEED]
 
 
 class HP(enum.IntEnum):
@@ -83,6 +92,7 @@ class HP(enum.IntEnum):
     MAX_UNORM = 9  # LAMB/LARS update-norm clip (read when Flag.UNORM_CLIP is set)
     T_ALPHA = 10  # AdEMAMix alpha warm-up steps (0: off)
     T_BETA3 = 11  # AdEMAMix beta3 warm-up steps (0: off)
+    SR_SEED = 12  # seed of stochastic rounding (Flag.STOCHASTIC_ROUND): an integer in [0, 2^24), exact in float32
 
 
 HP_SIZE = len(HP)
@@ -116,6 +126,7 @@ class StateFormat(enum.IntEnum):
 
     FLOAT32 = 0  # float32 values, no absmax, no code book
     BLOCKWISE8 = 1  # uint8 indices into a 256-entry code book, one float32 absmax per BLOCKSIZE elements
+    BFLOAT16 = 2  # bfloat16 values (rounded to nearest-even when stored), no absmax, no code book
 
 
 #: Elements per absmax entry of each blockwise format.
@@ -128,7 +139,15 @@ def state_format(dtype: torch.dtype) -> StateFormat | None:
         return StateFormat.FLOAT32
     if dtype == torch.uint8:
         return StateFormat.BLOCKWISE8
+    if dtype == torch.bfloat16:
+        return StateFormat.BFLOAT16
     return None
+
+
+#: Seeds of stochastic rounding lie in [0, SR_SEED_LIMIT): integers that float32 (the ``hp`` vector) holds exactly.
+SR_SEED_LIMIT = 1 << 24
+#: The multipliers of :func:`mix32` (the "lowbias32" integer hash, two multiply/xor-shift rounds on uint32).
+MIX32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 
 def split_states(flat: Sequence[Tensor], n: int) -> list[list[Tensor]]:

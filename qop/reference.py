@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule, StateFormat, n_states, state_format
+from ._schema import BLOCKSIZE, HISTORY, HP, MIX32_MULTIPLIERS, Flag, Rule, StateFormat, n_states, state_format
 
 
 # ----------------------------------------------------------------------------------------- quantize
@@ -222,7 +222,11 @@ def step(
             rule, flags, p, g, loaded, steps[i], hp, _scale(gscale, i), None if unorm is None else unorm[i]
         )
         keep = _keep(found_inf, p.device)
-        p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
+        if flags & Flag.STOCHASTIC_ROUND:
+            rounded = stochastic_round_bf16(new_p, hp[HP.SR_SEED], steps[i].float() + 1)
+            p.copy_(torch.where(keep, rounded, p.reshape(-1)).view_as(p))
+        else:
+            p.copy_(torch.where(keep, new_p, p.float().reshape(-1)).view_as(p))
         for j, (a, s) in enumerate(zip(at, new)):
             _store_state(fmt, s, keep, states[a], absmax, codes, a, j)
         steps[i].add_(keep.float())
@@ -236,6 +240,8 @@ def _load_state(
         return state.reshape(-1)
     if fmt == StateFormat.BLOCKWISE8:
         return dequantize_blockwise(state, absmax[at], codes[j], BLOCKSIZE, torch.float32).reshape(-1)
+    if fmt == StateFormat.BFLOAT16:
+        return state.float().reshape(-1)
     raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
 
 
@@ -253,12 +259,53 @@ def _store_state(
     if fmt == StateFormat.FLOAT32:
         flat = state.reshape(-1)
         flat.copy_(torch.where(keep, new, flat))
+    elif fmt == StateFormat.BFLOAT16:  # .to() rounds to nearest-even
+        flat = state.reshape(-1)
+        flat.copy_(torch.where(keep, new.to(torch.bfloat16), flat))
     elif fmt == StateFormat.BLOCKWISE8:
         q, a = quantize_blockwise(new, codes[j], BLOCKSIZE)
         state.copy_(torch.where(keep, q.view_as(state), state))
         absmax[at].copy_(torch.where(keep, a, absmax[at]))
     else:
         raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
+
+
+# --------------------------------------------------------------------------------- stochastic rounding
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2^32`` for int64 ``x`` in [0, 2^32), in halves so that no product leaves int64."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """The "lowbias32" hash on uint32 values held in int64 (the C++ and Triton kernels compute it on uint32)."""
+    m1, m2 = MIX32_MULTIPLIERS
+    x = x ^ (x >> 16)
+    x = _mul32(x, m1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, m2)
+    return x ^ (x >> 16)
+
+
+def sr_bits(seed: Tensor, t: Tensor, numel: int) -> Tensor:
+    """The 16 random bits of each of ``numel`` elements at step ``t`` (int64 in [0, 2^16)): the top half of
+    ``mix32(e ^ mix32(seed ^ mix32(t)))`` for element index e (``qop._schema`` states the contract)."""
+    key = mix32((seed.to(torch.int64).reshape(()) & _M32) ^ mix32(t.to(torch.int64).reshape(()) & _M32))
+    index = torch.arange(numel, dtype=torch.int64, device=seed.device) & _M32
+    return mix32(index ^ key) >> 16
+
+
+def stochastic_round_bf16(x: Tensor, seed: Tensor, t: Tensor) -> Tensor:
+    """float32 ``x`` (flat) rounded stochastically to bfloat16: its bits plus :func:`sr_bits`, cut to the top 16,
+    i.e. away from zero with probability (x's low 16 bits) / 2^16; a NaN becomes 0x7FC0 (as nearest rounding)."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & _M32
+    top = ((bits + sr_bits(seed, t, x.numel())) >> 16) & 0xFFFF
+    top = torch.where(torch.isnan(x), 0x7FC0, top)
+    return (top - ((top >> 15) << 16)).to(torch.int16).view(torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------ percentile clipping

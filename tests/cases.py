@@ -90,6 +90,11 @@ STEP_CASES = [
     StepCase("ademamix_schedules", Rule.ADEMAMIX, hp=(("ALPHA", 5.0), ("T_ALPHA", 3.0), ("T_BETA3", 3.0))),
 ]
 CASES = {c.name: c for c in STEP_CASES}
+#: Every case with stochastic rounding of its (bfloat16) params, seeded.
+SR_CASES = [
+    dataclasses.replace(c, name=f"{c.name}_sr", flags=c.flags | Flag.STOCHASTIC_ROUND, hp=(*c.hp, ("SR_SEED", 4321.0)))
+    for c in STEP_CASES
+]
 
 
 def flat(nested: Sequence[Sequence[Tensor]]) -> list[Tensor]:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cases import SR_CASES
 from test_ops import (
     DTYPES,
     QUANTIZER_INPUTS,
@@ -46,12 +47,13 @@ def build_inputs() -> dict[str, list[Any]]:
         for blocksize in (256, 64, 100, 4096)
     ]
     steps = []
-    for case in STEP_CASES:
-        for dtype in DTYPES:
-            for bits in (32, 8):
-                inp = make_inputs(case, dtype, bits, shapes=STEP_SHAPES, gscale=True)
-                grads = [make_grads(inp.params, step) for step in range(STEPS)]
-                steps.append((f"{case}/{dtype}/{bits}", bits, inp, grads))
+    runs = [(case, dtype) for case in STEP_CASES for dtype in DTYPES]
+    runs += [(case, torch.bfloat16) for case in SR_CASES]  # stochastic rounding: bfloat16 params only
+    for case, dtype in runs:
+        for bits in (32, 16, 8):
+            inp = make_inputs(case, dtype, bits, shapes=STEP_SHAPES, gscale=True)
+            grads = [make_grads(inp.params, step) for step in range(STEPS)]
+            steps.append((f"{case}/{dtype}/{bits}", bits, inp, grads))
     clip = [(f"{dtype}", make_clip_inputs(dtype, seed=5)) for dtype in DTYPES]
     return {"quantize": quantize, "steps": steps, "clip": clip}
 

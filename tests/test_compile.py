@@ -214,6 +214,34 @@ def test_compiled_step_with_percentile_clipping_and_overrides() -> None:
     assert n_clips == sum(t == "qop.step.default" for t in backend.targets) == 3, backend.targets
 
 
+def _same_seeds(*opts: QopOptimizer, seed: float = 1234.0) -> None:
+    """Twins that round stochastically draw different seeds: give every group the same one (in place)."""
+    for o in opts:
+        for g in o.param_groups:
+            g["bf16_sr_seed"].fill_(seed)
+
+
+def test_compiled_step_with_bfloat16_states_and_stochastic_rounding() -> None:
+    """bfloat16 states and stochastic rounding of the bfloat16 group: one graph, no recompile as the lr changes,
+    bitwise eager results."""
+    opt, ref = _twins(qop.optim.AdamW, optim_bits=16, bf16_stochastic_round=True)
+    _same_seeds(opt, ref)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.8**s)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: 0.8**s)
+    backend = Backend()
+    step = torch.compile(opt.step, backend=backend, fullgraph=True)
+    for i in range(STEPS):
+        _set_grads((opt, ref), i)
+        with _no_recompiles() if i else contextlib.nullcontext():
+            step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        _assert_same(opt, ref)
+    assert backend.graphs == 1
+    assert all(v.dtype == torch.bfloat16 for p in _params(opt) for k, v in opt.state[p].items() if k != "step")
+
+
 def test_compiled_step_with_params_without_grads() -> None:
     """A parameter without a gradient gets no state; when it gets one, the step recompiles (a guard on
     ``p.grad is None``) and creates its state then, as eager does."""
@@ -542,14 +570,21 @@ def test_cuda_steps_do_not_sync(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ 5. CUDA graphs
-@pytest.mark.parametrize("name", ["Adam8bit", "Adam32bit", "AdamW8bit", "LAMB8bit", "Lion8bit", "SGD8bit"], ids=str)
+@pytest.mark.parametrize(
+    "name", ["Adam8bit", "Adam32bit", "AdamW8bit", "LAMB8bit", "Lion8bit", "SGD8bit", "AdamW+bf16"], ids=str
+)
 @pytest.mark.gpu
 @requires_cuda
 def test_cuda_graph_capture_matches_eager(name: str) -> None:
-    """A captured eager step, replayed (with the lr changed in place between replays), equals eager steps."""
+    """A captured eager step, replayed (with the lr changed in place between replays), equals eager steps
+    (``+bf16``: bfloat16 states and stochastic rounding, whose random bits need no host generator)."""
+    name, _, extra = name.partition("+")
     if not hasattr(qop.optim, name):
         pytest.skip(f"qop.optim has no {name}")
-    opt, ref = _twins(getattr(qop.optim, name), device="cuda")
+    over = {"optim_bits": 16, "bf16_stochastic_round": True} if extra == "bf16" else {}
+    opt, ref = _twins(getattr(qop.optim, name), device="cuda", **over)
+    if over:
+        _same_seeds(opt, ref)
     static_grads = [torch.zeros_like(p) for p in _params(opt)]
     for p, g in zip(_params(opt), static_grads):
         p.grad = g

@@ -2,7 +2,7 @@
 accepts are checked against it, so a drift fails here.
 
 * the enums and sizes of ``csrc/cpu/checks.h`` are parsed and compared with ``Rule``, ``Flag``, ``HP``,
-  ``StateFormat``, ``BLOCKSIZE``, ``HISTORY`` and ``ALL_FLAGS``;
+  ``StateFormat``, ``BLOCKSIZE``, ``HISTORY``, ``ALL_FLAGS`` and ``MIX32_MULTIPLIERS``;
 * the state count of every rule and flag combination is what each kernel (C++, the reference) accepts, and one
   state more or fewer is refused;
 * flags beyond ``ALL_FLAGS`` are refused by every kernel.
@@ -24,6 +24,7 @@ from qop._schema import (
     HISTORY,
     HP,
     MAX_STATES,
+    MIX32_MULTIPLIERS,
     STATE_COUNTS,
     Flag,
     Rule,
@@ -55,6 +56,8 @@ def test_the_cpp_mirror_matches_the_schema() -> None:
     assert _enum(text, "HP") == {**{h.name: int(h) for h in HP}, "HP_SIZE": len(HP)}
     assert _constant(text, "kBlocksize") == BLOCKSIZE
     assert _constant(text, "kHistory") == HISTORY
+    mix = [int(m, 16) for m in re.findall(r"constexpr uint32_t kMix32[AB] = (0x[0-9A-Fa-f]+);", text)]
+    assert tuple(mix) == MIX32_MULTIPLIERS
     assert _enum(text, "StateFormat") == {**{f.name: int(f) for f in StateFormat}, "N_FORMATS": len(StateFormat)}
 
 
@@ -71,8 +74,21 @@ def _step_args(rule: Rule, flags: int, k: int, bits: int) -> tuple:
     hp = torch.zeros(len(HP))
     hp[HP.LR], hp[HP.EPS], hp[HP.BETA1], hp[HP.BETA2], hp[HP.BETA3] = 1e-3, 1e-8, 0.9, 0.99, 0.999
     steps = [torch.zeros(())]
-    if bits == 32:
-        return (int(rule), flags, [p], [g], [torch.zeros(n) for _ in range(k)], [], [], steps, hp, None, None)
+    if bits in (32, 16):
+        dtype = torch.bfloat16 if bits == 16 else torch.float32
+        return (
+            int(rule),
+            flags,
+            [p],
+            [g],
+            [torch.zeros(n, dtype=dtype) for _ in range(k)],
+            [],
+            [],
+            steps,
+            hp,
+            None,
+            None,
+        )
     states = [torch.zeros(n, dtype=torch.uint8) for _ in range(k)]
     absmax = [torch.zeros(2) for _ in range(k)]
     codes = [qop.dynamic_map(True)] * k
@@ -97,7 +113,7 @@ def _kernel(kind: str):  # type: ignore[no-untyped-def]
 CASES = [(rule, flags) for rule in Rule for flags in ((0, int(Flag.AMSGRAD)) if rule == Rule.ADAM else (0,))]
 
 
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 16, 8])
 @pytest.mark.parametrize("kind", ["cpp", "reference"])
 @pytest.mark.parametrize(("rule", "flags"), CASES, ids=[f"{r.name}-{f}" for r, f in CASES])
 def test_every_kernel_takes_the_schema_state_count(rule: Rule, flags: int, kind: str, bits: int) -> None:
@@ -111,7 +127,7 @@ def test_every_kernel_takes_the_schema_state_count(rule: Rule, flags: int, kind:
             op(*_step_args(rule, flags, wrong, bits))
 
 
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 16, 8])
 @pytest.mark.parametrize("kind", ["cpp", "reference"])
 def test_unknown_flags_are_refused(kind: str, bits: int) -> None:
     op = _kernel(kind)

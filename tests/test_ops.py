@@ -7,7 +7,8 @@ drives:
   fake tensors, AOT dispatch), each check on freshly built inputs since the step ops mutate theirs;
 * the C++ kernels against ``qop.reference`` over several steps (skipped when ``qop.HAS_CPU_KERNELS`` is
   False, where the reference *is* the CPU kernel): 32-bit to float32 rounding (one ulp of bf16/fp16
-  parameters), 8-bit codes within one code index, quantize/dequantize exactly;
+  parameters), 16-bit (bfloat16) states within one bfloat16 ulp, 8-bit codes within one code index,
+  quantize/dequantize exactly;
 * ``found_inf`` leaving everything bit-identical;
 * bad arguments raising ``ValueError`` that names the argument.
 """
@@ -19,12 +20,12 @@ import math
 
 import pytest
 import torch
-from cases import BASE_HP, CASES, SIGNED, STEP_CASES, StepCase, op_args  # noqa: F401
+from cases import BASE_HP, CASES, SIGNED, SR_CASES, STEP_CASES, StepCase, op_args  # noqa: F401
 from torch import Tensor
 
 import qop
 from qop import BLOCKSIZE, HP, Flag, Rule, reference
-from qop._schema import SCHEMAS
+from qop._schema import ALL_FLAGS, SCHEMAS
 
 needs_kernels = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
 
@@ -115,6 +116,8 @@ def make_inputs(
         raw.append(per_param)
     codes = [dynamic_map(sg) for sg in signed] + [dynamic_map(True)] * (3 - len(signed))
     states, absmax = raw, []
+    if bits == 16:
+        states = [[x.to(torch.bfloat16) for x in per_param] for per_param in raw]
     if bits == 8:
         states, absmax = [], []
         for j, per_param in enumerate(raw):
@@ -155,7 +158,7 @@ def update_sums(inp: StepInputs, grads: list[Tensor]) -> Tensor:
                 inp.states[j][i], inp.absmax[j][i], inp.codes[j], BLOCKSIZE, torch.float32
             ).reshape(-1)
             if inp.bits == 8
-            else inp.states[j][i].reshape(-1)
+            else inp.states[j][i].reshape(-1).float()
             for j in range(case.n_states)
         ]
         gf = g.float().reshape(-1) * (1.0 if inp.gscale is None else inp.gscale[i])
@@ -323,7 +326,7 @@ def _step_samples():
         ("ademamix_schedules", torch.bfloat16),
     ]
     for i, (name, dtype) in enumerate(picks):
-        for bits in (32, 8):
+        for bits in (32, 16, 8):
             case = CASES[name]
 
             def build(case=case, dtype=dtype, bits=bits, i=i):
@@ -339,6 +342,14 @@ def _step_samples():
                 return inp.args(make_grads(inp.params, 0))
 
             yield f"step_{bits}bit_{name}_{dtype}", step_op(bits), build
+    for bits in (32, 16):  # stochastic rounding of bfloat16 params
+        sr = next(c for c in SR_CASES if c.name == "adam_sr")
+
+        def build_sr(bits=bits, sr=sr):
+            inp = make_inputs(sr, torch.bfloat16, bits, shapes=[(0,), (257,), (33, 65)], seed=11, gscale=True)
+            return inp.args(make_grads(inp.params, 0))
+
+        yield f"step_{bits}bit_adam_sr_bf16", step_op(bits), build_sr
     for bits in (32, 8):  # with the squared norms of a whole parameter handed in
 
         def build_unorm(bits=bits):
@@ -411,7 +422,7 @@ def run_both(case: StepCase, dtype: torch.dtype, bits: int, shapes=SHAPES, gscal
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 16, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", STEP_CASES, ids=str)
 def test_step_matches_reference(case, dtype, bits):
@@ -425,6 +436,11 @@ def test_step_matches_reference(case, dtype, bits):
         for j in range(case.n_states):
             for so, sr in zip(ours.states[j], ref.states[j]):
                 torch.testing.assert_close(so, sr, rtol=rtol, atol=1e-6)
+    elif bits == 16:  # float32 math rounded to nearest-even once per step: one bfloat16 ulp at most
+        for j in range(case.n_states):
+            for so, sr in zip(ours.states[j], ref.states[j]):
+                assert so.dtype == torch.bfloat16
+                assert_params_close(so, sr, loose=dtype != torch.float32)
     else:
         exact = sum(
             int((qo == qr).sum()) for j in range(case.n_states) for qo, qr in zip(ours.states[j], ref.states[j])
@@ -497,7 +513,7 @@ def test_unorm_pieces_step_like_the_whole(case, bits, impl):
 
 
 # ------------------------------------------------------------------------------------------ found_inf
-@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("bits", [32, 16, 8])
 @pytest.mark.parametrize("case", ["adam_amsgrad", "lamb", "sgd", "lion", "ademamix"])
 @pytest.mark.parametrize("value", [1.0, float("inf"), float("nan")], ids=["one", "inf", "nan"])
 def test_found_inf_changes_nothing(case, bits, value):
@@ -768,6 +784,13 @@ def _step_errors():
             lambda inp, grads: (_set(inp, absmax=[[torch.zeros(2)]]), grads),
             r"\babsmax\b",
         ),
+        (
+            "absmax_with_bfloat16_states",
+            16,
+            lambda inp, grads: (_set(inp, absmax=[[torch.zeros(2)]]), grads),
+            r"\babsmax\b",
+        ),
+        ("state_dtype", 16, state0(lambda s: s.float()), r"states\[1\] is .* but states\[0\]"),
     ]
     return out
 
@@ -783,7 +806,16 @@ def test_step_rejects_bad_arguments(name, bits, mutate, msg):
 
 
 @pytest.mark.parametrize("bits", [32, 8])
-@pytest.mark.parametrize("rule,flags,msg", [(0, 0, "rule"), (7, 0, "rule"), (1, 32, "flags"), (1, -1, "flags")])
+@pytest.mark.parametrize(
+    "rule,flags,msg",
+    [
+        (0, 0, "rule"),
+        (7, 0, "rule"),
+        (1, ALL_FLAGS + 1, "flags"),
+        (1, -1, "flags"),
+        (1, Flag.STOCHASTIC_ROUND, "bfloat16"),
+    ],
+)
 def test_step_rejects_bad_rule_and_flags(bits, rule, flags, msg):
     inp = _valid(bits)
     args = list(inp.args(make_grads(inp.params, 0)))

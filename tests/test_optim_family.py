@@ -538,7 +538,7 @@ INVALID: list[tuple[type, dict[str, Any], type[Exception], str]] = [
     (Adam, {"betas": (0.9,)}, ValueError, "betas"),
     (Adam, {"eps": -1e-8}, ValueError, "eps"),
     (Adam, {"weight_decay": -0.1}, ValueError, "weight_decay"),
-    (Adam, {"optim_bits": 16}, ValueError, "optim_bits"),
+    (Adam, {"optim_bits": 12}, ValueError, "optim_bits"),
     (Adam8bit, {"optim_bits": 4}, ValueError, "optim_bits"),
     (Adam, {"min_8bit_size": -1}, ValueError, "min_8bit_size"),
     (Adam, {"percentile_clipping": 0}, ValueError, "percentile_clipping"),

@@ -44,7 +44,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from cases import SIGNED, STEP_CASES, op_args  # noqa: E402
+from cases import SIGNED, SR_CASES, STEP_CASES, op_args  # noqa: E402
 
 import qop  # noqa: E402
 from qop import HP, Flag, Rule, reference  # noqa: E402
@@ -127,7 +127,7 @@ CASES = {c.name: c for c in STEP_CASES}
 
 
 class Problem:
-    """One call's tensors; ``bits`` 32 or 8.  Generated states are random, not zero, so that the
+    """One call's tensors; ``bits`` 32, 16 (bfloat16 states) or 8.  Generated states are random, not zero, so that the
     first step already dequantizes real codes."""
 
     def __init__(self, case, dtype, bits, sizes=SIZES, seed=0, gscale=False, found_inf=None):
@@ -146,8 +146,8 @@ class Problem:
             for n in sizes:
                 x = rand(n) * 0.01
                 x = x if signed else x.abs()
-                if bits == 32:
-                    self.states[j].append(x.to(DEVICE))
+                if bits in (32, 16):
+                    self.states[j].append(x.to(DEVICE, torch.bfloat16 if bits == 16 else torch.float32))
                 else:
                     q, a = reference.quantize_blockwise(x.to(DEVICE), self.codes[j], qop.BLOCKSIZE)
                     self.states[j].append(q)
@@ -210,6 +210,9 @@ def assert_same_step(actual: Problem, expected: Problem) -> None:
         for a, e in zip(actual.states[j], expected.states[j]):
             if actual.bits == 32:
                 torch.testing.assert_close(a, e, rtol=2e-6, atol=1e-9)
+            elif actual.bits == 16:
+                assert a.dtype == torch.bfloat16
+                assert_params_close(a, e)
             elif a.numel():  # one code step at most, and rarely
                 diff = (a.int() - e.int()).abs()
                 assert diff.max().item() <= 1
@@ -392,6 +395,47 @@ def test_step_float32_states(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_step_blockwise8_states(case, dtype):
     check_against_reference(Problem(case, dtype, 8), n_steps=2 if dtype == torch.float32 else 1, **SMALL)
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_bfloat16_states(case, dtype):
+    check_against_reference(Problem(case, dtype, 16), n_steps=1, **SMALL)
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8])
+@pytest.mark.parametrize("case", SR_CASES[:1] + SR_CASES[6:7] + SR_CASES[4:5], ids=str)
+def test_step_stochastic_rounding(case, bits):
+    """bfloat16 params rounded stochastically: the reference's bits (one ulp where the float32 value differs in its
+    last bit), in one launch and in one launch per tensor alike."""
+    problem = Problem(case, torch.bfloat16, bits, sizes=[1, 17, 700])
+    problem.hp[HP.SR_SEED] = 987.0
+    expected = problem.clone()
+    single = problem.clone()
+    problem.run(_step, **SMALL)
+    single.run(_step, multi=False, **SMALL)
+    expected.run(reference)
+    assert_same_step(problem, expected)
+    same = sum(int((a.view(torch.int16) == e.view(torch.int16)).sum()) for a, e in zip(problem.params, expected.params))
+    assert same >= 0.99 * sum(p.numel() for p in problem.params)
+    for a, b in zip(problem.mutable(), single.mutable()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(CUDA, reason="the GPU compiler may contract p - lr * g into a fused multiply-add")
+def test_stochastic_rounding_exact_update_is_the_reference():
+    """Plain SGD with no decay computes the float32 value exactly as the reference: identical bits."""
+    from cases import CASES as ALL
+
+    case = next(c for c in SR_CASES if c.name == "sgd_no_momentum_sr")
+    assert case.rule == ALL["sgd_no_momentum"].rule
+    problem = Problem(case, torch.bfloat16, 32, sizes=[1, 300, 1029])
+    problem.hp[HP.WEIGHT_DECAY] = 0.0
+    expected = problem.clone()
+    problem.run(_step, **SMALL)
+    expected.run(reference)
+    for a, e in zip(problem.params, expected.params):
+        assert torch.equal(a.view(torch.int16), e.view(torch.int16))
 
 
 @pytest.mark.parametrize("bits", [32, 8])
@@ -606,7 +650,10 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from qop._schema import HP_SIZE, Flag
 from qop.triton import _clip, _quant, _step
+
+SR = int(Flag.STOCHASTIC_ROUND)
 
 def compile_(fn, sig, consts):
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs={})
@@ -623,10 +670,11 @@ def step_sig(p, s):
 base = dict(HAS_GSCALE=True, HAS_FOUND_INF=True, CHUNK=16384, BLOCK=1024)
 for rule, flags, k, quant, pass_, multi, gather in [
         (6, 0, 3, True, 2, True, True), (1, 2, 3, True, 0, False, False), (1, 8, 2, False, 1, False, True),
-        (2, 0, 0, True, 0, True, True), (5, 0, 1, False, 0, True, True)]:
-    consts = dict(base, RULE=rule, FLAGS=flags, N_STATES=k, QUANT=quant, PASS=pass_, MULTI=multi, ALIGNED=multi,
-                  GATHER=gather)
-    compile_(_step._step_kernel, step_sig("*bf16", "*u8" if quant else "*fp32"), consts)
+        (2, 0, 0, True, 0, True, True), (5, 0, 1, False, 0, True, True), (1, SR, 2, False, 0, True, True),
+        (1, SR, 2, None, 0, False, True)]:  # quant None: bfloat16 states
+    consts = dict(base, RULE=rule, FLAGS=flags, N_STATES=k, QUANT=bool(quant), PASS=pass_, MULTI=multi,
+                  ALIGNED=multi, GATHER=gather)
+    compile_(_step._step_kernel, step_sig("*bf16", {True: "*u8", False: "*fp32", None: "*bf16"}[quant]), consts)
 compile_(_quant._quantize_kernel, {**ptr("a_ptr", t="*bf16"), **ptr("code_ptr", "absmax_ptr"), "q_ptr": "*u8",
          "numel": "i32", "blocksize": "i32", "n_blocks": "i32", "size_class": "i32"},
          dict(COLS=256, TILE=2048, GATHER=True))
@@ -656,7 +704,7 @@ with FakeTensorMode():
     bf16 = torch.bfloat16
     t = dict(params=[new(5, bf16), new(300, bf16)], grads=[new(5, bf16), new(300, bf16)],
              s1=[new(5, torch.uint8), new(300, torch.uint8)], s2=[new(5, torch.uint8), new(300, torch.uint8)],
-             a1=[new(1), new(2)], a2=[new(1), new(2)], steps=[new(()), new(())], hp=new(12), code=new(256),
+             a1=[new(1), new(2)], a2=[new(1), new(2)], steps=[new(()), new(())], hp=new(HP_SIZE), code=new(256),
              gscale=new(2), found=new(()))
 
 def f(params, grads, s1, s2, a1, a2, steps, hp, code, gscale, found):

@@ -26,7 +26,8 @@ enum Flag : int {
   NO_BIAS_CORRECTION = 4,
   L2_WEIGHT_DECAY = 8,
   UNORM_CLIP = 16,
-  ALL_FLAGS = 31,  // every flag above, or-ed
+  STOCHASTIC_ROUND = 32,
+  ALL_FLAGS = 63,  // every flag above, or-ed
 };
 enum HP : int {
   LR = 0,
@@ -41,9 +42,12 @@ enum HP : int {
   MAX_UNORM = 9,
   T_ALPHA = 10,
   T_BETA3 = 11,
-  HP_SIZE = 12,
+  SR_SEED = 12,
+  HP_SIZE = 13,
 };
 constexpr int64_t kHistory = 100;  // gradient norms per parameter kept by percentile clipping
+constexpr uint32_t kMix32A = 0x7FEB352D;  // the multipliers of mix32 (qop._schema.MIX32_MULTIPLIERS)
+constexpr uint32_t kMix32B = 0x846CA68B;
 
 inline bool is_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -102,7 +106,8 @@ inline void check_dequantize(const at::Tensor& A, const at::Tensor& absmax, cons
 enum StateFormat : int {
   FLOAT32 = 0,     // float32 values, no absmax, no code book
   BLOCKWISE8 = 1,  // uint8 indices into a 256-entry code book, one float32 absmax per kBlocksize elements
-  N_FORMATS = 2,   // not a format: the number of them
+  BFLOAT16 = 2,    // bfloat16 values, rounded to nearest-even when stored; no absmax, no code book
+  N_FORMATS = 3,   // not a format: the number of them
 };
 
 // The format of states of this dtype; false when the dtype is no state format.
@@ -114,8 +119,25 @@ inline bool state_format(at::ScalarType dtype, StateFormat* format) {
     case at::kByte:
       *format = BLOCKWISE8;
       return true;
+    case at::kBFloat16:
+      *format = BFLOAT16;
+      return true;
     default:
       return false;
+  }
+}
+
+// The format's name as qop._schema.StateFormat spells it, in lower case (for messages).
+inline const char* format_name(StateFormat format) {
+  switch (format) {
+    case FLOAT32:
+      return "float32";
+    case BLOCKWISE8:
+      return "blockwise8";
+    case BFLOAT16:
+      return "bfloat16";
+    default:
+      return "unknown";
   }
 }
 
@@ -147,7 +169,8 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
   StateFormat format = FLOAT32;  // what a call without state tensors runs: nothing to load or store
   if (k > 0 && n > 0) {
     TORCH_CHECK_VALUE(state_format(states[0].scalar_type(), &format),
-                      "qop: states[0] must be float32 or uint8 (a state format), got ", states[0].scalar_type());
+                      "qop: states[0] must be float32, bfloat16 or uint8 (a state format), got ",
+                      states[0].scalar_type());
     for (size_t at = 1; at < states.size(); ++at) {
       TORCH_CHECK_VALUE(states[at].scalar_type() == states[0].scalar_type(), "qop: states[", at, "] is ",
                         states[at].scalar_type(), " but states[0] is ", states[0].scalar_type(),
@@ -162,8 +185,10 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
     TORCH_CHECK_VALUE(n_codes == 0 || n_codes == k, "qop: codes has ", n_codes, " code books, one per state needs ",
                       k);
   } else if (blocksize == 0) {
-    TORCH_CHECK_VALUE(n_absmax == 0, "qop: absmax has ", n_absmax, " tensors but float32 states take none");
-    TORCH_CHECK_VALUE(n_codes == 0, "qop: codes has ", n_codes, " tensors but float32 states take none");
+    TORCH_CHECK_VALUE(n_absmax == 0, "qop: absmax has ", n_absmax, " tensors but ", format_name(format),
+                      " states take none");
+    TORCH_CHECK_VALUE(n_codes == 0, "qop: codes has ", n_codes, " tensors but ", format_name(format),
+                      " states take none");
   } else {
     TORCH_CHECK_VALUE(n_absmax == k * n, "qop: absmax has ", n_absmax, " tensors but states has ", k * n);
     TORCH_CHECK_VALUE(n_codes == k, "qop: codes has ", n_codes, " code books, one per state needs ", k);
@@ -210,6 +235,8 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
                       "] must be float32, bfloat16 or float16, got ", p.scalar_type());
     TORCH_CHECK_VALUE(p.scalar_type() == dtype, "qop: params[", i, "] is ", p.scalar_type(), " but params[0] is ",
                       dtype, ": one call takes one dtype");
+    TORCH_CHECK_VALUE(!(flags & STOCHASTIC_ROUND) || dtype == at::kBFloat16,
+                      "qop: flags has STOCHASTIC_ROUND, which needs bfloat16 params, but params[", i, "] is ", dtype);
     TORCH_CHECK_VALUE(p.device() == device, "qop: params[", i, "] is on ", p.device(), " but params[0] is on ",
                       device);
     TORCH_CHECK_VALUE(p.layout() == at::kStrided, "qop: params[", i, "] must be a dense tensor");

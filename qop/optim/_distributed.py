@@ -276,7 +276,7 @@ def _update_sums(
                 for j in range(len(b.states))
             ]
         else:
-            states = [b.states[j][i].reshape(-1) for j in range(len(b.states))]
+            states = [b.states[j][i].reshape(-1).float() for j in range(len(b.states))]
         t = b.steps[i] + 1
         _, u, _, _ = reference.rule_update(int(opt.rule), rflags, pf, gf, states, t, hp)
         rows.append(torch.stack([u.square().sum(), pf.square().sum()]))

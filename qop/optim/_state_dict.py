@@ -5,14 +5,15 @@ What it may hold per parameter (by position in ``param_groups``):
 
 * nothing (an empty entry: the parameter has not stepped yet, or user code read ``opt.state[p]``);
 * ``step`` (a whole number >= 0, a Python number or a one-element tensor) and exactly the states the group's
-  rule keeps (``state1`` .. ``stateK``), each either float32 (32-bit) or uint8 codes with a float32
-  ``absmaxJ`` of one entry per 256-block (8-bit); optionally ``gnorm_vec`` (percentile clipping's history)
+  rule keeps (``state1`` .. ``stateK``), each either float32 (32-bit), bfloat16 (16-bit) or uint8 codes with a
+  float32 ``absmaxJ`` of one entry per 256-block (8-bit); optionally ``gnorm_vec`` (percentile clipping's history)
   and bitsandbytes' code books (``_qmapJ``, from ``qmapJ``); ``gnorm_vec`` is required where the parameter is
   clipped at a percentile.
 
 States load in the format the optimizer would create for the parameter (``optim_bits``, ``min_8bit_size``,
 ``GlobalOptimManager`` overrides): a 32-bit state loaded by an 8-bit optimizer is quantized, an 8-bit one
-loaded by a 32-bit optimizer is dequantized, 8-bit codes of another code book are requantized.
+loaded by a 32-bit optimizer is dequantized, 8-bit codes of another code book are requantized, float32 and
+bfloat16 states are cast (to nearest-even) to the optimizer's.
 """
 
 from __future__ import annotations
@@ -140,17 +141,18 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
                 if not q.is_floating_point() or q.numel() != 256:
                     raise StateDictError(f"qop: {where}[{qmap_name!r}] must be a code book of 256 floats")
         else:
-            if t.dtype != torch.float32:
+            if t.dtype not in (torch.float32, torch.bfloat16):
                 raise StateDictError(
-                    f"qop: {where}[{name!r}] must be float32 (32-bit) or uint8 codes (8-bit), got {t.dtype}"
+                    f"qop: {where}[{name!r}] must be float32 (32-bit), bfloat16 (16-bit) or uint8 codes (8-bit), "
+                    f"got {t.dtype}"
                 )
             for k in (am_name, qmap_name):
                 if k in st:
-                    raise StateDictError(f"qop: {where} has {k!r} but {name!r} is float32, not 8-bit codes")
+                    raise StateDictError(f"qop: {where} has {k!r} but {name!r} is {t.dtype}, not 8-bit codes")
     formats = {st[k].dtype for k in STATE_KEYS[:n_states]}
     if len(formats) > 1:
         raise StateDictError(
-            f"qop: {where} mixes 8-bit and 32-bit states ({', '.join(STATE_KEYS[:n_states])}): "
+            f"qop: {where} mixes state formats ({', '.join(STATE_KEYS[:n_states])}): "
             "a parameter's states share one format"
         )
     if "gnorm_vec" in st:
@@ -217,7 +219,7 @@ def convert(st: dict[str, Any], p: Tensor, n_states: int, bits: int, signed: tup
             codes, absmax = ops.quantize_blockwise(_whole(t).reshape(-1).contiguous(), ours, BLOCKSIZE)
             out[name], out[am_name] = codes.reshape(p.shape), absmax
         else:
-            out[name] = _shaped(t, p.shape).contiguous().clone()
+            out[name] = _shaped(t, p.shape).to(torch.bfloat16 if bits == 16 else torch.float32).contiguous().clone()
     if "gnorm_vec" in st:
         out["gnorm_vec"] = st["gnorm_vec"].detach().to(p.device, torch.float32).reshape(-1).clone()
     return out

@@ -35,6 +35,7 @@ class Adam(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=bool(amsgrad))
         super().__init__(params, defaults, **engine_args(locals()))

@@ -52,6 +52,7 @@ class AdEMAMix(QopOptimizer):
         is_paged: bool = False,
         percentile_clipping: int = 100,
         block_wise: bool = True,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,

@@ -47,6 +47,7 @@ class LAMB(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = False,
         max_unorm: float = 1.0,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,

@@ -29,6 +29,7 @@ class Lion(QopOptimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         super().__init__(params, defaults, **engine_args(locals()))

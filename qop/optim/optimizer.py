@@ -8,9 +8,11 @@ lives here, once:
   ``lr``, ``betas``, ``eps``... are 0-d *views* into it.  Schedulers write them in place (``fill_``), so a
   compiled step reads them as tensors and never recompiles when they change;
 * state: created lazily at the first step, 8-bit (uint8 codes + float32 absmax per 256-block) when the
-  optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, float32 otherwise;
+  optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, bfloat16 with 16 bits, float32 otherwise;
   ``GlobalOptimManager`` overrides apply per parameter; ``step`` is a float32 tensor on the device;
 * one fused op call per (device, dtype, bits) bucket of a param group;
+* ``bf16_stochastic_round``: bfloat16 params are written with stochastic rounding, seeded per group
+  (:mod:`qop.optim._rounding`);
 * percentile clipping and AMP (``GradScaler`` hands ``grad_scale``/``found_inf``) stay on the device;
 * ``state_dict``/``load_state_dict`` round-trip exactly and accept bitsandbytes state dicts;
 * ``torch.compile``: a step traces as one graph with no graph break.  States and buckets are made by
@@ -33,16 +35,25 @@ from torch import Tensor
 
 from .. import ops, paged
 from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY, Flag, Rule, n_states
-from . import _distributed, _hparams, _state_dict, _torch_internals
+from .._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule, n_states
+from . import _distributed, _hparams, _rounding, _state_dict, _torch_internals
+from ._args import check_optim_bits
 from ._bucket import Bucket, Clip, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
 from ._state_dict import STATE_KEYS as _STATE_KEYS
 from .manager import GlobalOptimManager
 
-#: Constructor arguments that every optimizer hands to the engine as they are (bitsandbytes' names).
-ENGINE_ARGS = ("optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged", "args")
+#: Constructor arguments that every optimizer hands to the engine as they are.
+ENGINE_ARGS = (
+    "optim_bits",
+    "min_8bit_size",
+    "percentile_clipping",
+    "block_wise",
+    "is_paged",
+    "args",
+    "bf16_stochastic_round",
+)
 
 
 def engine_args(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +65,9 @@ def engine_args(arguments: dict[str, Any]) -> dict[str, Any]:
 
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
+SR_SEED_KEY = _rounding.SR_SEED_KEY
+#: The dtype of the states of each ``optim_bits`` that keeps values (8 bits keeps codes).
+_VALUE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
 
 #: Live optimizers by token: :func:`_prepare` takes the token, a constant that dynamo can pass to it.
@@ -78,6 +92,13 @@ class QopOptimizer(torch.optim.Optimizer):
     # GradScaler hands grad_scale/found_inf to step() instead of unscaling with a host sync.
     _step_supports_amp_scaling = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every optimizer keeps the seed of stochastic rounding among its hyper-parameters (in ``hp``, so that it
+        is a device value and round-trips through state dicts like the others)."""
+        super().__init_subclass__(**kwargs)
+        if SR_SEED_KEY not in cls.hp_keys:
+            cls.hp_keys = {**cls.hp_keys, SR_SEED_KEY: HP.SR_SEED}
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -88,6 +109,7 @@ class QopOptimizer(torch.optim.Optimizer):
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        bf16_stochastic_round: bool = False,
         args: Any = None,
     ) -> None:
         if args is not None:  # bitsandbytes' legacy namespace of overrides
@@ -109,6 +131,7 @@ class QopOptimizer(torch.optim.Optimizer):
             percentile_clipping=percentile_clipping,
             block_wise=block_wise,
             is_paged=is_paged,
+            bf16_stochastic_round=bf16_stochastic_round,
         )
         self.check_group(defaults)
         self._init_runtime()
@@ -160,9 +183,8 @@ class QopOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's arguments; every error names the argument."""
         _hparams.check_values(self.hp_keys, group)
-        bits = group.get("optim_bits", 32)
-        if bits not in (8, 32) or isinstance(bits, bool):
-            raise ValueError(f"qop: optim_bits must be 8 or 32, got {bits!r}")
+        check_optim_bits(group.get("optim_bits", 32))
+        _rounding.check_group(group)
         size = group.get("min_8bit_size", 4096)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"qop: min_8bit_size must be an int >= 0, got {size!r}")
@@ -172,7 +194,10 @@ class QopOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its hyper-parameters become 0-d views of the group's device vector ``hp``."""
+        """Add a group; its hyper-parameters become 0-d views of the group's device vector ``hp``.  A group that
+        rounds stochastically and has no ``bf16_sr_seed`` draws one from torch's default generator."""
+        if isinstance(param_group, dict):
+            param_group = _rounding.with_seed(param_group, self.defaults)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
@@ -199,9 +224,12 @@ class QopOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------ state
     def _bits(self, group: dict[str, Any], p: Tensor) -> int:
+        """The bits of ``p``'s states: 8 (``min_8bit_size`` and more elements), 16 (bfloat16, any size) or 32."""
         cfg = GlobalOptimManager.get_instance().config_for(p)
         bits = cfg.get("optim_bits", group["optim_bits"])
         min_size = cfg.get("min_8bit_size", group["min_8bit_size"])
+        if bits == 16:
+            return 16
         return 8 if bits == 8 and p.numel() >= min_size else 32
 
     def _paged(self, group: dict[str, Any], p: Tensor) -> bool:
@@ -233,7 +261,7 @@ class QopOptimizer(torch.optim.Optimizer):
                     absmax.fill_(init)
                 state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
             else:
-                state[_STATE_KEYS[j]] = self._zeros(group, like, torch.float32).fill_(init)
+                state[_STATE_KEYS[j]] = self._zeros(group, like, _VALUE_DTYPES[bits]).fill_(init)
 
     def _percentile(self, group: dict[str, Any], p: Tensor) -> int:
         return GlobalOptimManager.get_instance().config_for(p).get("percentile_clipping", group["percentile_clipping"])
@@ -309,19 +337,20 @@ class QopOptimizer(torch.optim.Optimizer):
             grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
             if b.paged:
                 paged.prefetch(b.paged)
+            bflags = _rounding.flags(group, flags, params[0].dtype)
             hp = group["hp"]
             if hp.device != b.device:
                 hp = hp.to(b.device)
             if b.hp_slots is not None:  # per-parameter overrides (GlobalOptimManager)
                 hp = hp.index_put((b.hp_slots,), b.hp_values)
             if b.shard is not None:  # DTensor params (FSDP2): the op runs on local shards, norms are global
-                _distributed.step_bucket(self, b, params, grads, hp, flags, grad_scale, found_inf)
+                _distributed.step_bucket(self, b, params, grads, hp, bflags, grad_scale, found_inf)
                 continue
             gscale = self._gscale(b, grads, grad_scale)
             fi = None if found_inf is None else found_inf.to(b.device)
             ops.step(
                 int(self.rule),
-                flags,
+                bflags,
                 params,
                 grads,
                 [s for st in b.states for s in st],
@@ -364,7 +393,7 @@ class QopOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(group, p)
             st = self.state[p]
-            bits = 8 if "absmax1" in st else 32
+            bits = 8 if "absmax1" in st else 16 if k and st[_STATE_KEYS[0]].dtype == torch.bfloat16 else 32
             override = manager.hp_override(p, self.hp_keys)
             # overridden hyper-parameters get a bucket of their own
             shard = _distributed.shard_key(p)  # DTensor params: a bucket per mesh and placements

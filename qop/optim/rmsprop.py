@@ -36,6 +36,7 @@ class RMSprop(QopOptimizer):
         min_8bit_size: int = 4096,
         percentile_clipping: int = 100,
         block_wise: bool = True,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
         super().__init__(params, defaults, **engine_args(locals()))

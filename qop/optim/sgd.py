@@ -36,6 +36,7 @@ class SGD(QopOptimizer):
         min_8bit_size: int = 4096,
         percentile_clipping: int = 100,
         block_wise: bool = True,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=bool(nesterov)
@@ -86,6 +87,7 @@ class LARS(SGD):
         min_8bit_size: int = 4096,
         percentile_clipping: int = 100,
         max_unorm: float = 0.02,
+        bf16_stochastic_round: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,

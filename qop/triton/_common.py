@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._schema import MIX32_MULTIPLIERS
+
 try:  # TRITON_INTERPRET=1 makes @triton.jit return an InterpretedFunction
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover - very old Triton
@@ -65,6 +67,36 @@ def _round_to(x, DTYPE: tl.constexpr):
         return tl.where(x == x, rounded, x.to(tl.bfloat16))  # NaN stays NaN
     else:
         return x.to(DTYPE)
+
+
+_MIX32_A = tl.constexpr(MIX32_MULTIPLIERS[0])
+_MIX32_B = tl.constexpr(MIX32_MULTIPLIERS[1])
+
+
+@triton.jit
+def _mix32(x):
+    """The "lowbias32" hash of uint32 ``x`` (``reference.mix32``)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), _MIX32_A, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), _MIX32_B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _sr_key(seed, t):
+    """The per-tensor key of stochastic rounding at step ``t`` (float32 whole numbers, as ``reference.sr_bits``)."""
+    return _mix32(seed.to(tl.int64).to(tl.uint32) ^ _mix32(t.to(tl.int64).to(tl.uint32)))
+
+
+@triton.jit
+def _stochastic_round_bf16(x, key, index):
+    """float32 ``x`` rounded stochastically to bfloat16 (``reference.stochastic_round_bf16``): its bits plus the 16
+    random bits of element ``index`` (int64, taken mod 2^32), cut to the top 16; NaN becomes 0x7FC0."""
+    r = _mix32(index.to(tl.uint32) ^ key) >> 16
+    top = (x.to(tl.uint32, bitcast=True) + r) >> 16
+    top = tl.where(x == x, top, 0x7FC0)
+    return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 # ------------------------------------------------------------------------------------- code books

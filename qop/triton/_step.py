@@ -30,6 +30,8 @@ from ._common import (
     _lookup,
     _round_to,
     _row_absmax,
+    _sr_key,
+    _stochastic_round_bf16,
     is_interpreted,
     launch,
     tuning_size,
@@ -49,6 +51,8 @@ _HP_LR_DECAY = tl.constexpr(int(HP.LR_DECAY))
 _HP_MAX_UNORM = tl.constexpr(int(HP.MAX_UNORM))
 _HP_T_ALPHA = tl.constexpr(int(HP.T_ALPHA))
 _HP_T_BETA3 = tl.constexpr(int(HP.T_BETA3))
+_HP_SR_SEED = tl.constexpr(int(HP.SR_SEED))
+_STOCHASTIC_ROUND = tl.constexpr(int(Flag.STOCHASTIC_ROUND))
 
 #: One row of a tile per 8-bit block, so each row's absmax is a row reduction.
 _ROW = tl.constexpr(BLOCKSIZE)
@@ -65,8 +69,8 @@ def _load_state(
         absmax = tl.load(a_ptr + blocks, mask=block_mask, other=0.0)
         x = _lookup(code, code_ptr, q.to(tl.int32), GATHER) * absmax[:, None]
         return x, q, absmax
-    else:
-        x = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    else:  # float32 or bfloat16 values
+        x = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         return x, x, x
 
 
@@ -95,8 +99,8 @@ def _store_state(
         q = _encode(x, scale[:, None], mids, floor, code_ptr, GATHER)
         tl.store(s_ptr + offs, tl.where(dry, old_q.to(tl.int32), q).to(tl.uint8), mask=mask)
         tl.store(a_ptr + blocks, tl.where(dry, old_absmax, absmax), mask=block_mask)
-    else:
-        tl.store(s_ptr + offs, tl.where(dry, old_q, x), mask=mask)
+    else:  # values, rounded to nearest-even when bfloat16
+        tl.store(s_ptr + offs, _round_to(tl.where(dry, old_q, x), s_ptr.dtype.element_ty), mask=mask)
 
 
 # -------------------------------------------------------------------------------------------- kernel
@@ -196,6 +200,9 @@ def _step_kernel(
         RULE,
         FLAGS,
     )
+    sr_key = tl.full((), 0, tl.uint32)
+    if _STOCHASTIC_ROUND & FLAGS:
+        sr_key = _sr_key(tl.load(hp_ptr + _HP_SR_SEED), t)
     clip = 1.0
     if PASS == 2:
         sum_u2 = tl.load(norms_ptr + 2 * ti)
@@ -242,8 +249,11 @@ def _step_kernel(
             acc_u2 += tl.where(mask, u64 * u64, 0.0)
             acc_p2 += tl.where(mask, p64 * p64, 0.0)
         else:
-            new_p = p * decay - lr_eff * clip * u
-            tl.store(p_ptr + offs, _round_to(tl.where(dry, p, new_p), p_ptr.dtype.element_ty), mask=mask)
+            new_p = tl.where(dry, p, p * decay - lr_eff * clip * u)
+            if _STOCHASTIC_ROUND & FLAGS:  # bfloat16 params (checked)
+                tl.store(p_ptr + offs, _stochastic_round_bf16(new_p, sr_key, offs), mask=mask)
+            else:
+                tl.store(p_ptr + offs, _round_to(new_p, p_ptr.dtype.element_ty), mask=mask)
             if N_STATES >= 1:
                 _store_state(
                     s1_ptr,
@@ -414,7 +424,7 @@ def _run_multi(
         meta.norms.copy_(unorm)
     for pass_ in _passes(flags, unorm):
         consts = _consts(rule, flags, k, quant, pass_, True, gscale, found_inf, meta.aligned, chunk)
-        key = ("step", total.bit_length(), params[0].dtype, *consts.values())
+        key = ("step", total.bit_length(), params[0].dtype, like[0].dtype, *consts.values())
         launch(_step_multi, (meta.n_chunks,), key, params[0].device, config, **args, **consts)
 
 
@@ -456,7 +466,7 @@ def _run_single(
         for pass_ in _passes(flags, unorm):
             consts = _consts(rule, flags, k, quant, pass_, False, gscale, found_inf, False, chunk)
             if config is not None or is_interpreted(_step_single):
-                key = ("step1", tuning_size(numel), params[i].dtype, *consts.values())
+                key = ("step1", tuning_size(numel), params[i].dtype, st[0].dtype, *consts.values())
                 launch(_step_single, grid, key, params[i].device, config, **args, **consts)
             else:
                 torch.library.wrap_triton(_step_single)[grid](**args, **consts)
@@ -537,7 +547,7 @@ def step(
     n = len(params)
     nested = split_states(states, n)
     # the state format: one branch per format, each the same kernel with its own constexprs
-    if fmt == StateFormat.FLOAT32:
+    if fmt in (StateFormat.FLOAT32, StateFormat.BFLOAT16):  # values: the state pointers' type says which
         blocks, books = None, None
     elif fmt == StateFormat.BLOCKWISE8:
         blocks, books = split_states(absmax, n), [*codes, *[hp] * (MAX_STATES - k)]

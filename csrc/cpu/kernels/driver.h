@@ -9,7 +9,7 @@
 struct Job {
   void* p = nullptr;
   const void* g = nullptr;
-  std::array<void*, 3> s{};       // float* (32-bit) or uint8_t* (8-bit) states
+  std::array<void*, 3> s{};       // float*, bf16* or uint8_t* (8-bit) states
   std::array<float*, 3> am{};     // absmax of the 8-bit states
   int64_t n = 0;
   Consts k;
@@ -162,12 +162,13 @@ struct NormAcc {
   }
 };
 
-// The rule over elements [0, n) of p and g, its float32 states read from st[j][0..n) and written back
-// there.  NORM: only accumulate ||u||^2 and ||p||^2 (nothing written).  TRACK: the running absmax of
-// each new state, for its requantization (8-bit states).
-template <int R, int F, bool NORM, bool TRACK, class PT>
-QOP_INLINE void rule_loop(const KBoth& kb, PT* p, const PT* g, const std::array<float*, 3>& st, int64_t n,
-                          NormAcc& norm, std::array<AbsmaxAcc, 3>& absmax) {
+// The rule over elements [0, n) of p and g, its states read from st[j][0..n) (float32 or bfloat16, computed in
+// float32) and written back there.  NORM: only accumulate ||u||^2 and ||p||^2 (nothing written).  TRACK: the
+// running absmax of each new state, for its requantization (8-bit states).  With STOCHASTIC_ROUND, element i is
+// element base + i of its tensor (the index its random bits are drawn for) and sr_key the key of its step.
+template <int R, int F, bool NORM, bool TRACK, class PT, class ST>
+QOP_INLINE void rule_loop(const KBoth& kb, PT* p, const PT* g, const std::array<ST*, 3>& st, int64_t n,
+                          NormAcc& norm, std::array<AbsmaxAcc, 3>& absmax, int64_t base, uint32_t sr_key) {
   constexpr int K = state_count<R, F>();
   for_lanes(n, [&](auto tag, int64_t i) {
     using V = typename decltype(tag)::type;
@@ -180,7 +181,12 @@ QOP_INLINE void rule_loop(const KBoth& kb, PT* p, const PT* g, const std::array<
     if constexpr (NORM) {
       norm.add(u, pv, i);
     } else {
-      store(p + i, apply_update<R, F>(k, pv, u));
+      const V new_p = apply_update<R, F>(k, pv, u);
+      if constexpr ((F & STOCHASTIC_ROUND) != 0) {
+        store_sr(p + i, new_p, sr_key, base + i);
+      } else {
+        store(p + i, new_p);
+      }
       for (int j = 0; j < K; ++j) {
         store(st[j] + i, s[j]);
         if constexpr (TRACK) absmax[j].add(s[j]);
@@ -189,17 +195,17 @@ QOP_INLINE void rule_loop(const KBoth& kb, PT* p, const PT* g, const std::array<
   });
 }
 
-// 32-bit states: elements [b, e) of one tensor, in place.
-template <int R, int F, class PT, bool NORM>
+// States held as values of type ST (float32 or bfloat16): elements [b, e) of one tensor, in place.
+template <int R, int F, class PT, class ST, bool NORM>
 void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
   constexpr int K = state_count<R, F>();
-  std::array<float*, 3> st{};
-  for (int j = 0; j < K; ++j) st[j] = static_cast<float*>(J.s[j]) + b;
+  std::array<ST*, 3> st{};
+  for (int j = 0; j < K; ++j) st[j] = static_cast<ST*>(J.s[j]) + b;
   const KBoth kb(J.k);
   NormAcc norm;
   std::array<AbsmaxAcc, 3> unused;
   rule_loop<R, F, NORM, false>(kb, static_cast<PT*>(J.p) + b, static_cast<const PT*>(J.g) + b, st, e - b, norm,
-                               unused);
+                               unused, b, J.k.sr_key);
   if constexpr (NORM) norm.write(acc);
 }
 
@@ -253,7 +259,7 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
     });
 #endif
     std::array<AbsmaxAcc, 3> absmax;
-    rule_loop<R, F, NORM, true>(kb, p + off, g + off, st, nb, norm, absmax);
+    rule_loop<R, F, NORM, true>(kb, p + off, g + off, st, nb, norm, absmax, off, J.k.sr_key);
     if constexpr (!NORM) {
       for (int j = 0; j < K; ++j) {
         const float m = absmax[j].value();
@@ -265,16 +271,20 @@ void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int6
   if constexpr (NORM) norm.write(acc);
 }
 
-template <int R, int F, class PT, bool Q8, bool NORM>
+// FMT: the states' StateFormat (a template switch, one branch per format).
+template <int R, int F, class PT, int FMT, bool NORM>
 void run_pass(const StepCall& call, std::vector<double>* partial) {
   parallel_items(call, [&](int64_t i) {
     const Item& it = call.items[i];
     const Job& J = call.jobs[it.job];
     double* acc = NORM ? partial->data() + 2 * i : nullptr;
-    if constexpr (Q8) {
+    if constexpr (FMT == BLOCKWISE8) {
       chunk_8bit<R, F, PT, NORM>(J, call.quant, it.begin, it.end, acc);
+    } else if constexpr (FMT == BFLOAT16) {
+      chunk_32bit<R, F, PT, bf16, NORM>(J, it.begin, it.end, acc);
     } else {
-      chunk_32bit<R, F, PT, NORM>(J, it.begin, it.end, acc);
+      static_assert(FMT == FLOAT32, "a state format without a CPU kernel");
+      chunk_32bit<R, F, PT, float, NORM>(J, it.begin, it.end, acc);
     }
   });
 }
@@ -302,74 +312,86 @@ void apply_unorm_scales(StepCall& call, const std::vector<double>& partial, floa
   }
 }
 
-template <int R, int F, class PT, bool Q8>
+template <int R, int F, class PT, int FMT>
 void run_step(StepCall& call, bool unorm, float max_unorm) {
   if (unorm) {
     std::vector<double> partial;
     if (call.given_norms == nullptr) {
       partial.assign(2 * call.items.size(), 0.0);
-      run_pass<R, F, PT, Q8, true>(call, &partial);
+      run_pass<R, F, PT, FMT, true>(call, &partial);
     }
     apply_unorm_scales(call, partial, max_unorm, call.given_norms);
   }
-  run_pass<R, F, PT, Q8, false>(call, nullptr);
+  run_pass<R, F, PT, FMT, false>(call, nullptr);
 }
 
 // Turns the runtime flags into template flags, one bit at a time (only the bits a rule looks at).
-template <int R, class PT, bool Q8, int F, int... Bits>
+template <int R, class PT, int FMT, int F, int... Bits>
 struct Dispatch;
-template <int R, class PT, bool Q8, int F>
-struct Dispatch<R, PT, Q8, F> {
-  static void run(int, StepCall& call, bool unorm, float max_unorm) { run_step<R, F, PT, Q8>(call, unorm, max_unorm); }
+template <int R, class PT, int FMT, int F>
+struct Dispatch<R, PT, FMT, F> {
+  static void run(int, StepCall& call, bool unorm, float max_unorm) { run_step<R, F, PT, FMT>(call, unorm, max_unorm); }
 };
-template <int R, class PT, bool Q8, int F, int B, int... Rest>
-struct Dispatch<R, PT, Q8, F, B, Rest...> {
+template <int R, class PT, int FMT, int F, int B, int... Rest>
+struct Dispatch<R, PT, FMT, F, B, Rest...> {
   static void run(int flags, StepCall& call, bool unorm, float max_unorm) {
     if (flags & B) {
-      Dispatch<R, PT, Q8, F | B, Rest...>::run(flags, call, unorm, max_unorm);
+      Dispatch<R, PT, FMT, F | B, Rest...>::run(flags, call, unorm, max_unorm);
     } else {
-      Dispatch<R, PT, Q8, F, Rest...>::run(flags, call, unorm, max_unorm);
+      Dispatch<R, PT, FMT, F, Rest...>::run(flags, call, unorm, max_unorm);
     }
   }
 };
 
-template <class PT, bool Q8>
-void dispatch_rule(int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
+// F0: the flags fixed before the rule's own (STOCHASTIC_ROUND).
+template <class PT, int FMT, int F0>
+void dispatch_rule_with(int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
   switch (rule) {
     case ADAM:
-      return Dispatch<ADAM, PT, Q8, 0, AMSGRAD, L2_WEIGHT_DECAY>::run(flags, call, unorm, max_unorm);
+      return Dispatch<ADAM, PT, FMT, F0, AMSGRAD, L2_WEIGHT_DECAY>::run(flags, call, unorm, max_unorm);
     case MOMENTUM:
-      return Dispatch<MOMENTUM, PT, Q8, 0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
+      return Dispatch<MOMENTUM, PT, FMT, F0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
     case ADAGRAD:
-      return run_step<ADAGRAD, 0, PT, Q8>(call, unorm, max_unorm);
+      return run_step<ADAGRAD, F0, PT, FMT>(call, unorm, max_unorm);
     case RMSPROP:
-      return run_step<RMSPROP, 0, PT, Q8>(call, unorm, max_unorm);
+      return run_step<RMSPROP, F0, PT, FMT>(call, unorm, max_unorm);
     case LION:
-      return run_step<LION, 0, PT, Q8>(call, unorm, max_unorm);
+      return run_step<LION, F0, PT, FMT>(call, unorm, max_unorm);
     case ADEMAMIX:
-      return run_step<ADEMAMIX, 0, PT, Q8>(call, unorm, max_unorm);
+      return run_step<ADEMAMIX, F0, PT, FMT>(call, unorm, max_unorm);
     default:
       TORCH_CHECK_VALUE(false, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
   }
 }
 
-template <bool Q8>
+// Stochastic rounding is compiled for bfloat16 params only (check_step refuses it for the others).
+template <class PT, int FMT>
+void dispatch_rule(int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
+  if constexpr (std::is_same_v<PT, bf16>) {
+    if (flags & STOCHASTIC_ROUND) {
+      return dispatch_rule_with<PT, FMT, STOCHASTIC_ROUND>(rule, flags, call, unorm, max_unorm);
+    }
+  }
+  dispatch_rule_with<PT, FMT, 0>(rule, flags, call, unorm, max_unorm);
+}
+
+template <int FMT>
 void dispatch_dtype(at::ScalarType dtype, int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
   switch (dtype) {
     case at::kFloat:
-      return dispatch_rule<float, Q8>(rule, flags, call, unorm, max_unorm);
+      return dispatch_rule<float, FMT>(rule, flags, call, unorm, max_unorm);
     case at::kBFloat16:
-      return dispatch_rule<bf16, Q8>(rule, flags, call, unorm, max_unorm);
+      return dispatch_rule<bf16, FMT>(rule, flags, call, unorm, max_unorm);
     case at::kHalf:
-      return dispatch_rule<fp16, Q8>(rule, flags, call, unorm, max_unorm);
+      return dispatch_rule<fp16, FMT>(rule, flags, call, unorm, max_unorm);
     default:
       TORCH_CHECK_VALUE(false, "qop: params must be float32, bfloat16 or float16, got ", dtype);
   }
 }
 
-// One step call on validated arguments, k states per tensor (q8: blockwise 8-bit, with absmax and codes):
-// found_inf, per-tensor scalars, steps, work items, kernels.
-void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+// One step call on validated arguments, k states per tensor in `format` (blockwise 8-bit with absmax and codes, or
+// values): found_inf, per-tensor scalars, steps, work items, kernels.
+void run_step_call(StateFormat format, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
                    const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
                    at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
                    const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
@@ -395,6 +417,7 @@ void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList p
     unorm_tensor = unorm->contiguous();
     call.given_norms = unorm_tensor.data_ptr<float>();
   }
+  const bool q8 = format == BLOCKWISE8;
   std::shared_ptr<const Quantizer> held[3];
   if (q8) {
     for (int j = 0; j < k; ++j) {
@@ -430,9 +453,13 @@ void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList p
   int rflags = static_cast<int>(flags) & ~UNORM_CLIP;
   if (rule == MOMENTUM && k == 1) rflags |= kHasState;
   const bool clip = (flags & UNORM_CLIP) != 0;
-  if (q8) {
-    dispatch_dtype<true>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
-  } else {
-    dispatch_dtype<false>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+  const at::ScalarType dtype = params[0].scalar_type();
+  switch (format) {
+    case BLOCKWISE8:
+      return dispatch_dtype<BLOCKWISE8>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    case BFLOAT16:
+      return dispatch_dtype<BFLOAT16>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    default:
+      return dispatch_dtype<FLOAT32>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
   }
 }

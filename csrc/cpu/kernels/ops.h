@@ -67,8 +67,9 @@ void step_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList
   for (int j = 0; j < shape.k; ++j) per_state[j] = states.slice(j * n, n);
   switch (shape.format) {
     case FLOAT32:
-      return run_step_call(false, shape.k, rule, flags, params, grads, per_state, nullptr, steps, hp, nullptr,
-                           gscale, found_inf, unorm);
+    case BFLOAT16:  // values: no absmax, no code books
+      return run_step_call(shape.format, shape.k, rule, flags, params, grads, per_state, nullptr, steps, hp,
+                           nullptr, gscale, found_inf, unorm);
     case BLOCKWISE8: {
       std::array<at::TensorList, 3> per_absmax{};
       std::array<const at::Tensor*, 3> books{};
@@ -76,7 +77,7 @@ void step_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList
         per_absmax[j] = absmax.slice(j * n, n);
         books[j] = &codes[j];
       }
-      return run_step_call(true, shape.k, rule, flags, params, grads, per_state, &per_absmax, steps, hp, &books,
+      return run_step_call(BLOCKWISE8, shape.k, rule, flags, params, grads, per_state, &per_absmax, steps, hp, &books,
                            gscale, found_inf, unorm);
     }
     default:

@@ -4,7 +4,8 @@
 // build includes it once); see qop_cpu.cpp for the conventions.
 
 // ========================================================================================== rules
-constexpr int kHasState = 32;  // internal flag: MOMENTUM with a momentum buffer (momentum != 0)
+constexpr int kHasState = 1 << 20;  // internal flag: MOMENTUM with a momentum buffer (momentum != 0)
+static_assert(kHasState > ALL_FLAGS, "kHasState must be a bit beyond every qop.Flag");
 
 // Per-tensor scalars, computed once per tensor in float32 exactly as the reference computes them.
 struct Consts {
@@ -16,6 +17,7 @@ struct Consts {
   float gs = 1;  // gradient scale
   float lr_eff = 0;
   bool first = false;  // t == 1
+  uint32_t sr_key = 0;  // stochastic rounding: the key of this tensor's step (sr_key of the seed and t)
 };
 
 template <class V>
@@ -127,6 +129,7 @@ Consts make_consts(int rule, int flags, const float* h, float t, float gs) {
   k.lr_eff = lr;
   k.decay = 1.0f - lr * wd;
   k.first = t == 1.0f;
+  if (flags & STOCHASTIC_ROUND) k.sr_key = sr_key(h[SR_SEED], t);
   switch (rule) {
     case ADAM:
       if (!(flags & NO_BIAS_CORRECTION)) {

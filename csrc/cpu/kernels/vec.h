@@ -56,6 +56,26 @@ QOP_INLINE void store(fp16* p, float v) {
 }
 QOP_INLINE float dequant(Tag<float>, const float* code, const uint8_t* q, float absmax) { return code[*q] * absmax; }
 
+// Stochastic rounding to bfloat16 (qop._schema states the contract): the "lowbias32" hash, the per-tensor key of
+// a step, and the store that adds 16 random bits of element e below the kept half of each value.
+QOP_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= kMix32A;
+  x ^= x >> 15;
+  x *= kMix32B;
+  return x ^ (x >> 16);
+}
+// seed and t are whole numbers held in float32 (the reference converts them to int64, then takes them mod 2^32)
+QOP_INLINE uint32_t sr_key(float seed, float t) {
+  const uint32_t s = static_cast<uint32_t>(static_cast<int64_t>(seed));
+  return mix32(s ^ mix32(static_cast<uint32_t>(static_cast<int64_t>(t))));
+}
+QOP_INLINE void store_sr(bf16* p, float v, uint32_t key, int64_t e) {
+  const uint32_t r = mix32(static_cast<uint32_t>(e) ^ key) >> 16;
+  const uint16_t top = v != v ? 0x7FC0 : static_cast<uint16_t>((float_to_bits(v) + r) >> 16);
+  *p = bf16(top, bf16::from_bits());
+}
+
 // -------------------------------------------------------------------------------------- AVX2 twins
 #ifdef QOP_AVX2
 struct VF {
@@ -90,14 +110,30 @@ QOP_INLINE VF load(Tag<VF>, const fp16* p) {
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
 }
 QOP_INLINE void store(float* p, VF v) { _mm256_storeu_ps(p, v.v); }
+// Eight bfloat16 encodings (the low halves of r's lanes; 0x7FC0 where v is NaN) stored to p.
+QOP_INLINE void store_bf16_bits(bf16* p, VF v, __m256i r) {
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
 QOP_INLINE void store(bf16* p, VF v) {
   // c10::BFloat16's round_to_nearest_even, eight lanes at a time.
   const __m256i u = _mm256_castps_si256(v.v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  store_bf16_bits(p, v, _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16));
+}
+QOP_INLINE __m256i mix32(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMix32A)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(kMix32B)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+QOP_INLINE void store_sr(bf16* p, VF v, uint32_t key, int64_t e) {
+  const __m256i index = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(e))),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i r = _mm256_srli_epi32(mix32(_mm256_xor_si256(index, _mm256_set1_epi32(static_cast<int>(key)))), 16);
+  store_bf16_bits(p, v, _mm256_srli_epi32(_mm256_add_epi32(_mm256_castps_si256(v.v), r), 16));
 }
 QOP_INLINE void store(fp16* p, VF v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
@@ -151,12 +187,27 @@ QOP_INLINE VF16 load(Tag<VF16>, const fp16* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 QOP_INLINE void store(float* p, VF16 v) { _mm512_storeu_ps(p, v.v); }
+QOP_INLINE void store_bf16_bits(bf16* p, VF16 v, __m512i r) {
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
 QOP_INLINE void store(bf16* p, VF16 v) {
   const __m512i u = _mm512_castps_si512(v.v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  store_bf16_bits(p, v, _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16));
+}
+QOP_INLINE __m512i mix32(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMix32A)));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(kMix32B)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+QOP_INLINE void store_sr(bf16* p, VF16 v, uint32_t key, int64_t e) {
+  const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(e))),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i r = _mm512_srli_epi32(mix32(_mm512_xor_si512(index, _mm512_set1_epi32(static_cast<int>(key)))), 16);
+  store_bf16_bits(p, v, _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(v.v), r), 16));
 }
 QOP_INLINE void store(fp16* p, VF16 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
