@@ -68,7 +68,7 @@ def _position(cls: type) -> int:
     return names.index(cls.__name__)
 
 
-def _effective(cls: type, **kwargs: Any) -> tuple[int, bool]:
+def _effective(cls: type, **kwargs: Any) -> tuple[Any, bool]:
     """``(optim_bits, is_paged)`` a class really runs with: built on one CPU tensor and read back."""
     required = {
         n: 1e-3
@@ -77,7 +77,7 @@ def _effective(cls: type, **kwargs: Any) -> tuple[int, bool]:
     }
     opt = cls([torch.zeros(1, requires_grad=True)], **required, **kwargs)
     group = opt.param_groups[0]
-    return int(group["optim_bits"]), bool(group["is_paged"])
+    return group["optim_bits"], bool(group["is_paged"])
 
 
 def _states(cls: type) -> str:
@@ -90,7 +90,7 @@ def _states(cls: type) -> str:
             other = bits
         if other != bits:
             return f"`optim_bits` ({bits})"
-    return f"{bits}-bit"
+    return "fp8" if bits == "fp8" else f"{bits}-bit"
 
 
 def _arguments(cls: type) -> dict[str, inspect.Parameter]:

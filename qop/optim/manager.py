@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._formats import FORMATS
+
 #: Override keys that select how state is kept; all others must be hyper-parameters of the optimizer.
 STRUCTURAL_KEYS = frozenset({"optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged"})
 
@@ -61,8 +63,9 @@ class GlobalOptimManager:
         updates = dict(key_value_dict or {})
         if key is not None:
             updates[key] = value
-        if "optim_bits" in updates and updates["optim_bits"] not in (8, 32):
-            raise ValueError(f"qop: optim_bits must be 8 or 32, got {updates['optim_bits']!r}")
+        bits = updates.get("optim_bits", 32)
+        if isinstance(bits, bool) or bits not in FORMATS:
+            raise ValueError(f"qop: optim_bits must be 32, 8, 4 or 'fp8', got {bits!r}")
         if updates.get("block_wise", True) is not True:
             raise ValueError("qop: block_wise=False is not supported: qop's 8-bit states are always block-wise")
         if isinstance(parameters, Tensor):

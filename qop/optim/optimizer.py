@@ -7,8 +7,8 @@ lives here, once:
 * hyper-parameters: each group owns a float32 device vector ``hp`` (layout ``qop.HP``) and the group's
   ``lr``, ``betas``, ``eps``... are 0-d *views* into it.  Schedulers write them in place (``fill_``), so a
   compiled step reads them as tensors and never recompiles when they change;
-* state: created lazily at the first step, 8-bit (uint8 codes + float32 absmax per 256-block) when the
-  optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, float32 otherwise;
+* state: created lazily at the first step in the format ``optim_bits`` names (:mod:`qop.optim._formats`: 8-bit,
+  4-bit or fp8 blockwise) when ``p.numel() >= min_8bit_size``, float32 otherwise;
   ``GlobalOptimManager`` overrides apply per parameter; ``step`` is a float32 tensor on the device;
 * one fused op call per (device, dtype, bits) bucket of a param group;
 * percentile clipping and AMP (``GradScaler`` hands ``grad_scale``/``found_inf``) stay on the device;
@@ -32,9 +32,8 @@ import torch
 from torch import Tensor
 
 from .. import ops, paged
-from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY, Flag, Rule, n_states
-from . import _distributed, _hparams, _state_dict, _torch_internals
+from .._schema import BLOCKSIZE, HISTORY, Flag, Rule, StateFormat, n_states
+from . import _distributed, _formats, _hparams, _state_dict, _torch_internals
 from ._bucket import Bucket, Clip, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
@@ -108,7 +107,7 @@ class QopOptimizer(torch.optim.Optimizer):
         """Caches that are not part of the optimizer's state (rebuilt after unpickling)."""
         self._plans: dict[tuple[int, tuple[bool, ...]], list[Bucket]] = {}
         self._static: set[tuple[int, tuple[bool, ...]]] = set()  # plans whose tensors are marked static
-        self._codes: dict[torch.device, list[Tensor]] = {}
+        self._codes: dict[tuple[torch.device, StateFormat], list[Tensor]] = {}
         self._hp_views: list[dict[str, Any]] = []  # per group: the views of ``hp`` that its keys hold
         self._called = [False]  # a list, not an attribute, so that a compiled step can set it
         self._token = next(_TOKENS)
@@ -149,9 +148,7 @@ class QopOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's arguments; every error names the argument."""
         _hparams.check_values(self.hp_keys, group)
-        bits = group.get("optim_bits", 32)
-        if bits not in (8, 32) or isinstance(bits, bool):
-            raise ValueError(f"qop: optim_bits must be 8 or 32, got {bits!r}")
+        _formats.check_optim_bits(group.get("optim_bits", 32), self.rule)
         size = group.get("min_8bit_size", 4096)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"qop: min_8bit_size must be an int >= 0, got {size!r}")
@@ -181,32 +178,46 @@ class QopOptimizer(torch.optim.Optimizer):
         self._add_codes(params)
 
     def _add_codes(self, params: Iterable[Tensor]) -> None:
-        # code books per device, made here (eagerly) so that a traced first step only looks them up
+        # code books per device and format, made here (eagerly) so that a traced first step only looks them up
         for p in params:
-            if p.device not in self._codes:
-                self._codes[p.device] = [dynamic_map(signed, p.device) for signed in self.state_signed]
+            for fmt in _formats.BOOK_BITS:
+                if (p.device, fmt) not in self._codes:
+                    self._codes[(p.device, fmt)] = _formats.books(fmt, self.state_signed, p.device)
 
     # ------------------------------------------------------------------------------------ state
-    def _bits(self, group: dict[str, Any], p: Tensor) -> int:
+    def _format(self, group: dict[str, Any], p: Tensor) -> StateFormat:
+        """The format of ``p``'s states: ``optim_bits`` (group or override), float32 below ``min_8bit_size``."""
         cfg = GlobalOptimManager.get_instance().config_for(p)
         bits = cfg.get("optim_bits", group["optim_bits"])
-        min_size = cfg.get("min_8bit_size", group["min_8bit_size"])
-        return 8 if bits == 8 and p.numel() >= min_size else 32
+        _formats.check_optim_bits(bits, self.rule)
+        return _formats.low_bit(bits, p.numel(), cfg.get("min_8bit_size", group["min_8bit_size"]))
+
+    def _bits(self, group: dict[str, Any], p: Tensor) -> int:
+        """8 or 32 (the formats sharded parameters and bitsandbytes state dicts know); see :meth:`_format`."""
+        fmt = self._format(group, p)
+        return 32 if fmt == StateFormat.FLOAT32 else 8
 
     def _paged(self, group: dict[str, Any], p: Tensor) -> bool:
         cfg = GlobalOptimManager.get_instance().config_for(p)
         return bool(cfg.get("is_paged", group["is_paged"])) and p.device.type == "cuda"
 
-    def _zeros(self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, numel: int | None = None) -> Tensor:
-        shape = p.shape if numel is None else (numel,)
+    def _zeros(self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, numel: Any = None) -> Tensor:
+        """Zeros like ``p`` (or of ``numel`` elements, or of that shape when a tuple), paged where asked."""
+        shape = p.shape if numel is None else (tuple(numel) if isinstance(numel, (tuple, torch.Size)) else (numel,))
         if self._paged(group, p):
             return paged.paged_zeros(shape, dtype=dtype, device=p.device)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
         state = self.state[p]
+        fmt = self._format(group, p)  # on the global size, for a DTensor
+        if _distributed.is_sharded(p) and fmt not in (StateFormat.FLOAT32, StateFormat.BLOCKWISE8):
+            raise NotImplementedError(
+                f"qop: {fmt.name.lower()} states of sharded (DTensor) parameters are not supported; "
+                "use optim_bits=8 or 32 for them (GlobalOptimManager overrides do it per parameter)"
+            )
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        bits = self._bits(group, p)  # on the global size, for a DTensor
+        bits = 32 if fmt == StateFormat.FLOAT32 else 8
         nblocks = -(-p.numel() // BLOCKSIZE)
         like = p
         if _distributed.is_sharded(p):  # states of the local shard only (see _distributed)
@@ -214,7 +225,11 @@ class QopOptimizer(torch.optim.Optimizer):
             like = _distributed.local(p)
         for j in range(self.n_states(group)):
             init = self.initial_state(group, j)
-            if bits == 8:
+            if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
+                book = self._codes[(p.device, fmt)][j] if fmt in _formats.BOOK_BITS else None
+                zeros = lambda shape, dtype: self._zeros(group, like, dtype, shape)
+                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = _formats.new_state(fmt, like, init, book, zeros)
+            elif bits == 8:
                 q = self._zeros(group, like, torch.uint8)
                 absmax = self._zeros(group, like, torch.float32, nblocks)
                 if init:  # every element equals absmax: code 1.0, the last entry of both maps
@@ -353,14 +368,15 @@ class QopOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(group, p)
             st = self.state[p]
-            bits = 8 if "absmax1" in st else 32
+            fmt = _formats.format_of(st, _distributed.local(p).numel(), self._format(group, p))
+            bits = 32 if fmt == StateFormat.FLOAT32 else 8
             override = manager.hp_override(p, self.hp_keys)
             # overridden hyper-parameters get a bucket of their own
             shard = _distributed.shard_key(p)  # DTensor params: a bucket per mesh and placements
-            bkey = (p.device, p.dtype, bits, id(p) if override else None, shard)
+            bkey = (p.device, p.dtype, fmt, id(p) if override else None, shard)
             b = buckets.get(bkey)
             if b is None:
-                codes = self._codes[p.device][:k] if bits == 8 else []  # one code book per state
+                codes = self._codes.get((p.device, fmt), [])[:k]  # one code book per state, where the format has them
                 b = buckets[bkey] = Bucket(
                     bits,
                     p.device,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, reference
 from .._schema import BLOCKSIZE, HP, MAX_STATES, Flag, StateFormat, n_states, split_states
 from . import _multi_tensor as mt
 from ._common import (
@@ -541,6 +541,10 @@ def step(
         blocks, books = None, None
     elif fmt == StateFormat.BLOCKWISE8:
         blocks, books = split_states(absmax, n), [*codes, *[hp] * (MAX_STATES - k)]
+    elif fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
+        # no Triton kernel yet: the reference (plain PyTorch, no host sync) runs these formats on the device
+        reference.step(rule, flags, params, grads, states, absmax, codes, steps, hp, gscale, found_inf, unorm)
+        return
     else:  # pragma: no cover - a format that _checks knows and this kernel does not
         raise NotImplementedError(f"qop: no Triton kernel for {fmt.name} states")
     nested += [[] for _ in range(MAX_STATES - len(nested))]  # the launchers take three lists

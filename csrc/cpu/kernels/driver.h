@@ -9,13 +9,13 @@
 struct Job {
   void* p = nullptr;
   const void* g = nullptr;
-  std::array<void*, 3> s{};       // float* (32-bit) or uint8_t* (8-bit) states
-  std::array<float*, 3> am{};     // absmax of the 8-bit states
+  std::array<void*, 3> s{};       // float* (32-bit) states, or the bytes of blockwise ones
+  std::array<float*, 3> am{};     // absmax (fp8: scales) of blockwise states
   int64_t n = 0;
   Consts k;
 };
 
-// A work item: elements [begin, end) of one tensor (8-bit: whole blocks, end may be a partial one).
+// A work item: elements [begin, end) of one tensor (blockwise: whole blocks, end may be a partial one).
 struct Item {
   int64_t job;
   int64_t begin;
@@ -24,13 +24,13 @@ struct Item {
 
 struct StepCall {
   std::vector<Job> jobs;
-  std::array<const Quantizer*, 3> quant{};
+  Books books;
   std::vector<Item> items;
   std::vector<int64_t> cost;  // prefix sums of item costs, size items + 1
   const float* given_norms = nullptr;  // the op's `unorm`: per job, sums of u^2 and p^2 (null: computed here)
 };
 
-constexpr int64_t kChunk = 16 * kBlocksize;  // elements per work item
+constexpr int64_t kChunk = 16 * kBlocksize;  // elements per work item: whole blocks of every format
 constexpr int64_t kItemOverhead = 64;        // cost of an item beyond its elements (balancing only)
 constexpr int64_t kSerialCost = 1 << 15;     // below this total cost, no parallel region
 
@@ -203,78 +203,55 @@ void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
   if constexpr (NORM) norm.write(acc);
 }
 
-// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize the states
-// into an L1 buffer, run the rule on it (parameter written, new float32 states back into the buffer,
-// their absmax tracked), then requantize every state with its fresh absmax.
-template <int R, int F, class PT, bool NORM>
-void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int64_t b, int64_t e, double* acc) {
+// Blockwise states (one codec per format): the blocks covering elements [b, e) of one tensor.  Per block:
+// decode the states into an L1 buffer, run the rule on it (parameter written, new float32 states back into the
+// buffer, their absmax tracked), then encode every state with its fresh absmax.
+template <class Codec, int R, int F, class PT, bool NORM>
+void chunk_blockwise(const Job& J, const Books& books, int64_t b, int64_t e, double* acc) {
   constexpr int K = state_count<R, F>();
+  constexpr int64_t B = Codec::kBlock;
+  static_assert(B <= kBlocksize && kChunk % B == 0, "a block fits the buffer and work items hold whole blocks");
   PT* p = static_cast<PT*>(J.p);
   const PT* g = static_cast<const PT*>(J.g);
-  std::array<uint8_t*, 3> q{};
-  std::array<const float*, 3> code{};
-  for (int j = 0; j < K; ++j) {
-    q[j] = static_cast<uint8_t*>(J.s[j]);
-    code[j] = quant[j]->code.data();
-  }
+  const Codec codec(J.s, books);
   alignas(64) float fresh[3][kBlocksize];
   const std::array<float*, 3> st{fresh[0], fresh[1], fresh[2]};
   const KBoth kb(J.k);
   NormAcc norm;
-  for (int64_t off = b; off < e; off += kBlocksize) {
-    const int64_t blk = off / kBlocksize;
-    const int64_t nb = std::min<int64_t>(kBlocksize, J.n - off);
+  for (int64_t off = b; off < e; off += B) {
+    const int64_t blk = off / B;
+    const int64_t nb = std::min<int64_t>(B, J.n - off);
     // Prefetch the block after next: the loops below are compute-bound, so the hardware prefetcher
     // alone leaves them waiting on memory for large tensors.
-    if (const int64_t ahead = off + 2 * kBlocksize; ahead + kBlocksize <= J.n) {
-      for (int64_t c = 0; c < kBlocksize; c += 64 / static_cast<int64_t>(sizeof(PT))) {
+    if (const int64_t ahead = off + 2 * B; ahead + B <= J.n) {
+      for (int64_t c = 0; c < B; c += 64 / static_cast<int64_t>(sizeof(PT))) {
         __builtin_prefetch(p + ahead + c, 1);
         __builtin_prefetch(g + ahead + c, 0);
       }
-      for (int j = 0; j < K; ++j) {
-        for (int64_t c = 0; c < kBlocksize; c += 64) __builtin_prefetch(q[j] + ahead + c, 1);
-      }
+      for (int j = 0; j < K; ++j) codec.prefetch(j, ahead);
     }
-    std::array<float, 3> a{};
-    for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
-    // Dequantize first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
+    // Decode first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
     // then overlap across many more elements than one fused loop can keep in flight.
-#ifdef QOP_AVX512
-    for (int j = 0; j < K; ++j) {
-      for (int64_t i = 0; i < nb; i += 64) {  // fresh[j] has room for the last 64 even when nb < 256
-        VF16 d[4];
-        dequant64(quant[j]->planes, q[j] + off + i, nb - i, a[j], d);
-        for (int c = 0; c < 4; ++c) store(fresh[j] + i + 16 * c, d[c]);
-      }
-    }
-#else
-    for_lanes(nb, [&](auto tag, int64_t i) {
-      for (int j = 0; j < K; ++j) store(fresh[j] + i, dequant(tag, code[j], q[j] + off + i, a[j]));
-    });
-#endif
+    for (int j = 0; j < K; ++j) codec.decode(j, off, nb, J.am[j][blk], fresh[j]);
     std::array<AbsmaxAcc, 3> absmax;
     rule_loop<R, F, NORM, true>(kb, p + off, g + off, st, nb, norm, absmax);
     if constexpr (!NORM) {
-      for (int j = 0; j < K; ++j) {
-        const float m = absmax[j].value();
-        J.am[j][blk] = m;
-        quantize_block(*quant[j], fresh[j], nb, m, fresh[j], q[j] + off);
-      }
+      for (int j = 0; j < K; ++j) J.am[j][blk] = codec.encode(j, off, nb, absmax[j].value(), fresh[j]);
     }
   }
   if constexpr (NORM) norm.write(acc);
 }
 
-template <int R, int F, class PT, bool Q8, bool NORM>
+template <int R, int F, class PT, int FMT, bool NORM>
 void run_pass(const StepCall& call, std::vector<double>* partial) {
   parallel_items(call, [&](int64_t i) {
     const Item& it = call.items[i];
     const Job& J = call.jobs[it.job];
     double* acc = NORM ? partial->data() + 2 * i : nullptr;
-    if constexpr (Q8) {
-      chunk_8bit<R, F, PT, NORM>(J, call.quant, it.begin, it.end, acc);
-    } else {
+    if constexpr (FMT == FLOAT32) {
       chunk_32bit<R, F, PT, NORM>(J, it.begin, it.end, acc);
+    } else {
+      chunk_blockwise<typename CodecOf<FMT>::type, R, F, PT, NORM>(J, call.books, it.begin, it.end, acc);
     }
   });
 }
@@ -302,74 +279,83 @@ void apply_unorm_scales(StepCall& call, const std::vector<double>& partial, floa
   }
 }
 
-template <int R, int F, class PT, bool Q8>
+template <int R, int F, class PT, int FMT>
 void run_step(StepCall& call, bool unorm, float max_unorm) {
   if (unorm) {
     std::vector<double> partial;
     if (call.given_norms == nullptr) {
       partial.assign(2 * call.items.size(), 0.0);
-      run_pass<R, F, PT, Q8, true>(call, &partial);
+      run_pass<R, F, PT, FMT, true>(call, &partial);
     }
     apply_unorm_scales(call, partial, max_unorm, call.given_norms);
   }
-  run_pass<R, F, PT, Q8, false>(call, nullptr);
+  run_pass<R, F, PT, FMT, false>(call, nullptr);
 }
 
 // Turns the runtime flags into template flags, one bit at a time (only the bits a rule looks at).
-template <int R, class PT, bool Q8, int F, int... Bits>
+template <int R, class PT, int FMT, int F, int... Bits>
 struct Dispatch;
-template <int R, class PT, bool Q8, int F>
-struct Dispatch<R, PT, Q8, F> {
-  static void run(int, StepCall& call, bool unorm, float max_unorm) { run_step<R, F, PT, Q8>(call, unorm, max_unorm); }
+template <int R, class PT, int FMT, int F>
+struct Dispatch<R, PT, FMT, F> {
+  static void run(int, StepCall& call, bool unorm, float max_unorm) { run_step<R, F, PT, FMT>(call, unorm, max_unorm); }
 };
-template <int R, class PT, bool Q8, int F, int B, int... Rest>
-struct Dispatch<R, PT, Q8, F, B, Rest...> {
+template <int R, class PT, int FMT, int F, int B, int... Rest>
+struct Dispatch<R, PT, FMT, F, B, Rest...> {
   static void run(int flags, StepCall& call, bool unorm, float max_unorm) {
     if (flags & B) {
-      Dispatch<R, PT, Q8, F | B, Rest...>::run(flags, call, unorm, max_unorm);
+      Dispatch<R, PT, FMT, F | B, Rest...>::run(flags, call, unorm, max_unorm);
     } else {
-      Dispatch<R, PT, Q8, F, Rest...>::run(flags, call, unorm, max_unorm);
+      Dispatch<R, PT, FMT, F, Rest...>::run(flags, call, unorm, max_unorm);
     }
   }
 };
 
-template <class PT, bool Q8>
+// Only the rules a format serves are instantiated for it (format_serves; check_step refuses the others).
+template <class PT, int FMT>
 void dispatch_rule(int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
   switch (rule) {
     case ADAM:
-      return Dispatch<ADAM, PT, Q8, 0, AMSGRAD, L2_WEIGHT_DECAY>::run(flags, call, unorm, max_unorm);
+      return Dispatch<ADAM, PT, FMT, 0, AMSGRAD, L2_WEIGHT_DECAY>::run(flags, call, unorm, max_unorm);
     case MOMENTUM:
-      return Dispatch<MOMENTUM, PT, Q8, 0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, MOMENTUM)) {
+        return Dispatch<MOMENTUM, PT, FMT, 0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
+      }
+      break;
     case ADAGRAD:
-      return run_step<ADAGRAD, 0, PT, Q8>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, ADAGRAD)) return run_step<ADAGRAD, 0, PT, FMT>(call, unorm, max_unorm);
+      break;
     case RMSPROP:
-      return run_step<RMSPROP, 0, PT, Q8>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, RMSPROP)) return run_step<RMSPROP, 0, PT, FMT>(call, unorm, max_unorm);
+      break;
     case LION:
-      return run_step<LION, 0, PT, Q8>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, LION)) return run_step<LION, 0, PT, FMT>(call, unorm, max_unorm);
+      break;
     case ADEMAMIX:
-      return run_step<ADEMAMIX, 0, PT, Q8>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, ADEMAMIX)) return run_step<ADEMAMIX, 0, PT, FMT>(call, unorm, max_unorm);
+      break;
     default:
-      TORCH_CHECK_VALUE(false, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
+      break;
   }
+  TORCH_CHECK_VALUE(false, "qop: no CPU kernel for rule ", rule, " with state format ", FMT);
 }
 
-template <bool Q8>
+template <int FMT>
 void dispatch_dtype(at::ScalarType dtype, int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
   switch (dtype) {
     case at::kFloat:
-      return dispatch_rule<float, Q8>(rule, flags, call, unorm, max_unorm);
+      return dispatch_rule<float, FMT>(rule, flags, call, unorm, max_unorm);
     case at::kBFloat16:
-      return dispatch_rule<bf16, Q8>(rule, flags, call, unorm, max_unorm);
+      return dispatch_rule<bf16, FMT>(rule, flags, call, unorm, max_unorm);
     case at::kHalf:
-      return dispatch_rule<fp16, Q8>(rule, flags, call, unorm, max_unorm);
+      return dispatch_rule<fp16, FMT>(rule, flags, call, unorm, max_unorm);
     default:
       TORCH_CHECK_VALUE(false, "qop: params must be float32, bfloat16 or float16, got ", dtype);
   }
 }
 
-// One step call on validated arguments, k states per tensor (q8: blockwise 8-bit, with absmax and codes):
-// found_inf, per-tensor scalars, steps, work items, kernels.
-void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+// One step call on validated arguments, k states per tensor in format fmt (blockwise ones with absmax, and codes
+// where the format has a code book): found_inf, per-tensor scalars, steps, work items, kernels.
+void run_step_call(StateFormat fmt, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
                    const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
                    at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
                    const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
@@ -396,10 +382,12 @@ void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList p
     call.given_norms = unorm_tensor.data_ptr<float>();
   }
   std::shared_ptr<const Quantizer> held[3];
-  if (q8) {
-    for (int j = 0; j < k; ++j) {
+  for (int j = 0; j < k; ++j) {
+    if (fmt == BLOCKWISE8) {
       held[j] = get_quantizer(*(*codes)[j]);
-      call.quant[j] = held[j].get();
+      call.books.quant[j] = held[j].get();
+    } else if (fmt == BLOCKWISE4) {
+      call.books.book4[j] = Book16(*(*codes)[j]);
     }
   }
   const int64_t chunk = kChunk;
@@ -410,7 +398,7 @@ void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList p
     J.n = params[i].numel();
     for (int j = 0; j < k; ++j) {
       J.s[j] = states[j][i].data_ptr();
-      if (q8) J.am[j] = (*absmax)[j][i].data_ptr<float>();
+      if (fmt != FLOAT32) J.am[j] = (*absmax)[j][i].data_ptr<float>();
     }
     // t = steps[i] + 1, then steps[i] += 1, one tensor after the other as the reference does.
     float* step = steps[i].data_ptr<float>();
@@ -430,9 +418,17 @@ void run_step_call(bool q8, int k, int64_t rule, int64_t flags, at::TensorList p
   int rflags = static_cast<int>(flags) & ~UNORM_CLIP;
   if (rule == MOMENTUM && k == 1) rflags |= kHasState;
   const bool clip = (flags & UNORM_CLIP) != 0;
-  if (q8) {
-    dispatch_dtype<true>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
-  } else {
-    dispatch_dtype<false>(params[0].scalar_type(), static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+  const auto dtype = params[0].scalar_type();
+  switch (fmt) {
+    case FLOAT32:
+      return dispatch_dtype<FLOAT32>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    case BLOCKWISE8:
+      return dispatch_dtype<BLOCKWISE8>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    case BLOCKWISE4:
+      return dispatch_dtype<BLOCKWISE4>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    case FP8:
+      return dispatch_dtype<FP8>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    default:
+      TORCH_CHECK_VALUE(false, "qop: no CPU kernel for state format ", static_cast<int>(fmt));
   }
 }
