@@ -25,7 +25,6 @@ from torch import Tensor
 import qop
 from qop import HP, Flag, Rule, reference
 from qop._schema import BLOCKSIZE, FORMAT_RULES, HP_SIZE, StateFormat
-from qop.optim import _formats
 from qop.nn import StableEmbedding
 from qop.optim import (
     LAMB,
@@ -72,6 +71,7 @@ from qop.optim import (
     RMSprop32bit,
     SGD8bit,
     SGD32bit,
+    _formats,
 )
 
 SHAPES = [(7,), (4097,), (65, 67)]  # below min_8bit_size; one element into a 17th block; 3 into an 18th
