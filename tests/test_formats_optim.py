@@ -208,3 +208,41 @@ def test_bad_state_dict_is_refused_and_changes_nothing() -> None:
         opt.load_state_dict(sd)
     for k, v in before.items():
         assert torch.equal(_bytes(v), _bytes(opt.state[params[0]][k]))
+
+
+def _train_and_load(theirs_cls: type, name: str) -> tuple[list[Tensor], list[Tensor], torch.optim.Optimizer, object]:
+    """Three steps of ``theirs_cls``, its state dict loaded into qop's ``name`` on equal parameters."""
+    params = _params()[:2]
+    theirs = theirs_cls(params, lr=1e-2)
+    _run(theirs, params, 3)
+    twin = [p.detach().clone().requires_grad_() for p in params]
+    ours = getattr(qop.optim, name)(twin, lr=1e-2)
+    ours.load_state_dict(theirs.state_dict())
+    return params, twin, theirs, ours
+
+
+def _assert_next_step_close(params, twin, theirs, ours, tol: float) -> None:
+    assert float(ours.state[twin[0]]["step"]) == 3
+    _run(theirs, params, 1, start=3)
+    _run(ours, twin, 1, start=3)
+    with torch.no_grad():
+        for p, q in zip(params, twin):
+            assert float((p - q).abs().max()) < tol
+
+
+@pytest.mark.parametrize("name", ["AdamW4bit", "AdamWFp8", "AdamW8bit"])
+def test_torch_adamw_state_dict_loads(name: str) -> None:
+    """torch.optim.AdamW's ``exp_avg``/``exp_avg_sq`` load as values into every format; the next step follows."""
+    params, twin, theirs, ours = _train_and_load(torch.optim.AdamW, name)
+    assert ours.state[twin[0]]["state1"].dtype != torch.float32
+    # within the lr (4-bit: a code of a 16-entry book moves an update by up to ~2/3 of it), half of it otherwise
+    _assert_next_step_close(params, twin, theirs, ours, 1e-2 if "4bit" in name else 0.5e-2)
+
+
+@pytest.mark.parametrize("name", ["AdamW4bit", "AdamWFp8"])
+def test_torchao_state_dict_loads_into_the_class_of_the_same_name(name: str) -> None:
+    torchao_optim = pytest.importorskip("torchao.optim")
+    params, twin, theirs, ours = _train_and_load(getattr(torchao_optim, name), name)
+    st = ours.state[twin[0]]
+    assert st["state1"].dtype == (torch.uint8 if "4bit" in name else torch.float8_e4m3fn)
+    _assert_next_step_close(params, twin, theirs, ours, 1e-2 if "4bit" in name else 0.5e-2)

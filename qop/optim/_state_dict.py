@@ -74,6 +74,30 @@ def from_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {**state_dict, "state": state}
 
 
+def from_torch_names(state_dict: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Rename states saved under torch.optim's / torchao's keys (``exp_avg``, ...) to ours (``state1``, ...).
+
+    torchao's low-bit optimizers keep tensor subclasses there (their ``dequantize()`` gives float32; its CPU state
+    dicts hold plain float32 tensors): such states load as float32 values, quantized again in our format.
+    """
+    state = state_dict.get("state")
+    if not isinstance(state, dict):
+        return state_dict
+    out = {}
+    for key, st in state.items():
+        if isinstance(st, dict) and names[0] in st and STATE_KEYS[0] not in st:
+            st = dict(st)
+            for ours, theirs in zip(STATE_KEYS, names):
+                if theirs in st:
+                    t = st.pop(theirs)
+                    dequantize = getattr(t, "dequantize", None)
+                    if isinstance(t, Tensor) and type(t) is not Tensor and callable(dequantize):
+                        t = dequantize()
+                    st[ours] = t.float() if isinstance(t, Tensor) and t.is_floating_point() else t
+        out[key] = st
+    return {**state_dict, "state": out}
+
+
 def check_step_value(where: str, step: Any) -> None:
     """``step`` must be a whole number >= 0 (a Python number or a one-element real tensor)."""
     if isinstance(step, Tensor):

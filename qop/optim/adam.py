@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._schema import HP, Flag, Rule
+from . import _state_dict
 from ._variants import variant
 from .optimizer import QopOptimizer
 
@@ -51,6 +52,11 @@ class Adam(QopOptimizer):
 
     def flags(self, group: dict[str, Any]) -> Flag:
         return Flag.AMSGRAD if group["amsgrad"] else Flag.NONE
+
+    def _preprocess_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Also accepts torch.optim's and torchao's Adam/AdamW state dicts (``exp_avg``, ``exp_avg_sq``,
+        ``max_exp_avg_sq``): their states load as values, in this optimizer's format."""
+        return _state_dict.from_torch_names(state_dict, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
 
 
 class AdamW(Adam):
