@@ -44,7 +44,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from cases import SIGNED, STEP_CASES, op_args  # noqa: E402
+from cases import LOWBIT_FORMATS, SIGNED, STEP_CASES, lowbit_cases, op_args  # noqa: E402
 
 import qop  # noqa: E402
 from qop import HP, Flag, Rule, reference  # noqa: E402
@@ -894,3 +894,36 @@ def test_step_given_unorm(bits, multi):
     expected.run(reference, unorm=unorm)
     assert_same_step(problem, expected)
     assert torch.equal(unorm, given)
+
+
+# -------------------------------------------------------------------------------- 4-bit and fp8 states
+LOWBIT_TABLE = [
+    pytest.param(fmt, case, dtype, id=f"{name}-{case}-{str(dtype)[6:]}")
+    for name, fmt in LOWBIT_FORMATS.items()
+    for case in lowbit_cases(fmt)
+    for dtype in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("fmt,case,dtype", LOWBIT_TABLE)
+def test_step_lowbit_states(fmt, case, dtype):
+    """Packed 4-bit and fp8 states (tails of 128- and 256-blocks, odd byte counts) against the reference."""
+    from test_formats import Inputs, code_distance, grads_for
+
+    problem = Inputs(case, fmt, dtype, shapes=[(1,), (3,), (127,), (129,), (257,), (700,)])
+    for step in range(2):
+        expected = problem.clone()
+        grads = grads_for(problem.params, step)
+        _step.step(*problem.args(grads), **SMALL)
+        reference.step(*expected.args(grads))
+        for a, e in zip(problem.params, expected.params):
+            assert_params_close(a, e)
+        assert [float(s) for s in problem.steps] == [float(s) for s in expected.steps] == [step + 1.0] * 6
+        for st, ref in zip(problem.states, expected.states):
+            for a, e in zip(st, ref):
+                diff = code_distance(a.reshape(-1), e.reshape(-1), fmt)
+                assert a.dtype == e.dtype and int(diff.max()) <= 1
+                assert (diff > 0).float().mean().item() < 0.02
+        for am, ref in zip(problem.absmax, expected.absmax):
+            for a, e in zip(am, ref):
+                torch.testing.assert_close(a, e, rtol=2e-6, atol=0)
