@@ -207,6 +207,8 @@ def op_reference() -> str:
     lines += [
         "",
         f"Constants: `BLOCKSIZE = {_schema.BLOCKSIZE}` elements per absmax, "
+        f"`BLOCKSIZE4 = {_schema.BLOCKSIZE4}` per 4-bit absmax, `FP8_BLOCKSIZE = {_schema.FP8_BLOCKSIZE}` per fp8 "
+        "scale, "
         f"`HISTORY = {_schema.HISTORY}` gradient norms per percentile-clipped parameter, "
         f"`HP_SIZE = {_schema.HP_SIZE}` slots in `hp`.",
         "",
@@ -225,6 +227,12 @@ def op_reference() -> str:
 
     lines += _enum_table(_schema.Rule, states, "states per parameter")
     lines += ["", "### Flags (`qop.Flag`)", "", *_enum_table(_schema.Flag)]
+    lines += ["", "### State formats (`qop._schema.StateFormat`)", ""]
+    lines += _enum_table(
+        _schema.StateFormat,
+        lambda m: str(_schema.FORMAT_BLOCKSIZE.get(m, "-")) + " / " + str(_schema.CODE_SIZE.get(m, "-")),
+        "block size / code book entries",
+    )
     keys = _group_keys()
     lines += ["", "### Hyper-parameter slots of `hp` (`qop.HP`)", ""]
     lines += _enum_table(_schema.HP, lambda m: ", ".join(f"`{k}`" for k in keys.get(m, [])), "param-group keys")

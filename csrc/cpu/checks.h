@@ -282,7 +282,8 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
       const int64_t at = j * n + i;
       const at::Tensor& st = states[at];
       TORCH_CHECK_VALUE(st.numel() == want, "qop: states[", at, "] (state", j + 1, " of params[", i, "]) has ",
-                        st.numel(), " elements but params[", i, "] has ", numel, " (", want, " in ", format_name(format), " states)");
+                        st.numel(), " elements but params[", i, "] has ", numel, " (", want, " in ",
+                        format_name(format), " states)");
       TORCH_CHECK_VALUE(st.device() == device, "qop: states[", at, "] is on ", st.device(), " but params[", i,
                         "] is on ", device);
       TORCH_CHECK_VALUE(st.layout() == at::kStrided && st.is_contiguous(), "qop: states[", at, "] (state", j + 1,

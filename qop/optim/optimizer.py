@@ -192,11 +192,6 @@ class QopOptimizer(torch.optim.Optimizer):
         _formats.check_optim_bits(bits, self.rule)
         return _formats.low_bit(bits, p.numel(), cfg.get("min_8bit_size", group["min_8bit_size"]))
 
-    def _bits(self, group: dict[str, Any], p: Tensor) -> int:
-        """8 or 32 (the formats sharded parameters and bitsandbytes state dicts know); see :meth:`_format`."""
-        fmt = self._format(group, p)
-        return 32 if fmt == StateFormat.FLOAT32 else 8
-
     def _paged(self, group: dict[str, Any], p: Tensor) -> bool:
         cfg = GlobalOptimManager.get_instance().config_for(p)
         return bool(cfg.get("is_paged", group["is_paged"])) and p.device.type == "cuda"
@@ -211,11 +206,7 @@ class QopOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
         state = self.state[p]
         fmt = self._format(group, p)  # on the global size, for a DTensor
-        if _distributed.is_sharded(p) and fmt not in (StateFormat.FLOAT32, StateFormat.BLOCKWISE8):
-            raise NotImplementedError(
-                f"qop: {fmt.name.lower()} states of sharded (DTensor) parameters are not supported; "
-                "use optim_bits=8 or 32 for them (GlobalOptimManager overrides do it per parameter)"
-            )
+        _distributed.check_format(p, fmt)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         bits = 32 if fmt == StateFormat.FLOAT32 else 8
         nblocks = -(-p.numel() // BLOCKSIZE)
@@ -349,7 +340,10 @@ class QopOptimizer(torch.optim.Optimizer):
         """Parse the per-parameter overrides a new plan will read (an override that cannot be read raises here,
         before any state is created)."""
         manager = GlobalOptimManager.get_instance()
-        for i, (p, has_grad) in enumerate(zip(self.param_groups[index]["params"], have)):
+        group = self.param_groups[index]
+        for i, (p, has_grad) in enumerate(zip(group["params"], have)):
+            if has_grad and not self.state.get(p):
+                _distributed.check_format(p, self._format(group, p))
             if has_grad:
                 try:
                     manager.hp_override(p, self.hp_keys)

@@ -33,11 +33,18 @@ struct Book16 {
     for (int i = 0; i < kCodeSize4 - 1; ++i) mids[i] = 0.5f * (code[i] + code[i + 1]);
     min_positive = !any_negative && any_positive ? zeros : 0;
   }
-  // Exact for sorted books (the count of midpoints strictly below y is the binary search's answer).
-  QOP_INLINE int index(float y) const {
-    int i = 0;
-    for (int m = 0; m < kCodeSize4 - 1; ++m) i += !(mids[m] >= y) ? 1 : 0;
-    return y > 0.0f && i < min_positive ? min_positive : i;
+  // Codes of n values y: per value, the number of midpoints strictly below it (exact for sorted books), each
+  // midpoint compared with a whole block at once (a loop the compiler vectorizes), then the floor.
+  void index(const float* y, int64_t n, uint8_t* out) const {
+    for (int64_t i = 0; i < n; ++i) out[i] = 0;
+    for (int m = 0; m < kCodeSize4 - 1; ++m) {
+      const float mid = mids[m];
+      for (int64_t i = 0; i < n; ++i) out[i] += !(mid >= y[i]) ? 1 : 0;  // NaN counts every midpoint
+    }
+    if (min_positive > 0) {
+      const uint8_t floor = static_cast<uint8_t>(min_positive);
+      for (int64_t i = 0; i < n; ++i) out[i] = y[i] > 0.0f && out[i] < floor ? floor : out[i];
+    }
   }
 };
 
@@ -88,7 +95,10 @@ struct Codec4 {
   QOP_INLINE void decode(int j, int64_t off, int64_t nb, float a, float* out) const {
     const float* code = books.book4[j].code.data();
     const uint8_t* bytes = q[j] + off / 2;
-    for (int64_t i = 0; i < nb; ++i) out[i] = code[(bytes[i >> 1] >> ((i & 1) * 4)) & 15] * a;
+    for (int64_t b = 0; 2 * b < nb; ++b) {  // out has room for an odd block's last high nibble
+      out[2 * b] = code[bytes[b] & 15] * a;
+      out[2 * b + 1] = code[bytes[b] >> 4] * a;
+    }
   }
   QOP_INLINE float encode(int j, int64_t off, int64_t nb, float absmax, float* x) const {
     const Book16& B = books.book4[j];
@@ -97,12 +107,11 @@ struct Codec4 {
     } else {
       normalize<false>(x, nb, absmax, x);
     }
+    alignas(64) uint8_t idx[kBlock + 1];
+    B.index(x, nb, idx);
+    idx[nb] = 0;  // an odd tail leaves the last high nibble 0
     uint8_t* bytes = q[j] + off / 2;
-    for (int64_t i = 0; i < nb; i += 2) {
-      const int lo = B.index(x[i]);
-      const int hi = i + 1 < nb ? B.index(x[i + 1]) : 0;  // an odd tail leaves the last high nibble 0
-      bytes[i >> 1] = static_cast<uint8_t>(lo | (hi << 4));
-    }
+    for (int64_t b = 0; 2 * b < nb; ++b) bytes[b] = static_cast<uint8_t>(idx[2 * b] | (idx[2 * b + 1] << 4));
     return absmax;
   }
 };
