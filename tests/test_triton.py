@@ -621,11 +621,13 @@ def step_sig(p, s):
             "numel": "i32", "tensor_index": "i32", "size_class": "i32"}
 
 base = dict(HAS_GSCALE=True, HAS_FOUND_INF=True, CHUNK=16384, BLOCK=1024)
+# QUANT: the state format (0 float32, 1 8-bit, 3 4-bit, 4 fp8 as bytes); ROW: its block size
 for rule, flags, k, quant, pass_, multi, gather in [
-        (6, 0, 3, True, 2, True, True), (1, 2, 3, True, 0, False, False), (1, 8, 2, False, 1, False, True),
-        (2, 0, 0, True, 0, True, True), (5, 0, 1, False, 0, True, True)]:
+        (6, 0, 3, 1, 2, True, True), (1, 2, 3, 1, 0, False, False), (1, 8, 2, 0, 1, False, True),
+        (2, 0, 0, 1, 0, True, True), (5, 0, 1, 0, 0, True, True), (1, 2, 3, 3, 0, True, True),
+        (6, 0, 3, 3, 2, False, False), (1, 16, 2, 4, 2, True, True), (1, 2, 3, 4, 0, False, True)]:
     consts = dict(base, RULE=rule, FLAGS=flags, N_STATES=k, QUANT=quant, PASS=pass_, MULTI=multi, ALIGNED=multi,
-                  GATHER=gather)
+                  GATHER=gather, ROW=128 if quant == 3 else 256)
     compile_(_step._step_kernel, step_sig("*bf16", "*u8" if quant else "*fp32"), consts)
 compile_(_quant._quantize_kernel, {**ptr("a_ptr", t="*bf16"), **ptr("code_ptr", "absmax_ptr"), "q_ptr": "*u8",
          "numel": "i32", "blocksize": "i32", "n_blocks": "i32", "size_class": "i32"},
