@@ -11,7 +11,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._schema import ALL_FLAGS, FORMAT_BLOCKSIZE, HISTORY, HP_SIZE, Flag, Rule, StateFormat, n_states, state_format
+from ._schema import (
+    ALL_FLAGS,
+    CODE_SIZE,
+    FORMAT_BLOCKSIZE,
+    FORMAT_RULES,
+    HISTORY,
+    HP_SIZE,
+    Flag,
+    Rule,
+    StateFormat,
+    n_states,
+    state_format,
+    state_numel,
+)
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -21,9 +34,9 @@ def check(cond: bool, msg: str, *args: object) -> None:
     torch._check(bool(cond), lambda: "qop: " + msg.format(*args))
 
 
-def check_code(code: Tensor, name: str = "code") -> None:
+def check_code(code: Tensor, name: str = "code", size: int = 256) -> None:
     check(code.dtype == torch.float32, "{} must be float32, got {}", name, code.dtype)
-    check(code.dim() == 1 and code.numel() == 256, "{} must have 256 entries, got {}", name, tuple(code.shape))
+    check(code.dim() == 1 and code.numel() == size, "{} must have {} entries, got {}", name, size, tuple(code.shape))
 
 
 def check_quantize(A: Tensor, code: Tensor, blocksize: int) -> None:
@@ -86,12 +99,28 @@ def check_step(
     )
     fmt = StateFormat.FLOAT32  # what a call without state tensors runs: nothing to load or store
     if k and n:
-        found = state_format(states[0].dtype)
+        books = codes[0].numel() if codes else 256
+        found = state_format(states[0].dtype, books)
         check(
-            found is not None, "states[0] must be float32, bfloat16 or uint8 (a state format), got {}", states[0].dtype
+            states[0].dtype in (torch.float32, torch.bfloat16, torch.uint8, torch.float8_e4m3fn),
+            "states[0] must be float32, bfloat16, uint8 or float8_e4m3fn (a state format), got {}",
+            states[0].dtype,
+        )
+        check(
+            found is not None,
+            "codes[0] has {} entries: uint8 states take 256-entry (8-bit) or 16-entry (4-bit) code books",
+            books,
         )
         assert found is not None
         fmt = found
+        rules = FORMAT_RULES.get(fmt)
+        check(
+            rules is None or rule in rules,
+            "{} states serve rules {}, not rule {}",
+            fmt.name.lower(),
+            sorted(int(r) for r in rules or ()),
+            rule,
+        )
         for at, st in enumerate(states):
             check(
                 st.dtype == states[0].dtype,
@@ -109,7 +138,10 @@ def check_step(
         check(len(codes) == 0, "codes has {} tensors but {} states take none", len(codes), fmt.name.lower())
     else:
         check(len(absmax) == k * n, "absmax has {} tensors but states has {}", len(absmax), k * n)
-        check(len(codes) == k, "codes has {} code books, one per state needs {}", len(codes), k)
+        if fmt in CODE_SIZE:
+            check(len(codes) == k, "codes has {} code books, one per state needs {}", len(codes), k)
+        else:
+            check(len(codes) == 0, "codes has {} tensors but {} states take none", len(codes), fmt.name.lower())
     check(
         hp.dtype == torch.float32 and hp.dim() == 1 and hp.numel() >= HP_SIZE,
         "hp must be a float32 vector of {} hyper-parameters, got {} {}",
@@ -172,18 +204,21 @@ def check_step(
             device,
         )
         numel = p.numel()
+        want = state_numel(fmt, numel)
         for j in range(k):
             at = j * n + i
             st = states[at]
             check(
-                st.numel() == numel,
-                "states[{}] (state{} of params[{}]) has {} elements but params[{}] has {}",
+                st.numel() == want,
+                "states[{}] (state{} of params[{}]) has {} elements but params[{}] has {} ({} in {} states)",
                 at,
                 j + 1,
                 i,
                 st.numel(),
                 i,
                 numel,
+                want,
+                fmt.name.lower(),
             )
             check(st.device == device, "states[{}] is on {} but params[{}] is on {}", at, st.device, i, device)
             check(st.is_contiguous(), "states[{}] (state{} of params[{}]) must be contiguous", at, j + 1, i)
@@ -200,9 +235,9 @@ def check_step(
                     nb,
                     device,
                 )
-    if blocksize is not None:
+    if fmt in CODE_SIZE:
         for j in range(k):
-            check_code(codes[j], f"codes[{j}]")
+            check_code(codes[j], f"codes[{j}]", CODE_SIZE[fmt])
             check(codes[j].device == device, "codes[{}] is on {} but params are on {}", j, codes[j].device, device)
     return k, fmt
 

@@ -68,7 +68,7 @@ def _position(cls: type) -> int:
     return names.index(cls.__name__)
 
 
-def _effective(cls: type, **kwargs: Any) -> tuple[int, bool]:
+def _effective(cls: type, **kwargs: Any) -> tuple[Any, bool]:
     """``(optim_bits, is_paged)`` a class really runs with: built on one CPU tensor and read back."""
     required = {
         n: 1e-3
@@ -77,7 +77,7 @@ def _effective(cls: type, **kwargs: Any) -> tuple[int, bool]:
     }
     opt = cls([torch.zeros(1, requires_grad=True)], **required, **kwargs)
     group = opt.param_groups[0]
-    return int(group["optim_bits"]), bool(group["is_paged"])
+    return group["optim_bits"], bool(group["is_paged"])
 
 
 def _states(cls: type) -> str:
@@ -90,7 +90,7 @@ def _states(cls: type) -> str:
             other = bits
         if other != bits:
             return f"`optim_bits` ({bits})"
-    return f"{bits}-bit"
+    return "fp8" if bits == "fp8" else f"{bits}-bit"
 
 
 def _arguments(cls: type) -> dict[str, inspect.Parameter]:
@@ -209,6 +209,8 @@ def op_reference() -> str:
     lines += [
         "",
         f"Constants: `BLOCKSIZE = {_schema.BLOCKSIZE}` elements per absmax, "
+        f"`BLOCKSIZE4 = {_schema.BLOCKSIZE4}` per 4-bit absmax, `FP8_BLOCKSIZE = {_schema.FP8_BLOCKSIZE}` per fp8 "
+        "scale, "
         f"`HISTORY = {_schema.HISTORY}` gradient norms per percentile-clipped parameter, "
         f"`HP_SIZE = {_schema.HP_SIZE}` slots in `hp`.",
         "",
@@ -227,6 +229,12 @@ def op_reference() -> str:
 
     lines += _enum_table(_schema.Rule, states, "states per parameter")
     lines += ["", "### Flags (`qop.Flag`)", "", *_enum_table(_schema.Flag)]
+    lines += ["", "### State formats (`qop._schema.StateFormat`)", ""]
+    lines += _enum_table(
+        _schema.StateFormat,
+        lambda m: str(_schema.FORMAT_BLOCKSIZE.get(m, "-")) + " / " + str(_schema.CODE_SIZE.get(m, "-")),
+        "block size / code book entries",
+    )
     keys = _group_keys()
     lines += ["", "### Hyper-parameter slots of `hp` (`qop.HP`)", ""]
     lines += _enum_table(_schema.HP, lambda m: ", ".join(f"`{k}`" for k in keys.get(m, [])), "param-group keys")

@@ -13,8 +13,11 @@ every schedulable hyper-parameter from tensors, so no value is baked into a trac
   so).  Their dtype says the format (:class:`StateFormat`, told by :func:`state_format`): float32 and
   bfloat16 states are the values themselves (the rule computes in float32, bfloat16 ones are stored rounded
   to nearest-even); uint8 states are blockwise 8-bit codes with ``absmax`` (flat like
-  ``states``, one float32 per 256-block) and ``codes`` (one 256-entry code book per state).  Formats
-  without them take empty ``absmax`` and ``codes``;
+  ``states``, one float32 per 256-block) and ``codes`` (one 256-entry code book per state), or packed
+  4-bit codes (1-d, ``(numel + 1) // 2`` bytes, element 2i in the low nibble) with one absmax per 128-block
+  and 16-entry code books (the size of ``codes[0]`` tells 8 from 4 bits); float8_e4m3fn states take one
+  float32 scale per 256-block in ``absmax`` and no code book.  Formats without scales take empty
+  ``absmax`` and ``codes``;
 * ``hp`` -- float32 vector laid out by :class:`HP` (lr, betas, eps, weight decay, ...);
 * ``steps`` -- one float32 0-d tensor per parameter, incremented by the op itself (unless
   ``found_inf`` is set), the rule using ``t = steps[i] + 1``;
@@ -127,20 +130,42 @@ class StateFormat(enum.IntEnum):
     FLOAT32 = 0  # float32 values, no absmax, no code book
     BLOCKWISE8 = 1  # uint8 indices into a 256-entry code book, one float32 absmax per BLOCKSIZE elements
     BFLOAT16 = 2  # bfloat16 values (rounded to nearest-even when stored), no absmax, no code book
+    BLOCKWISE4 = 3  # two 4-bit indices into a 16-entry code book per uint8 (element 2i in the low nibble)
+    FP8 = 4  # float8_e4m3fn values, one float32 scale per FP8_BLOCKSIZE elements (in ``absmax``), no code book
 
 
-#: Elements per absmax entry of each blockwise format.
-FORMAT_BLOCKSIZE: dict[StateFormat, int] = {StateFormat.BLOCKWISE8: BLOCKSIZE}
+#: Block size of the 4-bit states (elements per absmax), as in torchao.
+BLOCKSIZE4 = 128
+#: Block size of the fp8 states (elements per scale), as in torchao.
+FP8_BLOCKSIZE = 256
+#: Largest finite float8_e4m3fn value: a block's scale is ``max(absmax, FP8_MIN_ABSMAX) / FP8_MAX``.
+FP8_MAX = 448.0
+#: Floor of the absmax of an fp8 block (a block of zeros keeps a positive scale).
+FP8_MIN_ABSMAX = 1e-12
+#: Elements per absmax (fp8: scale) entry of each blockwise format.
+FORMAT_BLOCKSIZE: dict[StateFormat, int] = {
+    StateFormat.BLOCKWISE8: BLOCKSIZE,
+    StateFormat.BLOCKWISE4: BLOCKSIZE4,
+    StateFormat.FP8: FP8_BLOCKSIZE,
+}
+#: Entries of the code book of each format that has one: how uint8 states tell 8-bit (256) from 4-bit (16).
+CODE_SIZE: dict[StateFormat, int] = {StateFormat.BLOCKWISE8: 256, StateFormat.BLOCKWISE4: 16}
 
 
-def state_format(dtype: torch.dtype) -> StateFormat | None:
-    """The format of states of this dtype (None: not a state format)."""
+def state_format(dtype: torch.dtype, code_size: int = 256) -> StateFormat | None:
+    """The format of states of this dtype (None: not a state format).  uint8 states are 8-bit or packed 4-bit
+    codes: the size of their code book (``CODE_SIZE``) tells which; other dtypes ignore ``code_size``."""
     if dtype == torch.float32:
         return StateFormat.FLOAT32
     if dtype == torch.uint8:
-        return StateFormat.BLOCKWISE8
+        for fmt, size in CODE_SIZE.items():
+            if code_size == size:  # a comparison, not a look-up: traced sizes are symbolic
+                return fmt
+        return None
     if dtype == torch.bfloat16:
         return StateFormat.BFLOAT16
+    if dtype == torch.float8_e4m3fn:
+        return StateFormat.FP8
     return None
 
 
@@ -148,6 +173,18 @@ def state_format(dtype: torch.dtype) -> StateFormat | None:
 SR_SEED_LIMIT = 1 << 24
 #: The multipliers of :func:`mix32` (the "lowbias32" integer hash, two multiply/xor-shift rounds on uint32).
 MIX32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+
+
+#: Rules each low-bit format serves (every kernel instantiates only these; the checks refuse the others).
+FORMAT_RULES: dict[StateFormat, frozenset[Rule]] = {
+    StateFormat.BLOCKWISE4: frozenset(Rule),  # optim_bits=4 for every optimizer
+    StateFormat.FP8: frozenset({Rule.ADAM}),  # AdamFp8, AdamWFp8
+}
+
+
+def state_numel(fmt: StateFormat, numel: int) -> int:
+    """Elements of the state tensor that holds ``numel`` values in format ``fmt`` (4-bit: two per byte)."""
+    return (numel + 1) // 2 if fmt == StateFormat.BLOCKWISE4 else numel
 
 
 def split_states(flat: Sequence[Tensor], n: int) -> list[list[Tensor]]:

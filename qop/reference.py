@@ -9,7 +9,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._schema import BLOCKSIZE, HISTORY, HP, MIX32_MULTIPLIERS, Flag, Rule, StateFormat, n_states, state_format
+from ._schema import (
+    FORMAT_BLOCKSIZE,
+    FP8_MAX,
+    FP8_MIN_ABSMAX,
+    HISTORY,
+    HP,
+    MIX32_MULTIPLIERS,
+    Flag,
+    Rule,
+    StateFormat,
+    n_states,
+    state_format,
+)
 
 
 # ----------------------------------------------------------------------------------------- quantize
@@ -63,6 +75,68 @@ def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     values = code.float()[A.reshape(-1).long()]
     scale = absmax.float().repeat_interleave(blocksize)[:n]
     return (values * scale).view(A.shape).to(dtype)
+
+
+# ------------------------------------------------------------------------------ 4-bit and fp8 states
+def pack4(q: Tensor) -> Tensor:
+    """4-bit codes (uint8 values < 16, any shape) packed two per byte: element 2i in the low nibble, 2i+1 in the
+    high one (an odd count leaves the last high nibble 0)."""
+    flat = q.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack4(packed: Tensor, numel: int) -> Tensor:
+    """The ``numel`` 4-bit codes of :func:`pack4`'s bytes, as uint8."""
+    return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:numel]
+
+
+def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """float8_e4m3fn codes of float32 ``x`` (flat) and one float32 scale ``max(absmax, 1e-12) / 448`` per
+    FP8_BLOCKSIZE-block: ``x / scale`` rounded to nearest-even."""
+    bs = FORMAT_BLOCKSIZE[StateFormat.FP8]
+    n = x.numel()
+    nblocks = -(-n // bs)
+    blocks = torch.nn.functional.pad(x.reshape(-1).float(), (0, nblocks * bs - n)).view(nblocks, bs)
+    absmax = blocks.abs().amax(dim=1) if nblocks else x.new_zeros(0, dtype=torch.float32)
+    scale = torch.clamp(absmax, min=FP8_MIN_ABSMAX) / FP8_MAX
+    codes = (blocks / scale[:, None]).reshape(-1)[:n].to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def dequantize_fp8(codes: Tensor, scale: Tensor) -> Tensor:
+    """``code * scale`` in float32, flat."""
+    n = codes.numel()
+    bs = FORMAT_BLOCKSIZE[StateFormat.FP8]
+    return codes.reshape(-1).float() * scale.float().repeat_interleave(bs)[:n]
+
+
+def quantize_state(fmt: StateFormat, x: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A float32 state (flat) in a format: the state tensor (flat) and its absmax/scales (None for float32 and
+    bfloat16)."""
+    if fmt == StateFormat.FLOAT32:
+        return x.reshape(-1).float(), None
+    if fmt == StateFormat.BFLOAT16:  # .to() rounds to nearest-even
+        return x.reshape(-1).to(torch.bfloat16), None
+    if fmt == StateFormat.FP8:
+        return quantize_fp8(x)
+    assert code is not None
+    q, a = quantize_blockwise(x.reshape(-1).float(), code, FORMAT_BLOCKSIZE[fmt])
+    return (pack4(q) if fmt == StateFormat.BLOCKWISE4 else q), a
+
+
+def dequantize_state(fmt: StateFormat, state: Tensor, absmax: Tensor | None, code: Tensor | None, numel: int) -> Tensor:
+    """A state of ``numel`` values in a format, as flat float32: the one place that reads each format."""
+    if fmt in (StateFormat.FLOAT32, StateFormat.BFLOAT16):
+        return state.reshape(-1).float()
+    assert absmax is not None
+    if fmt == StateFormat.FP8:
+        return dequantize_fp8(state, absmax)
+    assert code is not None
+    q = unpack4(state.reshape(-1), numel) if fmt == StateFormat.BLOCKWISE4 else state.reshape(-1)
+    return dequantize_blockwise(q, absmax, code, FORMAT_BLOCKSIZE[fmt], torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- rules
@@ -214,10 +288,10 @@ def step(
     in their format (flat lists: state j of tensor i at ``j * n + i``)."""
     n = len(params)
     k = n_states(rule, flags, len(states) > 0)
-    fmt = state_format(states[0].dtype) if k and n else StateFormat.FLOAT32
+    fmt = state_format(states[0].dtype, codes[0].numel() if codes else 256) if k and n else StateFormat.FLOAT32
     for i, (p, g) in enumerate(zip(params, grads)):
         at = [j * n + i for j in range(k)]
-        loaded = [_load_state(fmt, states[a], absmax, codes, a, j) for j, a in enumerate(at)]
+        loaded = [_load_state(fmt, states[a], absmax, codes, a, j, p.numel()) for j, a in enumerate(at)]
         new_p, new = _apply(
             rule, flags, p, g, loaded, steps[i], hp, _scale(gscale, i), None if unorm is None else unorm[i]
         )
@@ -233,16 +307,13 @@ def step(
 
 
 def _load_state(
-    fmt: StateFormat | None, state: Tensor, absmax: list[Tensor], codes: list[Tensor], at: int, j: int
+    fmt: StateFormat | None, state: Tensor, absmax: list[Tensor], codes: list[Tensor], at: int, j: int, numel: int
 ) -> Tensor:
-    """State ``at`` (state j of its tensor) in float32: the one place that reads each format."""
-    if fmt == StateFormat.FLOAT32:
-        return state.reshape(-1)
-    if fmt == StateFormat.BLOCKWISE8:
-        return dequantize_blockwise(state, absmax[at], codes[j], BLOCKSIZE, torch.float32).reshape(-1)
-    if fmt == StateFormat.BFLOAT16:
-        return state.float().reshape(-1)
-    raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
+    """State ``at`` (state j of its tensor) in float32 (see :func:`dequantize_state`)."""
+    if fmt is None:
+        raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
+    scales = absmax[at] if absmax else None
+    return dequantize_state(fmt, state, scales, codes[j] if codes else None, numel)
 
 
 def _store_state(
@@ -256,18 +327,13 @@ def _store_state(
     j: int,
 ) -> None:
     """Write a new float32 state back in its format where ``keep`` (found_inf leaves it as it was)."""
-    if fmt == StateFormat.FLOAT32:
-        flat = state.reshape(-1)
-        flat.copy_(torch.where(keep, new, flat))
-    elif fmt == StateFormat.BFLOAT16:  # .to() rounds to nearest-even
-        flat = state.reshape(-1)
-        flat.copy_(torch.where(keep, new.to(torch.bfloat16), flat))
-    elif fmt == StateFormat.BLOCKWISE8:
-        q, a = quantize_blockwise(new, codes[j], BLOCKSIZE)
-        state.copy_(torch.where(keep, q.view_as(state), state))
-        absmax[at].copy_(torch.where(keep, a, absmax[at]))
-    else:
+    if fmt is None:
         raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
+    q, a = quantize_state(fmt, new, codes[j] if codes else None)
+    bits = state.view(torch.uint8) if fmt == StateFormat.FP8 else state  # torch.where has no fp8 kernel
+    bits.copy_(torch.where(keep, q.view(bits.dtype).view(bits.shape), bits))
+    if a is not None:
+        absmax[at].copy_(torch.where(keep, a, absmax[at]))
 
 
 # --------------------------------------------------------------------------------- stochastic rounding

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from qop import HP, Flag, Rule
-from qop._schema import n_states
+from qop import HP, Flag, Rule, reference
+from qop._maps import code_book
+from qop._schema import FORMAT_BLOCKSIZE, FORMAT_RULES, StateFormat, n_states
 
 # Which code book each state uses: signed for first moments and momentum, unsigned for second moments.
 SIGNED = {
@@ -131,3 +132,37 @@ def op_args(
         found_inf,
         unorm,
     )
+
+
+# ----------------------------------------------------------------------------- low-bit state formats
+#: The low-bit formats beyond 8 bits, with the rules each serves (``FORMAT_RULES``), as test ids.
+LOWBIT_FORMATS = {"4bit": StateFormat.BLOCKWISE4, "fp8": StateFormat.FP8}
+#: Shapes with tails of every block size (128-blocks, 256-blocks), odd counts (a half-filled last byte) and empties.
+LOWBIT_SHAPES = [(0,), (1,), (3,), (127,), (128,), (129,), (255,), (257,), (1000,), (4097,), (33, 65)]
+
+
+def lowbit_cases(fmt: StateFormat) -> list[StepCase]:
+    """The step cases whose rule format ``fmt`` serves."""
+    return [c for c in STEP_CASES if c.rule in FORMAT_RULES[fmt]]
+
+
+def lowbit_states(
+    case: StepCase, fmt: StateFormat, shapes: Sequence[tuple[int, ...]], gen: torch.Generator, device: str = "cpu"
+) -> tuple[list[list[Tensor]], list[list[Tensor]], list[Tensor]]:
+    """Random states of ``case`` in format ``fmt`` (per-state lists of states and absmax, the code books), each
+    tensor of at least two blocks with one all-zero block (absmax 0)."""
+    bs = FORMAT_BLOCKSIZE[fmt]
+    signed = SIGNED[case.rule][: case.n_states]
+    book_bits = 4 if fmt == StateFormat.BLOCKWISE4 else None
+    codes = [code_book(sg, book_bits, device) for sg in signed] if book_bits else []
+    states: list[list[Tensor]] = [[] for _ in signed]
+    absmax: list[list[Tensor]] = [[] for _ in signed]
+    for j, sg in enumerate(signed):
+        for s in shapes:
+            x = torch.randn(s, generator=gen) * 0.1 if sg else torch.rand(s, generator=gen) * 1e-2
+            if x.numel() >= 2 * bs:
+                x.view(-1)[bs : 2 * bs] = 0
+            q, a = reference.quantize_state(fmt, x.reshape(-1), codes[j] if codes else None)
+            states[j].append((q.view(s) if fmt == StateFormat.FP8 else q).to(device))
+            absmax[j].append(a.to(device) if a is not None else a)
+    return states, absmax, codes

@@ -18,7 +18,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import SR_CASES
+from cases import LOWBIT_FORMATS, SR_CASES, lowbit_cases
+from test_formats import Inputs, grads_for
 from test_ops import (
     DTYPES,
     QUANTIZER_INPUTS,
@@ -54,6 +55,11 @@ def build_inputs() -> dict[str, list[Any]]:
             inp = make_inputs(case, dtype, bits, shapes=STEP_SHAPES, gscale=True)
             grads = [make_grads(inp.params, step) for step in range(STEPS)]
             steps.append((f"{case}/{dtype}/{bits}", bits, inp, grads))
+    for name, fmt in LOWBIT_FORMATS.items():  # 4-bit and fp8 states
+        for case in lowbit_cases(fmt):
+            for dtype in DTYPES:
+                low = Inputs(case, fmt, dtype, shapes=STEP_SHAPES)
+                steps.append((f"{case}/{dtype}/{name}", 8, low, [grads_for(low.params, step) for step in range(STEPS)]))
     clip = [(f"{dtype}", make_clip_inputs(dtype, seed=5)) for dtype in DTYPES]
     return {"quantize": quantize, "steps": steps, "clip": clip}
 

@@ -107,7 +107,7 @@ def test_every_class_has_a_case():
         and n.endswith(("bit", "Adam", "AdamW", "SGD", "LARS", "LAMB", "Adagrad", "RMSprop", "Lion", "AdEMAMix"))
         and n != "PytorchLARS"
     }
-    ours = {c.__name__ for c in qop_optim.CLASSES}
+    ours = {c.__name__ for c in qop_optim.CLASSES if not c.__name__.endswith(("4bit", "Fp8"))}  # torchao's names
     assert theirs == ours == {c.name for c in CASES}
 
 

@@ -121,7 +121,7 @@ def _assert_same(a: QopOptimizer, model_a: nn.Module, b: QopOptimizer, model_b: 
 
 
 def _uses_8bit(cls: type) -> bool:
-    """Whether ``cls`` (as :func:`_kwargs` builds it) keeps 8-bit states for the weights."""
+    """Whether ``cls`` (as :func:`_kwargs` builds it) keeps low-bit (8-bit, 4-bit, fp8) states for the weights."""
     return not cls.__name__.endswith("32bit")
 
 
@@ -134,7 +134,8 @@ def _check_resume(cls: type, **over: Any) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s)
     _train(model, opt, range(BEFORE), sched)
     formats = {v.dtype for st in _states(opt, model) for k, v in st.items() if k.startswith("state")}
-    assert formats == ({torch.uint8, torch.float32} if _uses_8bit(cls) else {torch.float32})
+    low = torch.float8_e4m3fn if cls.__name__.endswith("Fp8") else torch.uint8
+    assert formats == ({low, torch.float32} if _uses_8bit(cls) else {torch.float32})
 
     ckpt = _save_load({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
     resumed_model = _model()

@@ -21,6 +21,11 @@ from qop import _schema
 from qop._schema import (
     ALL_FLAGS,
     BLOCKSIZE,
+    CODE_SIZE,
+    FORMAT_BLOCKSIZE,
+    FORMAT_RULES,
+    FP8_MAX,
+    FP8_MIN_ABSMAX,
     HISTORY,
     HP,
     MAX_STATES,
@@ -58,7 +63,18 @@ def test_the_cpp_mirror_matches_the_schema() -> None:
     assert _constant(text, "kHistory") == HISTORY
     mix = [int(m, 16) for m in re.findall(r"constexpr uint32_t kMix32[AB] = (0x[0-9A-Fa-f]+);", text)]
     assert tuple(mix) == MIX32_MULTIPLIERS
-    assert _enum(text, "StateFormat") == {**{f.name: int(f) for f in StateFormat}, "N_FORMATS": len(StateFormat)}
+    n_formats = max(StateFormat) + 1  # one more than the largest (values may be reserved)
+    assert _enum(text, "StateFormat") == {**{f.name: int(f) for f in StateFormat}, "N_FORMATS": n_formats}
+    assert _constant(text, "kBlocksize4") == FORMAT_BLOCKSIZE[StateFormat.BLOCKWISE4]
+    assert _constant(text, "kFp8Blocksize") == FORMAT_BLOCKSIZE[StateFormat.FP8]
+    assert _constant(text, "kCodeSize4") == CODE_SIZE[StateFormat.BLOCKWISE4]
+    assert _constant(text, "kCodeSize") == CODE_SIZE[StateFormat.BLOCKWISE8]
+    floats = dict(re.findall(r"constexpr float (\w+) = ([0-9.e+-]+)f;", text))
+    assert float(floats["kFp8Max"]) == FP8_MAX and float(floats["kFp8MinAbsmax"]) == FP8_MIN_ABSMAX
+    # the rules each format serves: the C++ format_serves mirrors FORMAT_RULES
+    serves = re.search(r"constexpr bool format_serves\(int format, int rule\) \{ return (.*?); \}", text)
+    assert serves and serves.group(1) == "format != FP8 || rule == ADAM"
+    assert FORMAT_RULES[StateFormat.FP8] == {Rule.ADAM} and FORMAT_RULES[StateFormat.BLOCKWISE4] == set(Rule)
 
 
 def test_the_state_counts_cover_every_rule() -> None:

@@ -92,7 +92,7 @@ def test_op_tests_pass_under_build(isa):
     code = (
         "import sys, pytest, qop\n"
         f"assert qop.CPU_KERNEL_ISA == {isa!r}, qop.CPU_KERNEL_ISA\n"
-        "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/test_ops.py']))\n"
+        "sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', 'tests/test_ops.py', 'tests/test_formats.py']))\n"
     )
     proc = run_python(["-c", code], isa)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

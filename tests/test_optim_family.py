@@ -24,7 +24,7 @@ from torch import Tensor
 
 import qop
 from qop import HP, Flag, Rule, reference
-from qop._schema import BLOCKSIZE, HP_SIZE
+from qop._schema import BLOCKSIZE, FORMAT_RULES, HP_SIZE, StateFormat
 from qop.nn import StableEmbedding
 from qop.optim import (
     LAMB,
@@ -34,11 +34,15 @@ from qop.optim import (
     Adagrad8bit,
     Adagrad32bit,
     Adam,
+    Adam4bit,
     Adam8bit,
     Adam32bit,
+    AdamFp8,
     AdamW,
+    AdamW4bit,
     AdamW8bit,
     AdamW32bit,
+    AdamWFp8,
     AdEMAMix,
     AdEMAMix8bit,
     AdEMAMix32bit,
@@ -67,6 +71,7 @@ from qop.optim import (
     RMSprop32bit,
     SGD8bit,
     SGD32bit,
+    _formats,
 )
 
 SHAPES = [(7,), (4097,), (65, 67)]  # below min_8bit_size; one element into a 17th block; 3 into an 18th
@@ -86,7 +91,7 @@ class OptimSpec:
     id: str
     cls: type
     kwargs: dict[str, Any]
-    bits: int  # state bits for tensors of at least min_8bit_size elements
+    bits: int | str  # optim_bits: the state format of tensors of at least min_8bit_size elements
     rule: Rule
     hp: dict[HP, float]  # everything but weight decay, which the tests vary
     n_states: int
@@ -106,13 +111,16 @@ class OptimSpec:
 
 
 def family(classes: list[type], kwargs: dict[str, Any], id: str = "", **what: Any) -> list[OptimSpec]:
-    """Specs for each class of a family; a class without fixed bits runs with optim_bits 32 and 8."""
+    """Specs for each class of a family; a class without fixed bits runs with optim_bits 32, 8, 4 and, where its
+    rule takes them, fp8 states."""
     out = []
+    suffixes: dict[str, int | str] = {"8bit": 8, "32bit": 32, "4bit": 4, "Fp8": "fp8"}
+    lowbit = [4, *(["fp8"] if what["rule"] in FORMAT_RULES[StateFormat.FP8] else [])]
     for cls in classes:
         name = cls.__name__
-        fixed = 8 if name.endswith("8bit") else 32 if name.endswith("32bit") else None
-        for bits in (fixed,) if fixed else (32, 8):
-            kw = dict(kwargs) if fixed or bits == 32 else {**kwargs, "optim_bits": 8}
+        fixed = next((b for suffix, b in suffixes.items() if name.endswith(suffix)), None)
+        for bits in (fixed,) if fixed else (32, 8, *lowbit):
+            kw = dict(kwargs) if fixed or bits == 32 else {**kwargs, "optim_bits": bits}
             tag = name if fixed else f"{name}-{bits}"
             out.append(OptimSpec(f"{tag}{'-' + id if id else ''}", cls, kw, bits, **what))
     return out
@@ -135,8 +143,8 @@ def _torch_sgd(momentum, dampening=0.0, nesterov=False):
 
 
 _ADAM_STATES = {0: "exp_avg", 1: "exp_avg_sq"}
-ADAM_ALL = [Adam, Adam8bit, Adam32bit, PagedAdam, PagedAdam8bit, PagedAdam32bit]
-ADAMW_ALL = [AdamW, AdamW8bit, AdamW32bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit]
+ADAM_ALL = [Adam, Adam8bit, Adam32bit, Adam4bit, AdamFp8, PagedAdam, PagedAdam8bit, PagedAdam32bit]
+ADAMW_ALL = [AdamW, AdamW8bit, AdamW32bit, AdamW4bit, AdamWFp8, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit]
 ADAM = dict(rule=Rule.ADAM, n_states=2, signed=(True, False, False), torch_states=_ADAM_STATES)
 SGD_ = dict(rule=Rule.MOMENTUM, signed=(True, True, True))
 ADEMAMIX = dict(rule=Rule.ADEMAMIX, n_states=3, signed=(True, False, True))
@@ -325,12 +333,18 @@ class Oracle:
         self.hp[HP.WEIGHT_DECAY] = weight_decay
         self.codes = [qop.dynamic_map(s) for s in spec.signed]
         self.steps = [torch.zeros(()) for _ in params]
-        self.eight = [spec.bits == 8 and p.numel() >= MIN_8BIT_SIZE for p in params]
+        self.formats = [_formats.low_bit(spec.bits, p.numel(), MIN_8BIT_SIZE) for p in params]
+        self.eight = [f == StateFormat.BLOCKWISE8 for f in self.formats]
+        self.books = [_formats.books(f, spec.signed, torch.device("cpu")) for f in self.formats]
         self.states: list[list[Tensor]] = []
         self.absmax: list[list[Tensor]] = []
-        for p, eight in zip(self.params, self.eight):
+        for p, eight, fmt, books in zip(self.params, self.eight, self.formats, self.books):
             full = torch.full(p.shape, spec.init, dtype=torch.float32)
-            if eight:
+            if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
+                qa = [reference.quantize_state(fmt, full, books[j] if books else None) for j in range(spec.n_states)]
+                self.states.append([q for q, _ in qa])
+                self.absmax.append([a for _, a in qa if a is not None])
+            elif eight:
                 qa = [reference.quantize_blockwise(full, self.codes[j], BLOCKSIZE) for j in range(spec.n_states)]
                 self.states.append([q for q, _ in qa])
                 self.absmax.append([a for _, a in qa])
@@ -341,7 +355,7 @@ class Oracle:
     def step(self, grads: list[Tensor]) -> None:
         s = self.spec
         for i, (p, g) in enumerate(zip(self.params, grads)):
-            codes = self.codes[: s.n_states] if self.eight[i] else []
+            codes = self.codes[: s.n_states] if self.eight[i] else self.books[i][: s.n_states]
             reference.step(
                 int(s.rule),
                 int(s.flags),
@@ -378,7 +392,7 @@ def assert_mostly_close(actual: Tensor, expected: Tensor, *, rtol: float, atol: 
 
 
 def param_tolerance(spec: OptimSpec, dtype: torch.dtype) -> dict[str, float]:
-    if spec.bits == 8:  # a one-code flip in a state moves that element's update by a fraction of lr
+    if spec.bits != 32:  # a one-code flip in a state moves that element's update by a fraction of lr
         return dict(rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=0.5 * spec.lr, frac=0.99)
     if dtype == torch.bfloat16:  # a float32 ulp may flip a bf16 rounding
         return dict(rtol=2**-7, atol=1e-6, frac=0.999)
@@ -392,6 +406,14 @@ def assert_codes_close(q: Tensor, absmax: Tensor, q_ref: Tensor, absmax_ref: Ten
     assert (diff <= 1).float().mean().item() >= 0.99, f"{what}: codes differ by > 1 at {int((diff > 1).sum())} elements"
 
 
+def code_distance(a: Tensor, b: Tensor, fmt: StateFormat) -> Tensor:
+    """Per element, code-book steps between two 4-bit or fp8 states (fp8: steps of the e4m3fn grid)."""
+    if fmt == StateFormat.BLOCKWISE4:
+        return (reference.unpack4(a, 2 * a.numel()).int() - reference.unpack4(b, 2 * b.numel()).int()).abs()
+    ia, ib = a.view(torch.uint8).int(), b.view(torch.uint8).int()
+    return (torch.where(ia >= 128, 128 - ia, ia) - torch.where(ib >= 128, 128 - ib, ib)).abs()
+
+
 def compare_with_oracle(
     opt: torch.optim.Optimizer, params: list[Tensor], oracle: Oracle, spec: OptimSpec, dtype: torch.dtype
 ) -> None:
@@ -402,7 +424,14 @@ def compare_with_oracle(
         assert float(st["step"]) == STEPS
         for j in range(spec.n_states):
             mine = st[f"state{j + 1}"]
-            if oracle.eight[i]:
+            fmt = oracle.formats[i]
+            if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
+                ref_state = oracle.states[i][j]
+                assert mine.dtype == ref_state.dtype and mine.numel() == ref_state.numel()
+                torch.testing.assert_close(st[f"absmax{j + 1}"], oracle.absmax[i][j], rtol=3e-2, atol=1e-12)
+                diff = code_distance(mine.reshape(-1), ref_state.reshape(-1), fmt)
+                assert (diff <= 1).float().mean().item() >= 0.99, f"state{j + 1} of {SHAPES[i]}: codes apart"
+            elif oracle.eight[i]:
                 assert mine.dtype == torch.uint8 and mine.shape == p.shape
                 assert_codes_close(
                     mine, st[f"absmax{j + 1}"], oracle.states[i][j], oracle.absmax[i][j], f"state{j + 1} of {SHAPES[i]}"

@@ -44,7 +44,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from cases import SIGNED, SR_CASES, STEP_CASES, op_args  # noqa: E402
+from cases import LOWBIT_FORMATS, SIGNED, SR_CASES, STEP_CASES, lowbit_cases, op_args  # noqa: E402
 
 import qop  # noqa: E402
 from qop import HP, Flag, Rule, reference  # noqa: E402
@@ -668,13 +668,15 @@ def step_sig(p, s):
             "numel": "i32", "tensor_index": "i32", "size_class": "i32"}
 
 base = dict(HAS_GSCALE=True, HAS_FOUND_INF=True, CHUNK=16384, BLOCK=1024)
+# QUANT: the state format (0 float32, 1 8-bit, 3 4-bit, 4 fp8 as bytes); ROW: its block size
 for rule, flags, k, quant, pass_, multi, gather in [
-        (6, 0, 3, True, 2, True, True), (1, 2, 3, True, 0, False, False), (1, 8, 2, False, 1, False, True),
-        (2, 0, 0, True, 0, True, True), (5, 0, 1, False, 0, True, True), (1, SR, 2, False, 0, True, True),
-        (1, SR, 2, None, 0, False, True)]:  # quant None: bfloat16 states
-    consts = dict(base, RULE=rule, FLAGS=flags, N_STATES=k, QUANT=bool(quant), PASS=pass_, MULTI=multi,
-                  ALIGNED=multi, GATHER=gather)
-    compile_(_step._step_kernel, step_sig("*bf16", {True: "*u8", False: "*fp32", None: "*bf16"}[quant]), consts)
+        (6, 0, 3, 1, 2, True, True), (1, 2, 3, 1, 0, False, False), (1, 8, 2, 0, 1, False, True),
+        (2, 0, 0, 1, 0, True, True), (5, 0, 1, 0, 0, True, True), (1, 2, 3, 3, 0, True, True),
+        (6, 0, 3, 3, 2, False, False), (1, 16, 2, 4, 2, True, True), (1, 2, 3, 4, 0, False, True),
+        (1, SR, 2, 0, 0, True, True), (1, SR, 2, 2, 0, False, True)]:  # format 2: bfloat16 states
+    consts = dict(base, RULE=rule, FLAGS=flags, N_STATES=k, QUANT=quant, PASS=pass_, MULTI=multi, ALIGNED=multi,
+                  GATHER=gather, ROW=128 if quant == 3 else 256)
+    compile_(_step._step_kernel, step_sig("*bf16", {0: "*fp32", 2: "*bf16"}.get(quant, "*u8")), consts)
 compile_(_quant._quantize_kernel, {**ptr("a_ptr", t="*bf16"), **ptr("code_ptr", "absmax_ptr"), "q_ptr": "*u8",
          "numel": "i32", "blocksize": "i32", "n_blocks": "i32", "size_class": "i32"},
          dict(COLS=256, TILE=2048, GATHER=True))
@@ -942,3 +944,36 @@ def test_step_given_unorm(bits, multi):
     expected.run(reference, unorm=unorm)
     assert_same_step(problem, expected)
     assert torch.equal(unorm, given)
+
+
+# -------------------------------------------------------------------------------- 4-bit and fp8 states
+LOWBIT_TABLE = [
+    pytest.param(fmt, case, dtype, id=f"{name}-{case}-{str(dtype)[6:]}")
+    for name, fmt in LOWBIT_FORMATS.items()
+    for case in lowbit_cases(fmt)
+    for dtype in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize("fmt,case,dtype", LOWBIT_TABLE)
+def test_step_lowbit_states(fmt, case, dtype):
+    """Packed 4-bit and fp8 states (tails of 128- and 256-blocks, odd byte counts) against the reference."""
+    from test_formats import Inputs, code_distance, grads_for
+
+    problem = Inputs(case, fmt, dtype, shapes=[(1,), (3,), (127,), (129,), (257,), (700,)])
+    for step in range(2):
+        expected = problem.clone()
+        grads = grads_for(problem.params, step)
+        _step.step(*problem.args(grads), **SMALL)
+        reference.step(*expected.args(grads))
+        for a, e in zip(problem.params, expected.params):
+            assert_params_close(a, e)
+        assert [float(s) for s in problem.steps] == [float(s) for s in expected.steps] == [step + 1.0] * 6
+        for st, ref in zip(problem.states, expected.states):
+            for a, e in zip(st, ref):
+                diff = code_distance(a.reshape(-1), e.reshape(-1), fmt)
+                assert a.dtype == e.dtype and int(diff.max()) <= 1
+                assert (diff > 0).float().mean().item() < 0.02
+        for am, ref in zip(problem.absmax, expected.absmax):
+            for a, e in zip(am, ref):
+                torch.testing.assert_close(a, e, rtol=2e-6, atol=0)

@@ -18,6 +18,11 @@ namespace qop {
 // of truth and tests/test_constants.py fails on any drift.
 constexpr int64_t kBlocksize = 256;  // elements per absmax of the 8-bit states
 constexpr int64_t kCodeSize = 256;   // entries of a code book
+constexpr int64_t kBlocksize4 = 128;    // elements per absmax of the 4-bit states (BLOCKSIZE4)
+constexpr int64_t kCodeSize4 = 16;      // entries of a 4-bit code book (CODE_SIZE)
+constexpr int64_t kFp8Blocksize = 256;  // elements per scale of the fp8 states (FP8_BLOCKSIZE)
+constexpr float kFp8Max = 448.0f;       // FP8_MAX
+constexpr float kFp8MinAbsmax = 1e-12f; // FP8_MIN_ABSMAX
 
 enum Rule : int { ADAM = 1, MOMENTUM = 2, ADAGRAD = 3, RMSPROP = 4, LION = 5, ADEMAMIX = 6 };
 enum Flag : int {
@@ -69,9 +74,9 @@ inline int n_states(int64_t rule, int64_t flags, bool momentum_state) {
   }
 }
 
-inline void check_code(const at::Tensor& code, const char* name) {
+inline void check_code(const at::Tensor& code, const char* name, int64_t size = kCodeSize) {
   TORCH_CHECK_VALUE(code.scalar_type() == at::kFloat, "qop: ", name, " must be float32, got ", code.scalar_type());
-  TORCH_CHECK_VALUE(code.dim() == 1 && code.numel() == kCodeSize, "qop: ", name, " must have 256 entries, got ",
+  TORCH_CHECK_VALUE(code.dim() == 1 && code.numel() == size, "qop: ", name, " must have ", size, " entries, got ",
                     code.sizes());
 }
 
@@ -107,17 +112,22 @@ enum StateFormat : int {
   FLOAT32 = 0,     // float32 values, no absmax, no code book
   BLOCKWISE8 = 1,  // uint8 indices into a 256-entry code book, one float32 absmax per kBlocksize elements
   BFLOAT16 = 2,    // bfloat16 values, rounded to nearest-even when stored; no absmax, no code book
-  N_FORMATS = 3,   // not a format: the number of them
+  BLOCKWISE4 = 3,  // two 4-bit indices per byte (element 2i in the low nibble), 16-entry book, kBlocksize4 blocks
+  FP8 = 4,         // float8_e4m3fn values, one float32 scale per kFp8Blocksize elements, no code book
+  N_FORMATS = 5,   // not a format: one more than the largest
 };
 
-// The format of states of this dtype; false when the dtype is no state format.
-inline bool state_format(at::ScalarType dtype, StateFormat* format) {
+// The format of states of this dtype (uint8: the code book size tells 8 from 4 bits); false when none.
+inline bool state_format(at::ScalarType dtype, int64_t code_size, StateFormat* format) {
   switch (dtype) {
     case at::kFloat:
       *format = FLOAT32;
       return true;
     case at::kByte:
-      *format = BLOCKWISE8;
+      *format = code_size == kCodeSize4 ? BLOCKWISE4 : BLOCKWISE8;
+      return code_size == kCodeSize4 || code_size == kCodeSize;
+    case at::kFloat8_e4m3fn:
+      *format = FP8;
       return true;
     case at::kBFloat16:
       *format = BFLOAT16;
@@ -127,7 +137,18 @@ inline bool state_format(at::ScalarType dtype, StateFormat* format) {
   }
 }
 
-// The format's name as qop._schema.StateFormat spells it, in lower case (for messages).
+
+// Elements per absmax entry of a blockwise format; 0 for formats without scales or code books.
+inline int64_t format_blocksize(StateFormat format) {
+  return format == BLOCKWISE8 ? kBlocksize : format == BLOCKWISE4 ? kBlocksize4 : format == FP8 ? kFp8Blocksize : 0;
+}
+
+// Entries of the code book of a format; 0 when it has none.
+inline int64_t format_code_size(StateFormat format) {
+  return format == BLOCKWISE8 ? kCodeSize : format == BLOCKWISE4 ? kCodeSize4 : 0;
+}
+
+// The format's name in messages (qop._schema.StateFormat's member name, lower case).
 inline const char* format_name(StateFormat format) {
   switch (format) {
     case FLOAT32:
@@ -136,13 +157,20 @@ inline const char* format_name(StateFormat format) {
       return "blockwise8";
     case BFLOAT16:
       return "bfloat16";
+    case BLOCKWISE4:
+      return "blockwise4";
+    case FP8:
+      return "fp8";
     default:
       return "unknown";
   }
 }
 
-// Elements per absmax entry of a blockwise format; 0 for formats without scales or code books.
-inline int64_t format_blocksize(StateFormat format) { return format == BLOCKWISE8 ? kBlocksize : 0; }
+// Whether a format serves a rule (qop._schema.FORMAT_RULES): fp8 states serve Adam only.
+constexpr bool format_serves(int format, int rule) { return format != FP8 || rule == ADAM; }
+
+// Elements of the state tensor holding n values (4-bit: two per byte).
+inline int64_t state_numel(StateFormat format, int64_t n) { return format == BLOCKWISE4 ? (n + 1) / 2 : n; }
 
 // What check_step found: the states per tensor and their format (FLOAT32 when there are no state tensors).
 struct StepShape {
@@ -168,9 +196,14 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
                     " tensors, rule ", rule, " needs ", k * n, " (", k, " states x ", n, " tensors)");
   StateFormat format = FLOAT32;  // what a call without state tensors runs: nothing to load or store
   if (k > 0 && n > 0) {
-    TORCH_CHECK_VALUE(state_format(states[0].scalar_type(), &format),
-                      "qop: states[0] must be float32, bfloat16 or uint8 (a state format), got ",
-                      states[0].scalar_type());
+    const auto st0 = states[0].scalar_type();
+    TORCH_CHECK_VALUE(st0 == at::kFloat || st0 == at::kBFloat16 || st0 == at::kByte || st0 == at::kFloat8_e4m3fn,
+                      "qop: states[0] must be float32, bfloat16, uint8 or float8_e4m3fn (a state format), got ", st0);
+    const int64_t books = codes.empty() ? kCodeSize : codes[0].numel();
+    TORCH_CHECK_VALUE(state_format(st0, books, &format), "qop: codes[0] has ", books,
+                      " entries: uint8 states take 256-entry (8-bit) or 16-entry (4-bit) code books");
+    TORCH_CHECK_VALUE(format_serves(format, static_cast<int>(rule)), "qop: ", format_name(format),
+                      " states serve rules [1], not rule ", rule);
     for (size_t at = 1; at < states.size(); ++at) {
       TORCH_CHECK_VALUE(states[at].scalar_type() == states[0].scalar_type(), "qop: states[", at, "] is ",
                         states[at].scalar_type(), " but states[0] is ", states[0].scalar_type(),
@@ -191,7 +224,11 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
                       " states take none");
   } else {
     TORCH_CHECK_VALUE(n_absmax == k * n, "qop: absmax has ", n_absmax, " tensors but states has ", k * n);
-    TORCH_CHECK_VALUE(n_codes == k, "qop: codes has ", n_codes, " code books, one per state needs ", k);
+    if (format_code_size(format) > 0) {
+      TORCH_CHECK_VALUE(n_codes == k, "qop: codes has ", n_codes, " code books, one per state needs ", k);
+    } else {
+      TORCH_CHECK_VALUE(n_codes == 0, "qop: codes has ", n_codes, " tensors but fp8 states take none");
+    }
   }
   TORCH_CHECK_VALUE(hp.scalar_type() == at::kFloat && hp.dim() == 1 && hp.numel() >= HP_SIZE,
                     "qop: hp must be a float32 vector of ", static_cast<int>(HP_SIZE),
@@ -254,11 +291,13 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
     TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == device, "qop: steps[", i,
                       "] must be a float32 scalar tensor on ", device);
     const int64_t numel = p.numel();
+    const int64_t want = state_numel(format, numel);
     for (int j = 0; j < k; ++j) {
       const int64_t at = j * n + i;
       const at::Tensor& st = states[at];
-      TORCH_CHECK_VALUE(st.numel() == numel, "qop: states[", at, "] (state", j + 1, " of params[", i, "]) has ",
-                        st.numel(), " elements but params[", i, "] has ", numel);
+      TORCH_CHECK_VALUE(st.numel() == want, "qop: states[", at, "] (state", j + 1, " of params[", i, "]) has ",
+                        st.numel(), " elements but params[", i, "] has ", numel, " (", want, " in ",
+                        format_name(format), " states)");
       TORCH_CHECK_VALUE(st.device() == device, "qop: states[", at, "] is on ", st.device(), " but params[", i,
                         "] is on ", device);
       TORCH_CHECK_VALUE(st.layout() == at::kStrided && st.is_contiguous(), "qop: states[", at, "] (state", j + 1,
@@ -275,10 +314,10 @@ inline StepShape check_step(int64_t rule, int64_t flags, at::TensorList params, 
       }
     }
   }
-  if (blocksize > 0) {
+  if (format_code_size(format) > 0) {
     for (int j = 0; j < k; ++j) {
       const std::string name = "codes[" + std::to_string(j) + "]";
-      check_code(codes[j], name.c_str());
+      check_code(codes[j], name.c_str(), format_code_size(format));
       TORCH_CHECK_VALUE(codes[j].device() == device, "qop: ", name, " is on ", codes[j].device(),
                         " but params are on ", device);
     }

@@ -59,6 +59,7 @@ namespace {
 #include "kernels/vec.h"
 #include "kernels/quantizer.h"
 #include "kernels/rules.h"
+#include "kernels/codecs.h"
 #include "kernels/driver.h"
 #include "kernels/blockwise.h"
 #include "kernels/clip.h"

@@ -1,13 +1,17 @@
-"""qop optimizers: the bitsandbytes family, on one engine (:class:`QopOptimizer`)."""
+"""qop optimizers: the bitsandbytes family and torchao's 4-bit/fp8 Adam, on one engine (:class:`QopOptimizer`)."""
 
 from .adagrad import Adagrad, Adagrad8bit, Adagrad32bit
 from .adam import (
     Adam,
+    Adam4bit,
     Adam8bit,
     Adam32bit,
+    AdamFp8,
     AdamW,
+    AdamW4bit,
     AdamW8bit,
     AdamW32bit,
+    AdamWFp8,
     PagedAdam,
     PagedAdam8bit,
     PagedAdam32bit,
@@ -34,11 +38,15 @@ __all__ = [
     "Adagrad8bit",
     "Adagrad32bit",
     "Adam",
+    "Adam4bit",
     "Adam8bit",
     "Adam32bit",
+    "AdamFp8",
     "AdamW",
+    "AdamW4bit",
     "AdamW8bit",
     "AdamW32bit",
+    "AdamWFp8",
     "GlobalOptimManager",
     "LAMB8bit",
     "LAMB32bit",

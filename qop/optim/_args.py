@@ -7,15 +7,6 @@ from typing import Any
 
 from torch import Tensor
 
-#: What ``optim_bits`` takes: blockwise 8-bit states (for tensors of at least ``min_8bit_size`` elements), bfloat16
-#: states (every tensor) or float32 states.
-OPTIM_BITS = (8, 16, 32)
-
-
-def check_optim_bits(bits: Any) -> None:
-    if bits not in OPTIM_BITS or isinstance(bits, bool):
-        raise ValueError(f"qop: optim_bits must be one of {', '.join(map(str, OPTIM_BITS))}, got {bits!r}")
-
 
 def check_sr_seed(name: str, value: Any, limit: int) -> None:
     """A seed of stochastic rounding: a whole number in [0, limit) (float32 holds it exactly)."""

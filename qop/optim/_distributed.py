@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, reference
-from .._schema import BLOCKSIZE, Flag
+from .._schema import BLOCKSIZE, Flag, StateFormat
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
 from ._state_dict import STATE_KEYS as _STATE_KEYS
 
@@ -66,6 +66,15 @@ DTensorLike = Any
 def is_sharded(t: Any) -> bool:
     """Whether ``t`` is a DTensor (a parameter of a model wrapped by ``fully_shard``)."""
     return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def check_format(p: Tensor, fmt: StateFormat) -> None:
+    """Sharded parameters take 8- or 32-bit states (the shard layout of 4-bit and fp8 states is not built)."""
+    if is_sharded(p) and fmt not in (StateFormat.FLOAT32, StateFormat.BLOCKWISE8):
+        raise NotImplementedError(
+            f"qop: {fmt.name.lower()} states of sharded (DTensor) parameters are not supported; "
+            "use optim_bits=8 or 32 for them (GlobalOptimManager overrides do it per parameter)"
+        )
 
 
 def local(t: DTensorLike) -> Tensor:
@@ -357,7 +366,7 @@ def export_state(opt: QopOptimizer, sd: dict[str, Any]) -> None:
             if name not in st:
                 continue
             if st[name].dtype == torch.uint8:
-                code = opt._codes[st[name].device][j]
+                code = opt._codes[(st[name].device, StateFormat.BLOCKWISE8)][j]
                 full = _canonical_absmax(p, lay, st, j, code)
                 replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
                 st[_ABSMAX_KEYS[j]] = replicated.redistribute(

@@ -6,9 +6,10 @@ What it may hold per parameter (by position in ``param_groups``):
 * nothing (an empty entry: the parameter has not stepped yet, or user code read ``opt.state[p]``);
 * ``step`` (a whole number >= 0, a Python number or a one-element tensor) and exactly the states the group's
   rule keeps (``state1`` .. ``stateK``), each either float32 (32-bit), bfloat16 (16-bit) or uint8 codes with a
-  float32 ``absmaxJ`` of one entry per 256-block (8-bit); optionally ``gnorm_vec`` (percentile clipping's history)
-  and bitsandbytes' code books (``_qmapJ``, from ``qmapJ``); ``gnorm_vec`` is required where the parameter is
-  clipped at a percentile.
+  float32 ``absmaxJ`` of one entry per 256-block (8-bit), packed 4-bit codes (``(numel + 1) // 2`` bytes) with one
+  per 128-block, or float8_e4m3fn values with one scale per 256-block; optionally ``gnorm_vec`` (percentile
+  clipping's history) and bitsandbytes' code books (``_qmapJ``, from ``qmapJ``); ``gnorm_vec`` is required
+  where the parameter is clipped at a percentile.
 
 States load in the format the optimizer would create for the parameter (``optim_bits``, ``min_8bit_size``,
 ``GlobalOptimManager`` overrides): a 32-bit state loaded by an 8-bit optimizer is quantized, an 8-bit one
@@ -24,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import ops, reference
 from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY
+from .._schema import BLOCKSIZE, FORMAT_BLOCKSIZE, HISTORY, StateFormat, state_numel
+from ._formats import books
 
 if TYPE_CHECKING:
     from .optimizer import QopOptimizer
@@ -73,6 +75,30 @@ def from_bnb(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {**state_dict, "state": state}
 
 
+def from_torch_names(state_dict: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Rename states saved under torch.optim's / torchao's keys (``exp_avg``, ...) to ours (``state1``, ...).
+
+    torchao's low-bit optimizers keep tensor subclasses there (their ``dequantize()`` gives float32; its CPU state
+    dicts hold plain float32 tensors): such states load as float32 values, quantized again in our format.
+    """
+    state = state_dict.get("state")
+    if not isinstance(state, dict):
+        return state_dict
+    out = {}
+    for key, st in state.items():
+        if isinstance(st, dict) and names[0] in st and STATE_KEYS[0] not in st:
+            st = dict(st)
+            for ours, theirs in zip(STATE_KEYS, names):
+                if theirs in st:
+                    t = st.pop(theirs)
+                    dequantize = getattr(t, "dequantize", None)
+                    if isinstance(t, Tensor) and type(t) is not Tensor and callable(dequantize):
+                        t = dequantize()
+                    st[ours] = t.float() if isinstance(t, Tensor) and t.is_floating_point() else t
+        out[key] = st
+    return {**state_dict, "state": out}
+
+
 def check_step_value(where: str, step: Any) -> None:
     """``step`` must be a whole number >= 0 (a Python number or a one-element real tensor)."""
     if isinstance(step, Tensor):
@@ -90,7 +116,27 @@ def check_step_value(where: str, step: Any) -> None:
         raise StateDictError(f"qop: {where}['step'] must be a whole number >= 0, got {value}")
 
 
-def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bool) -> None:
+def saved_format(t: Tensor, numel: int, expected: StateFormat) -> StateFormat | None:
+    """The format of a saved state tensor of a parameter of ``numel`` elements (None: none fits); uint8 states
+    are 8-bit codes when they hold ``numel`` bytes, 4-bit ones when they hold half (``expected``, the format
+    the optimizer keeps, decides for a parameter of at most one element)."""
+    if t.dtype == torch.float32:
+        return StateFormat.FLOAT32
+    if t.dtype == torch.bfloat16:
+        return StateFormat.BFLOAT16
+    if t.dtype == torch.float8_e4m3fn:
+        return StateFormat.FP8 if t.numel() == numel else None
+    if t.dtype != torch.uint8:
+        return None
+    four = state_numel(StateFormat.BLOCKWISE4, numel)
+    if t.numel() == four and (t.numel() != numel or expected == StateFormat.BLOCKWISE4):
+        return StateFormat.BLOCKWISE4
+    return StateFormat.BLOCKWISE8 if t.numel() == numel else None
+
+
+def check_param_state(
+    where: str, st: Any, p: Tensor, n_states: int, clipped: bool, expected: StateFormat = StateFormat.FLOAT32
+) -> None:
     """Validate one parameter's loaded state against its parameter, the rule's state count and whether it is
     clipped at a percentile (then its history of gradient norms is part of the state)."""
     if not isinstance(st, dict):
@@ -123,33 +169,43 @@ def check_param_state(where: str, st: Any, p: Tensor, n_states: int, clipped: bo
         if name not in st:
             raise StateDictError(f"qop: {where} lacks {name!r}: this optimizer's rule keeps {n_states} state(s)")
         t = _tensor(where, name, st[name])
-        if t.numel() != numel:
+        fmt = saved_format(t, numel, expected)
+        if fmt is None and t.dtype in (torch.uint8, torch.float8_e4m3fn):
+            raise StateDictError(
+                f"qop: {where}[{name!r}] has {t.numel()} {t.dtype} elements, its parameter {numel} (8-bit and fp8 "
+                f"states hold {numel}, 4-bit ones {state_numel(StateFormat.BLOCKWISE4, numel)})"
+            )
+        value = fmt in (StateFormat.FLOAT32, StateFormat.BFLOAT16)
+        if value and t.numel() != numel:
             raise StateDictError(f"qop: {where}[{name!r}] has {t.numel()} elements, its parameter has {numel}")
-        if t.dtype == torch.uint8:
-            nb = -(-numel // BLOCKSIZE)
-            am = _tensor(where, am_name, st.get(am_name), missing=f"8-bit (uint8) {name} needs it")
+        if fmt is not None and not value:
+            bs = FORMAT_BLOCKSIZE[fmt]
+            nb = -(-numel // bs)
+            am = _tensor(where, am_name, st.get(am_name), missing=f"{fmt.name.lower()} {name} needs it")
             if am.dtype != torch.float32 or am.numel() != nb:
                 raise StateDictError(
                     f"qop: {where}[{am_name!r}] must be float32 with {nb} entries (one per "
-                    f"{BLOCKSIZE}-block), got {am.dtype} with {am.numel()}"
+                    f"{bs}-block), got {am.dtype} with {am.numel()}"
                 )
             whole = _whole(am)
             if not bool(torch.isfinite(whole).all()) or bool((whole < 0).any()):
                 raise StateDictError(f"qop: {where}[{am_name!r}] must be finite and >= 0")
             if qmap_name in st:
                 q = _tensor(where, qmap_name, st[qmap_name])
-                if not q.is_floating_point() or q.numel() != 256:
-                    raise StateDictError(f"qop: {where}[{qmap_name!r}] must be a code book of 256 floats")
+                if fmt != StateFormat.BLOCKWISE8 or not q.is_floating_point() or q.numel() != 256:
+                    raise StateDictError(
+                        f"qop: {where}[{qmap_name!r}] must be a code book of 256 floats of 8-bit codes"
+                    )
         else:
             if t.dtype not in (torch.float32, torch.bfloat16):
                 raise StateDictError(
-                    f"qop: {where}[{name!r}] must be float32 (32-bit), bfloat16 (16-bit) or uint8 codes (8-bit), "
-                    f"got {t.dtype}"
+                    f"qop: {where}[{name!r}] must be float32 (32-bit), bfloat16 (16-bit), uint8 codes (8-bit, 4-bit) "
+                    f"or float8_e4m3fn (fp8), got {t.dtype}"
                 )
             for k in (am_name, qmap_name):
                 if k in st:
-                    raise StateDictError(f"qop: {where} has {k!r} but {name!r} is {t.dtype}, not 8-bit codes")
-    formats = {st[k].dtype for k in STATE_KEYS[:n_states]}
+                    raise StateDictError(f"qop: {where} has {k!r} but {name!r} is {t.dtype}, not codes")
+    formats = {saved_format(st[k], numel, expected) for k in STATE_KEYS[:n_states]}
     if len(formats) > 1:
         raise StateDictError(
             f"qop: {where} mixes state formats ({', '.join(STATE_KEYS[:n_states])}): "
@@ -194,17 +250,39 @@ def _shaped(t: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     return t if tuple(t.shape) == tuple(shape) or (shape == (-1,) and t.dim() == 1) else t.reshape(shape)
 
 
-def convert(st: dict[str, Any], p: Tensor, n_states: int, bits: int, signed: tuple[bool, ...]) -> dict[str, Any]:
+def convert(st: dict[str, Any], p: Tensor, n_states: int, fmt: StateFormat, signed: tuple[bool, ...]) -> dict[str, Any]:
     """A validated loaded state as a new dict in the optimizer's layout: on ``p``'s device, float32 step, states
-    in ``bits`` (quantized, dequantized or requantized to our code books where they differ)."""
+    in format ``fmt`` (quantized, dequantized or requantized to our code books where they differ)."""
     out: dict[str, Any] = {}
     if not st:
         return out
+    bits = 8 if fmt == StateFormat.BLOCKWISE8 else 16 if fmt == StateFormat.BFLOAT16 else 32
     out["step"] = torch.as_tensor(st["step"]).detach().to(p.device, torch.float32).reshape(()).clone()
+    numel = p.numel()
     for j in range(n_states):
         name, am_name = STATE_KEYS[j], ABSMAX_KEYS[j]
         t = st[name].detach().to(p.device)
         ours = dynamic_map(signed[j], p.device)
+        saved = saved_format(t, numel, fmt)
+        if saved in (StateFormat.BLOCKWISE4, StateFormat.FP8):  # qop's own code books
+            absmax = st[am_name].detach().to(p.device).reshape(-1).contiguous()
+            if saved == fmt:
+                out[name], out[am_name] = t.contiguous().clone(), absmax.clone()
+                continue
+            book = books(saved, signed[j : j + 1], p.device)
+            t = reference.dequantize_state(saved, t, absmax, book[0] if book else None, numel)
+        if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
+            book = books(fmt, signed[j : j + 1], p.device)
+            x = t.float() if t.dtype in (torch.float32, torch.bfloat16) else None
+            if x is None:  # 8-bit codes: to float32 first
+                absmax = st[am_name].detach().to(p.device).reshape(-1).contiguous()
+                theirs = st.get(QMAP_KEYS[j])
+                code = ours if theirs is None else theirs.detach().to(p.device, torch.float32).reshape(-1)
+                x = reference.dequantize_blockwise(t.reshape(-1), absmax, code, BLOCKSIZE, torch.float32)
+            q, a = reference.quantize_state(fmt, _whole(x).reshape(-1), book[0] if book else None)
+            out[name] = q.view(p.shape) if fmt == StateFormat.FP8 else q
+            out[am_name] = a
+            continue
         if t.dtype == torch.uint8:
             absmax = _shaped(st[am_name].detach().to(p.device), (-1,))
             theirs = st.get(QMAP_KEYS[j])
@@ -263,7 +341,7 @@ def prepare(opt: QopOptimizer, state_dict: dict[str, Any]) -> tuple[list[dict[st
         index, p = id_map[key]
         n = opt.n_states(merged[index])
         clipped = opt._percentile(merged[index], p) < 100
-        check_param_state(f"state_dict['state'][{key!r}]", st, p, n, clipped)
+        check_param_state(f"state_dict['state'][{key!r}]", st, p, n, clipped, opt._format(merged[index], p))
         entries.append((p, st, merged[index], n))
-    new_state = {p: convert(st, p, n, opt._bits(group, p), opt.state_signed) for p, st, group, n in entries if st}
+    new_state = {p: convert(st, p, n, opt._format(group, p), opt.state_signed) for p, st, group, n in entries if st}
     return merged, new_state

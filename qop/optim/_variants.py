@@ -18,7 +18,7 @@ T = TypeVar("T", bound=type)
 
 def variant(
     *,
-    bits: int | None = None,
+    bits: int | str | None = None,
     paged: bool = False,
     drop: Iterable[str] = (),
     defaults: dict[str, Any] | None = None,

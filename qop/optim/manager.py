@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._args import check_optim_bits
+from ._formats import check_optim_bits
 
 #: Override keys that select how state is kept; all others must be hyper-parameters of the optimizer.
 STRUCTURAL_KEYS = frozenset({"optim_bits", "min_8bit_size", "percentile_clipping", "block_wise", "is_paged"})

@@ -7,10 +7,10 @@ lives here, once:
 * hyper-parameters: each group owns a float32 device vector ``hp`` (layout ``qop.HP``) and the group's
   ``lr``, ``betas``, ``eps``... are 0-d *views* into it.  Schedulers write them in place (``fill_``), so a
   compiled step reads them as tensors and never recompiles when they change;
-* state: created lazily at the first step, 8-bit (uint8 codes + float32 absmax per 256-block) when the
-  optimizer runs with 8 bits and ``p.numel() >= min_8bit_size``, bfloat16 with 16 bits, float32 otherwise;
+* state: created lazily at the first step in the format ``optim_bits`` names (:mod:`qop.optim._formats`: 8-bit,
+  4-bit or fp8 blockwise when ``p.numel() >= min_8bit_size``, float32 below; bfloat16 for every tensor);
   ``GlobalOptimManager`` overrides apply per parameter; ``step`` is a float32 tensor on the device;
-* one fused op call per (device, dtype, bits) bucket of a param group;
+* one fused op call per (device, dtype, state format) bucket of a param group;
 * ``bf16_stochastic_round``: bfloat16 params are written with stochastic rounding, seeded per group
   (:mod:`qop.optim._rounding`);
 * percentile clipping and AMP (``GradScaler`` hands ``grad_scale``/``found_inf``) stay on the device;
@@ -34,10 +34,8 @@ import torch
 from torch import Tensor
 
 from .. import ops, paged
-from .._maps import dynamic_map
-from .._schema import BLOCKSIZE, HISTORY, HP, Flag, Rule, n_states
-from . import _distributed, _hparams, _rounding, _state_dict, _torch_internals
-from ._args import check_optim_bits
+from .._schema import BLOCKSIZE, FORMAT_BLOCKSIZE, HISTORY, HP, Flag, Rule, StateFormat, n_states
+from . import _distributed, _formats, _hparams, _rounding, _state_dict, _torch_internals
 from ._bucket import Bucket, Clip, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
@@ -66,8 +64,6 @@ def engine_args(arguments: dict[str, Any]) -> dict[str, Any]:
 #: Group key set by SGD/LARS: whether the group keeps a momentum buffer (False when built with momentum 0).
 MOMENTUM_BUFFER = "has_momentum_buffer"
 SR_SEED_KEY = _rounding.SR_SEED_KEY
-#: The dtype of the states of each ``optim_bits`` that keeps values (8 bits keeps codes).
-_VALUE_DTYPES = {16: torch.bfloat16, 32: torch.float32}
 
 
 #: Live optimizers by token: :func:`_prepare` takes the token, a constant that dynamo can pass to it.
@@ -142,7 +138,7 @@ class QopOptimizer(torch.optim.Optimizer):
         """Caches that are not part of the optimizer's state (rebuilt after unpickling)."""
         self._plans: dict[tuple[int, tuple[bool, ...]], list[Bucket]] = {}
         self._static: set[tuple[int, tuple[bool, ...]]] = set()  # plans whose tensors are marked static
-        self._codes: dict[torch.device, list[Tensor]] = {}
+        self._codes: dict[tuple[torch.device, StateFormat], list[Tensor]] = {}
         self._hp_views: list[dict[str, Any]] = []  # per group: the views of ``hp`` that its keys hold
         self._called = [False]  # a list, not an attribute, so that a compiled step can set it
         self._token = next(_TOKENS)
@@ -183,7 +179,7 @@ class QopOptimizer(torch.optim.Optimizer):
     def check_group(self, group: dict[str, Any]) -> None:
         """Validate a group's arguments; every error names the argument."""
         _hparams.check_values(self.hp_keys, group)
-        check_optim_bits(group.get("optim_bits", 32))
+        _formats.check_optim_bits(group.get("optim_bits", 32), self.rule)
         _rounding.check_group(group)
         size = group.get("min_8bit_size", 4096)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -217,43 +213,48 @@ class QopOptimizer(torch.optim.Optimizer):
         self._add_codes(params)
 
     def _add_codes(self, params: Iterable[Tensor]) -> None:
-        # code books per device, made here (eagerly) so that a traced first step only looks them up
+        # code books per device and format, made here (eagerly) so that a traced first step only looks them up
         for p in params:
-            if p.device not in self._codes:
-                self._codes[p.device] = [dynamic_map(signed, p.device) for signed in self.state_signed]
+            for fmt in _formats.BOOK_BITS:
+                if (p.device, fmt) not in self._codes:
+                    self._codes[(p.device, fmt)] = _formats.books(fmt, self.state_signed, p.device)
 
     # ------------------------------------------------------------------------------------ state
-    def _bits(self, group: dict[str, Any], p: Tensor) -> int:
-        """The bits of ``p``'s states: 8 (``min_8bit_size`` and more elements), 16 (bfloat16, any size) or 32."""
+    def _format(self, group: dict[str, Any], p: Tensor) -> StateFormat:
+        """The format of ``p``'s states: ``optim_bits`` (group or override), float32 below ``min_8bit_size``."""
         cfg = GlobalOptimManager.get_instance().config_for(p)
         bits = cfg.get("optim_bits", group["optim_bits"])
-        min_size = cfg.get("min_8bit_size", group["min_8bit_size"])
-        if bits == 16:
-            return 16
-        return 8 if bits == 8 and p.numel() >= min_size else 32
+        _formats.check_optim_bits(bits, self.rule)
+        return _formats.low_bit(bits, p.numel(), cfg.get("min_8bit_size", group["min_8bit_size"]))
 
     def _paged(self, group: dict[str, Any], p: Tensor) -> bool:
         cfg = GlobalOptimManager.get_instance().config_for(p)
         return bool(cfg.get("is_paged", group["is_paged"])) and p.device.type == "cuda"
 
-    def _zeros(self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, numel: int | None = None) -> Tensor:
-        shape = p.shape if numel is None else (numel,)
+    def _zeros(self, group: dict[str, Any], p: Tensor, dtype: torch.dtype, numel: Any = None) -> Tensor:
+        """Zeros like ``p`` (or of ``numel`` elements, or of that shape when a tuple), paged where asked."""
+        shape = p.shape if numel is None else (tuple(numel) if isinstance(numel, (tuple, torch.Size)) else (numel,))
         if self._paged(group, p):
             return paged.paged_zeros(shape, dtype=dtype, device=p.device)
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
     def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
         state = self.state[p]
+        fmt = self._format(group, p)  # on the global size, for a DTensor
+        _distributed.check_format(p, fmt)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        bits = self._bits(group, p)  # on the global size, for a DTensor
         nblocks = -(-p.numel() // BLOCKSIZE)
         like = p
         if _distributed.is_sharded(p):  # states of the local shard only (see _distributed)
-            nblocks = _distributed.n_blocks(p) if bits == 8 else 0
+            nblocks = _distributed.n_blocks(p) if fmt == StateFormat.BLOCKWISE8 else 0
             like = _distributed.local(p)
         for j in range(self.n_states(group)):
             init = self.initial_state(group, j)
-            if bits == 8:
+            if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
+                book = self._codes[(p.device, fmt)][j] if fmt in _formats.BOOK_BITS else None
+                zeros = lambda shape, dtype: self._zeros(group, like, dtype, shape)
+                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = _formats.new_state(fmt, like, init, book, zeros)
+            elif fmt == StateFormat.BLOCKWISE8:
                 q = self._zeros(group, like, torch.uint8)
                 absmax = self._zeros(group, like, torch.float32, nblocks)
                 if init:  # every element equals absmax: code 1.0, the last entry of both maps
@@ -261,7 +262,7 @@ class QopOptimizer(torch.optim.Optimizer):
                     absmax.fill_(init)
                 state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
             else:
-                state[_STATE_KEYS[j]] = self._zeros(group, like, _VALUE_DTYPES[bits]).fill_(init)
+                state[_STATE_KEYS[j]] = self._zeros(group, like, _formats.VALUE_DTYPES[fmt]).fill_(init)
 
     def _percentile(self, group: dict[str, Any], p: Tensor) -> int:
         return GlobalOptimManager.get_instance().config_for(p).get("percentile_clipping", group["percentile_clipping"])
@@ -374,7 +375,10 @@ class QopOptimizer(torch.optim.Optimizer):
         """Parse the per-parameter overrides a new plan will read (an override that cannot be read raises here,
         before any state is created)."""
         manager = GlobalOptimManager.get_instance()
-        for i, (p, has_grad) in enumerate(zip(self.param_groups[index]["params"], have)):
+        group = self.param_groups[index]
+        for i, (p, has_grad) in enumerate(zip(group["params"], have)):
+            if has_grad and not self.state.get(p):
+                _distributed.check_format(p, self._format(group, p))
             if has_grad:
                 try:
                     manager.hp_override(p, self.hp_keys)
@@ -393,20 +397,21 @@ class QopOptimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(group, p)
             st = self.state[p]
-            bits = 8 if "absmax1" in st else 16 if k and st[_STATE_KEYS[0]].dtype == torch.bfloat16 else 32
+            fmt = _formats.format_of(st, _distributed.local(p).numel(), self._format(group, p))
+            blockwise = fmt in FORMAT_BLOCKSIZE
             override = manager.hp_override(p, self.hp_keys)
             # overridden hyper-parameters get a bucket of their own
             shard = _distributed.shard_key(p)  # DTensor params: a bucket per mesh and placements
-            bkey = (p.device, p.dtype, bits, id(p) if override else None, shard)
+            bkey = (p.device, p.dtype, fmt, id(p) if override else None, shard)
             b = buckets.get(bkey)
             if b is None:
-                codes = self._codes[p.device][:k] if bits == 8 else []  # one code book per state
+                codes = self._codes.get((p.device, fmt), [])[:k]  # one code book per state, where the format has them
                 b = buckets[bkey] = Bucket(
-                    bits,
+                    _formats.BITS[fmt],
                     p.device,
                     codes=codes,
                     states=[[] for _ in range(k)],
-                    absmax=[[] for _ in range(k)] if bits == 8 else [],
+                    absmax=[[] for _ in range(k)] if blockwise else [],
                     shard=shard,
                 )
                 if override:
@@ -417,7 +422,7 @@ class QopOptimizer(torch.optim.Optimizer):
             b.steps.append(st["step"])
             for j in range(k):
                 b.states[j].append(st[_STATE_KEYS[j]])
-                if bits == 8:
+                if blockwise:
                     b.absmax[j].append(st[_ABSMAX_KEYS[j]])
             percentile = self._percentile(group, p)
             if percentile < 100 and "gnorm_vec" not in st:  # a fresh state, or clipping turned on since

@@ -1,7 +1,9 @@
-"""The fused optimizer step: one kernel for every rule, 32-bit and 8-bit states, one or many tensors.
+"""The fused optimizer step: one kernel for every rule and state format (the constexpr ``QUANT``: float32,
+8-bit, 4-bit, fp8), one or many tensors.
 
 Each program owns one chunk of one tensor and walks it in tiles of ``BLOCK`` elements laid out as
-``[BLOCK // 256, 256]`` (one row per 8-bit block): load param and grad, dequantize the states, apply the
+``[BLOCK // ROW, ROW]`` (one row per block of the format: 256, 128 for 4-bit; the 4-bit and fp8 tiles are read
+and written by ``_lowbit``): load param and grad, dequantize the states, apply the
 rule in float32 (``_rules._rule``, selected by the constexpr ``RULE``), write the param and requantize the
 states with a fresh absmax per row.  Hyper-parameters, the step count, the gradient scale and the
 found-inf flag are read from device memory; only the rule, the flags and the tile sizes are constexpr.
@@ -21,7 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from .._schema import BLOCKSIZE, HP, MAX_STATES, Flag, StateFormat, n_states, split_states
+from .._schema import BLOCKSIZE, FORMAT_BLOCKSIZE, HP, MAX_STATES, Flag, StateFormat, n_states, split_states
+from . import _lowbit
 from . import _multi_tensor as mt
 from ._common import (
     GATHER,
@@ -54,17 +57,38 @@ _HP_T_BETA3 = tl.constexpr(int(HP.T_BETA3))
 _HP_SR_SEED = tl.constexpr(int(HP.SR_SEED))
 _STOCHASTIC_ROUND = tl.constexpr(int(Flag.STOCHASTIC_ROUND))
 
-#: One row of a tile per 8-bit block, so each row's absmax is a row reduction.
-_ROW = tl.constexpr(BLOCKSIZE)
+#: ``QUANT``: the states' format (``StateFormat``), a constexpr: one kernel branch per format.
+_F32 = tl.constexpr(int(StateFormat.FLOAT32))
+_B8 = tl.constexpr(int(StateFormat.BLOCKWISE8))
+_B4 = tl.constexpr(int(StateFormat.BLOCKWISE4))
+_FP8 = tl.constexpr(int(StateFormat.FP8))
 
 
 # ----------------------------------------------------------------------------------- state access
 @triton.jit
 def _load_state(
-    s_ptr, a_ptr, code, code_ptr, offs, mask, blocks, block_mask, QUANT: tl.constexpr, GATHER: tl.constexpr
+    s_ptr,
+    a_ptr,
+    code,
+    code_ptr,
+    offs,
+    mask,
+    blocks,
+    block_mask,
+    off,
+    rows,
+    end,
+    QUANT: tl.constexpr,
+    GATHER: tl.constexpr,
+    ROW: tl.constexpr,
 ):
     """A state tile in float32, plus what a dry run writes back (codes and absmax, or the values)."""
-    if QUANT:
+    if QUANT == _B4:
+        x, absmax = _lowbit.load4(s_ptr, a_ptr, code_ptr, off, rows, end, blocks, block_mask, ROW)
+        return x, x, absmax
+    elif QUANT == _FP8:
+        return _lowbit.load_fp8(s_ptr, a_ptr, offs, mask, blocks, block_mask)
+    elif QUANT == _B8:
         q = tl.load(s_ptr + offs, mask=mask, other=0)
         absmax = tl.load(a_ptr + blocks, mask=block_mask, other=0.0)
         x = _lookup(code, code_ptr, q.to(tl.int32), GATHER) * absmax[:, None]
@@ -89,11 +113,19 @@ def _store_state(
     blocks,
     block_mask,
     dry,
+    off,
+    rows,
+    end,
     QUANT: tl.constexpr,
     GATHER: tl.constexpr,
+    ROW: tl.constexpr,
 ):
-    """Write a state tile; 8-bit: requantize each row (256-block) against a fresh absmax."""
-    if QUANT:
+    """Write a state tile; blockwise formats: requantize each row (one block) against a fresh absmax."""
+    if QUANT == _B4:
+        _lowbit.store4(s_ptr, a_ptr, code_ptr, x, old_absmax, off, rows, mask, end, blocks, block_mask, dry, ROW)
+    elif QUANT == _FP8:
+        _lowbit.store_fp8(s_ptr, a_ptr, x, old_q, old_absmax, offs, mask, blocks, block_mask, dry)
+    elif QUANT == _B8:
         absmax = _row_absmax(tl.where(mask, x, 0.0))
         scale = tl.where(absmax > 0, absmax, 1.0)
         q = _encode(x, scale[:, None], mids, floor, code_ptr, GATHER)
@@ -139,6 +171,7 @@ def _step_kernel(
     ALIGNED: tl.constexpr,
     GATHER: tl.constexpr,
     CHUNK: tl.constexpr,
+    ROW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Step over one chunk.  MULTI: the chunk and its tensor come from the metadata tables and the
@@ -212,7 +245,7 @@ def _step_kernel(
     code1, mids1, floor1 = 0.0, 0.0, 0  # placeholders where a state is absent or 32-bit
     code2, mids2, floor2 = 0.0, 0.0, 0
     code3, mids3, floor3 = 0.0, 0.0, 0
-    if QUANT:
+    if QUANT == _B8:
         if N_STATES >= 1:
             code1, mids1, floor1 = _code_book(code1_ptr)
         if N_STATES >= 2:
@@ -220,27 +253,33 @@ def _step_kernel(
         if N_STATES >= 3:
             code3, mids3, floor3 = _code_book(code3_ptr)
 
-    NB: tl.constexpr = BLOCK // _ROW
+    NB: tl.constexpr = BLOCK // ROW  # one row of a tile per block of the format: its absmax is a row reduction
     rows = tl.arange(0, NB)
-    tile = rows[:, None] * _ROW + tl.arange(0, _ROW)[None, :]
-    acc_u2 = tl.zeros((NB, _ROW), tl.float64)  # float64 sums, as reference.l2_norm
-    acc_p2 = tl.zeros((NB, _ROW), tl.float64)
+    tile = rows[:, None] * ROW + tl.arange(0, ROW)[None, :]
+    acc_u2 = tl.zeros((NB, ROW), tl.float64)  # float64 sums, as reference.l2_norm
+    acc_p2 = tl.zeros((NB, ROW), tl.float64)
     for off in range(start, end, BLOCK):
         offs = off + tile
         mask = offs < end
-        blocks = off // _ROW + rows
-        block_mask = off + rows * _ROW < end
+        blocks = off // ROW + rows
+        block_mask = off + rows * ROW < end
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gscale
         m1, q1, am1 = 0.0, 0.0, 0.0  # placeholders where a state is absent
         m2, q2, am2 = 0.0, 0.0, 0.0
         m3, q3, am3 = 0.0, 0.0, 0.0
         if N_STATES >= 1:
-            m1, q1, am1 = _load_state(s1_ptr, a1_ptr, code1, code1_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
+            m1, q1, am1 = _load_state(
+                s1_ptr, a1_ptr, code1, code1_ptr, offs, mask, blocks, block_mask, off, rows, end, QUANT, GATHER, ROW
+            )
         if N_STATES >= 2:
-            m2, q2, am2 = _load_state(s2_ptr, a2_ptr, code2, code2_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
+            m2, q2, am2 = _load_state(
+                s2_ptr, a2_ptr, code2, code2_ptr, offs, mask, blocks, block_mask, off, rows, end, QUANT, GATHER, ROW
+            )
         if N_STATES >= 3:
-            m3, q3, am3 = _load_state(s3_ptr, a3_ptr, code3, code3_ptr, offs, mask, blocks, block_mask, QUANT, GATHER)
+            m3, q3, am3 = _load_state(
+                s3_ptr, a3_ptr, code3, code3_ptr, offs, mask, blocks, block_mask, off, rows, end, QUANT, GATHER, ROW
+            )
         m1, m2, m3, u = _rule(
             p, g, m1, m2, m3, t, b1, b2, eps, wd, alpha, damp, c1, c2, alpha_t, b3_t, RULE, FLAGS, N_STATES
         )
@@ -269,8 +308,12 @@ def _step_kernel(
                     blocks,
                     block_mask,
                     dry,
+                    off,
+                    rows,
+                    end,
                     QUANT,
                     GATHER,
+                    ROW,
                 )
             if N_STATES >= 2:
                 _store_state(
@@ -287,8 +330,12 @@ def _step_kernel(
                     blocks,
                     block_mask,
                     dry,
+                    off,
+                    rows,
+                    end,
                     QUANT,
                     GATHER,
+                    ROW,
                 )
             if N_STATES >= 3:
                 _store_state(
@@ -305,8 +352,12 @@ def _step_kernel(
                     blocks,
                     block_mask,
                     dry,
+                    off,
+                    rows,
+                    end,
                     QUANT,
                     GATHER,
+                    ROW,
                 )
 
     if PASS == 1:
@@ -382,6 +433,7 @@ def _run_multi(
     unorm,
     chunk: int | None,
     config: dict | None,
+    fmt: StateFormat = StateFormat.FLOAT32,
 ) -> None:
     """One launch (two with UNORM_CLIP) over all tensors, driven by cached device metadata."""
     n = len(params)
@@ -423,7 +475,7 @@ def _run_multi(
     if unorm is not None and flags & Flag.UNORM_CLIP:
         meta.norms.copy_(unorm)
     for pass_ in _passes(flags, unorm):
-        consts = _consts(rule, flags, k, quant, pass_, True, gscale, found_inf, meta.aligned, chunk)
+        consts = _consts(rule, flags, k, fmt, pass_, True, gscale, found_inf, meta.aligned, chunk)
         key = ("step", total.bit_length(), params[0].dtype, like[0].dtype, *consts.values())
         launch(_step_multi, (meta.n_chunks,), key, params[0].device, config, **args, **consts)
 
@@ -443,6 +495,7 @@ def _run_single(
     unorm,
     chunk: int | None,
     config: dict | None,
+    fmt: StateFormat = StateFormat.FLOAT32,
 ) -> None:
     """One launch per tensor with every tensor an explicit argument: what torch.compile traces."""
     n = len(params)
@@ -464,7 +517,7 @@ def _run_single(
         )
         grid = (mt.n_programs(numel, chunk),)
         for pass_ in _passes(flags, unorm):
-            consts = _consts(rule, flags, k, quant, pass_, False, gscale, found_inf, False, chunk)
+            consts = _consts(rule, flags, k, fmt, pass_, False, gscale, found_inf, False, chunk)
             if config is not None or is_interpreted(_step_single):
                 key = ("step1", tuning_size(numel), params[i].dtype, st[0].dtype, *consts.values())
                 launch(_step_single, grid, key, params[i].device, config, **args, **consts)
@@ -502,12 +555,12 @@ def _args(
     )
 
 
-def _consts(rule, flags, n_states, quant, pass_, multi, gscale, found_inf, aligned, chunk) -> dict:
+def _consts(rule, flags, n_states, fmt, pass_, multi, gscale, found_inf, aligned, chunk) -> dict:
     return dict(
         RULE=int(rule),
         FLAGS=int(flags),
         N_STATES=n_states,
-        QUANT=quant,
+        QUANT=int(fmt),
         PASS=pass_,
         MULTI=multi,
         HAS_GSCALE=gscale is not None,
@@ -515,6 +568,7 @@ def _consts(rule, flags, n_states, quant, pass_, multi, gscale, found_inf, align
         ALIGNED=aligned,
         GATHER=GATHER,
         CHUNK=chunk,
+        ROW=FORMAT_BLOCKSIZE.get(StateFormat(fmt), BLOCKSIZE),
     )
 
 
@@ -551,8 +605,13 @@ def step(
         blocks, books = None, None
     elif fmt == StateFormat.BLOCKWISE8:
         blocks, books = split_states(absmax, n), [*codes, *[hp] * (MAX_STATES - k)]
+    elif fmt == StateFormat.BLOCKWISE4:
+        blocks, books = split_states(absmax, n), [*codes, *[hp] * (MAX_STATES - k)]
+    elif fmt == StateFormat.FP8:  # the kernel reads and writes the bytes (its own exact e4m3fn conversion)
+        nested = [[s.view(torch.uint8) for s in st] for st in nested]
+        blocks, books = split_states(absmax, n), None
     else:  # pragma: no cover - a format that _checks knows and this kernel does not
         raise NotImplementedError(f"qop: no Triton kernel for {fmt.name} states")
     nested += [[] for _ in range(MAX_STATES - len(nested))]  # the launchers take three lists
     run = _run_multi if multi else _run_single
-    run(rule, flags, params, grads, nested, blocks, steps, hp, books, gscale, found_inf, unorm, chunk, config)
+    run(rule, flags, params, grads, nested, blocks, steps, hp, books, gscale, found_inf, unorm, chunk, config, fmt)

@@ -9,13 +9,13 @@
 struct Job {
   void* p = nullptr;
   const void* g = nullptr;
-  std::array<void*, 3> s{};       // float*, bf16* or uint8_t* (8-bit) states
-  std::array<float*, 3> am{};     // absmax of the 8-bit states
+  std::array<void*, 3> s{};       // float* or bf16* (value) states, or the bytes of blockwise ones
+  std::array<float*, 3> am{};     // absmax (fp8: scales) of blockwise states
   int64_t n = 0;
   Consts k;
 };
 
-// A work item: elements [begin, end) of one tensor (8-bit: whole blocks, end may be a partial one).
+// A work item: elements [begin, end) of one tensor (blockwise: whole blocks, end may be a partial one).
 struct Item {
   int64_t job;
   int64_t begin;
@@ -24,13 +24,13 @@ struct Item {
 
 struct StepCall {
   std::vector<Job> jobs;
-  std::array<const Quantizer*, 3> quant{};
+  Books books;
   std::vector<Item> items;
   std::vector<int64_t> cost;  // prefix sums of item costs, size items + 1
   const float* given_norms = nullptr;  // the op's `unorm`: per job, sums of u^2 and p^2 (null: computed here)
 };
 
-constexpr int64_t kChunk = 16 * kBlocksize;  // elements per work item
+constexpr int64_t kChunk = 16 * kBlocksize;  // elements per work item: whole blocks of every format
 constexpr int64_t kItemOverhead = 64;        // cost of an item beyond its elements (balancing only)
 constexpr int64_t kSerialCost = 1 << 15;     // below this total cost, no parallel region
 
@@ -209,63 +209,40 @@ void chunk_32bit(const Job& J, int64_t b, int64_t e, double* acc) {
   if constexpr (NORM) norm.write(acc);
 }
 
-// 8-bit states: the blocks covering elements [b, e) of one tensor.  Per block: dequantize the states
-// into an L1 buffer, run the rule on it (parameter written, new float32 states back into the buffer,
-// their absmax tracked), then requantize every state with its fresh absmax.
-template <int R, int F, class PT, bool NORM>
-void chunk_8bit(const Job& J, const std::array<const Quantizer*, 3>& quant, int64_t b, int64_t e, double* acc) {
+// Blockwise states (one codec per format): the blocks covering elements [b, e) of one tensor.  Per block:
+// decode the states into an L1 buffer, run the rule on it (parameter written, new float32 states back into the
+// buffer, their absmax tracked), then encode every state with its fresh absmax.
+template <class Codec, int R, int F, class PT, bool NORM>
+void chunk_blockwise(const Job& J, const Books& books, int64_t b, int64_t e, double* acc) {
   constexpr int K = state_count<R, F>();
+  constexpr int64_t B = Codec::kBlock;
+  static_assert(B <= kBlocksize && kChunk % B == 0, "a block fits the buffer and work items hold whole blocks");
   PT* p = static_cast<PT*>(J.p);
   const PT* g = static_cast<const PT*>(J.g);
-  std::array<uint8_t*, 3> q{};
-  std::array<const float*, 3> code{};
-  for (int j = 0; j < K; ++j) {
-    q[j] = static_cast<uint8_t*>(J.s[j]);
-    code[j] = quant[j]->code.data();
-  }
+  const Codec codec(J.s, books);
   alignas(64) float fresh[3][kBlocksize];
   const std::array<float*, 3> st{fresh[0], fresh[1], fresh[2]};
   const KBoth kb(J.k);
   NormAcc norm;
-  for (int64_t off = b; off < e; off += kBlocksize) {
-    const int64_t blk = off / kBlocksize;
-    const int64_t nb = std::min<int64_t>(kBlocksize, J.n - off);
+  for (int64_t off = b; off < e; off += B) {
+    const int64_t blk = off / B;
+    const int64_t nb = std::min<int64_t>(B, J.n - off);
     // Prefetch the block after next: the loops below are compute-bound, so the hardware prefetcher
     // alone leaves them waiting on memory for large tensors.
-    if (const int64_t ahead = off + 2 * kBlocksize; ahead + kBlocksize <= J.n) {
-      for (int64_t c = 0; c < kBlocksize; c += 64 / static_cast<int64_t>(sizeof(PT))) {
+    if (const int64_t ahead = off + 2 * B; ahead + B <= J.n) {
+      for (int64_t c = 0; c < B; c += 64 / static_cast<int64_t>(sizeof(PT))) {
         __builtin_prefetch(p + ahead + c, 1);
         __builtin_prefetch(g + ahead + c, 0);
       }
-      for (int j = 0; j < K; ++j) {
-        for (int64_t c = 0; c < kBlocksize; c += 64) __builtin_prefetch(q[j] + ahead + c, 1);
-      }
+      for (int j = 0; j < K; ++j) codec.prefetch(j, ahead);
     }
-    std::array<float, 3> a{};
-    for (int j = 0; j < K; ++j) a[j] = J.am[j][blk];
-    // Dequantize first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
+    // Decode first, in a loop of its own: its look-ups and the rule's long sqrt/divide chains
     // then overlap across many more elements than one fused loop can keep in flight.
-#ifdef QOP_AVX512
-    for (int j = 0; j < K; ++j) {
-      for (int64_t i = 0; i < nb; i += 64) {  // fresh[j] has room for the last 64 even when nb < 256
-        VF16 d[4];
-        dequant64(quant[j]->planes, q[j] + off + i, nb - i, a[j], d);
-        for (int c = 0; c < 4; ++c) store(fresh[j] + i + 16 * c, d[c]);
-      }
-    }
-#else
-    for_lanes(nb, [&](auto tag, int64_t i) {
-      for (int j = 0; j < K; ++j) store(fresh[j] + i, dequant(tag, code[j], q[j] + off + i, a[j]));
-    });
-#endif
+    for (int j = 0; j < K; ++j) codec.decode(j, off, nb, J.am[j][blk], fresh[j]);
     std::array<AbsmaxAcc, 3> absmax;
     rule_loop<R, F, NORM, true>(kb, p + off, g + off, st, nb, norm, absmax, off, J.k.sr_key);
     if constexpr (!NORM) {
-      for (int j = 0; j < K; ++j) {
-        const float m = absmax[j].value();
-        J.am[j][blk] = m;
-        quantize_block(*quant[j], fresh[j], nb, m, fresh[j], q[j] + off);
-      }
+      for (int j = 0; j < K; ++j) J.am[j][blk] = codec.encode(j, off, nb, absmax[j].value(), fresh[j]);
     }
   }
   if constexpr (NORM) norm.write(acc);
@@ -278,13 +255,12 @@ void run_pass(const StepCall& call, std::vector<double>* partial) {
     const Item& it = call.items[i];
     const Job& J = call.jobs[it.job];
     double* acc = NORM ? partial->data() + 2 * i : nullptr;
-    if constexpr (FMT == BLOCKWISE8) {
-      chunk_8bit<R, F, PT, NORM>(J, call.quant, it.begin, it.end, acc);
+    if constexpr (FMT == FLOAT32) {
+      chunk_32bit<R, F, PT, float, NORM>(J, it.begin, it.end, acc);
     } else if constexpr (FMT == BFLOAT16) {
       chunk_32bit<R, F, PT, bf16, NORM>(J, it.begin, it.end, acc);
     } else {
-      static_assert(FMT == FLOAT32, "a state format without a CPU kernel");
-      chunk_32bit<R, F, PT, float, NORM>(J, it.begin, it.end, acc);
+      chunk_blockwise<typename CodecOf<FMT>::type, R, F, PT, NORM>(J, call.books, it.begin, it.end, acc);
     }
   });
 }
@@ -343,6 +319,7 @@ struct Dispatch<R, PT, FMT, F, B, Rest...> {
   }
 };
 
+// Only the rules a format serves are instantiated for it (format_serves; check_step refuses the others).
 // F0: the flags fixed before the rule's own (STOCHASTIC_ROUND).
 template <class PT, int FMT, int F0>
 void dispatch_rule_with(int rule, int flags, StepCall& call, bool unorm, float max_unorm) {
@@ -350,18 +327,26 @@ void dispatch_rule_with(int rule, int flags, StepCall& call, bool unorm, float m
     case ADAM:
       return Dispatch<ADAM, PT, FMT, F0, AMSGRAD, L2_WEIGHT_DECAY>::run(flags, call, unorm, max_unorm);
     case MOMENTUM:
-      return Dispatch<MOMENTUM, PT, FMT, F0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, MOMENTUM)) {
+        return Dispatch<MOMENTUM, PT, FMT, F0, NESTEROV, kHasState>::run(flags, call, unorm, max_unorm);
+      }
+      break;
     case ADAGRAD:
-      return run_step<ADAGRAD, F0, PT, FMT>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, ADAGRAD)) return run_step<ADAGRAD, F0, PT, FMT>(call, unorm, max_unorm);
+      break;
     case RMSPROP:
-      return run_step<RMSPROP, F0, PT, FMT>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, RMSPROP)) return run_step<RMSPROP, F0, PT, FMT>(call, unorm, max_unorm);
+      break;
     case LION:
-      return run_step<LION, F0, PT, FMT>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, LION)) return run_step<LION, F0, PT, FMT>(call, unorm, max_unorm);
+      break;
     case ADEMAMIX:
-      return run_step<ADEMAMIX, F0, PT, FMT>(call, unorm, max_unorm);
+      if constexpr (format_serves(FMT, ADEMAMIX)) return run_step<ADEMAMIX, F0, PT, FMT>(call, unorm, max_unorm);
+      break;
     default:
-      TORCH_CHECK_VALUE(false, "qop: rule must be one of [1, 2, 3, 4, 5, 6], got ", rule);
+      break;
   }
+  TORCH_CHECK_VALUE(false, "qop: no CPU kernel for rule ", rule, " with state format ", FMT);
 }
 
 // Stochastic rounding is compiled for bfloat16 params only (check_step refuses it for the others).
@@ -389,9 +374,9 @@ void dispatch_dtype(at::ScalarType dtype, int rule, int flags, StepCall& call, b
   }
 }
 
-// One step call on validated arguments, k states per tensor in `format` (blockwise 8-bit with absmax and codes, or
-// values): found_inf, per-tensor scalars, steps, work items, kernels.
-void run_step_call(StateFormat format, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
+// One step call on validated arguments, k states per tensor in format fmt (blockwise ones with absmax, and codes
+// where the format has a code book; values without): found_inf, per-tensor scalars, steps, work items, kernels.
+void run_step_call(StateFormat fmt, int k, int64_t rule, int64_t flags, at::TensorList params, at::TensorList grads,
                    const std::array<at::TensorList, 3>& states, const std::array<at::TensorList, 3>* absmax,
                    at::TensorList steps, const at::Tensor& hp, const std::array<const at::Tensor*, 3>* codes,
                    const std::optional<at::Tensor>& gscale, const std::optional<at::Tensor>& found_inf,
@@ -417,12 +402,13 @@ void run_step_call(StateFormat format, int k, int64_t rule, int64_t flags, at::T
     unorm_tensor = unorm->contiguous();
     call.given_norms = unorm_tensor.data_ptr<float>();
   }
-  const bool q8 = format == BLOCKWISE8;
   std::shared_ptr<const Quantizer> held[3];
-  if (q8) {
-    for (int j = 0; j < k; ++j) {
+  for (int j = 0; j < k; ++j) {
+    if (fmt == BLOCKWISE8) {
       held[j] = get_quantizer(*(*codes)[j]);
-      call.quant[j] = held[j].get();
+      call.books.quant[j] = held[j].get();
+    } else if (fmt == BLOCKWISE4) {
+      call.books.book4[j] = Book16(*(*codes)[j]);
     }
   }
   const int64_t chunk = kChunk;
@@ -433,7 +419,7 @@ void run_step_call(StateFormat format, int k, int64_t rule, int64_t flags, at::T
     J.n = params[i].numel();
     for (int j = 0; j < k; ++j) {
       J.s[j] = states[j][i].data_ptr();
-      if (q8) J.am[j] = (*absmax)[j][i].data_ptr<float>();
+      if (format_blocksize(fmt) > 0) J.am[j] = (*absmax)[j][i].data_ptr<float>();
     }
     // t = steps[i] + 1, then steps[i] += 1, one tensor after the other as the reference does.
     float* step = steps[i].data_ptr<float>();
@@ -453,13 +439,19 @@ void run_step_call(StateFormat format, int k, int64_t rule, int64_t flags, at::T
   int rflags = static_cast<int>(flags) & ~UNORM_CLIP;
   if (rule == MOMENTUM && k == 1) rflags |= kHasState;
   const bool clip = (flags & UNORM_CLIP) != 0;
-  const at::ScalarType dtype = params[0].scalar_type();
-  switch (format) {
-    case BLOCKWISE8:
-      return dispatch_dtype<BLOCKWISE8>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+  const auto dtype = params[0].scalar_type();
+  switch (fmt) {
+    case FLOAT32:
+      return dispatch_dtype<FLOAT32>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
     case BFLOAT16:
       return dispatch_dtype<BFLOAT16>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    case BLOCKWISE8:
+      return dispatch_dtype<BLOCKWISE8>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    case BLOCKWISE4:
+      return dispatch_dtype<BLOCKWISE4>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+    case FP8:
+      return dispatch_dtype<FP8>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
     default:
-      return dispatch_dtype<FLOAT32>(dtype, static_cast<int>(rule), rflags, call, clip, h[MAX_UNORM]);
+      TORCH_CHECK_VALUE(false, "qop: no CPU kernel for state format ", static_cast<int>(fmt));
   }
 }

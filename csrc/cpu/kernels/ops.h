@@ -65,24 +65,18 @@ void step_cpu(int64_t rule, int64_t flags, at::TensorList params, at::TensorList
   const size_t n = params.size();
   std::array<at::TensorList, 3> per_state{};  // state j: its n tensors
   for (int j = 0; j < shape.k; ++j) per_state[j] = states.slice(j * n, n);
-  switch (shape.format) {
-    case FLOAT32:
-    case BFLOAT16:  // values: no absmax, no code books
-      return run_step_call(shape.format, shape.k, rule, flags, params, grads, per_state, nullptr, steps, hp,
-                           nullptr, gscale, found_inf, unorm);
-    case BLOCKWISE8: {
-      std::array<at::TensorList, 3> per_absmax{};
-      std::array<const at::Tensor*, 3> books{};
-      for (int j = 0; j < shape.k; ++j) {
-        per_absmax[j] = absmax.slice(j * n, n);
-        books[j] = &codes[j];
-      }
-      return run_step_call(BLOCKWISE8, shape.k, rule, flags, params, grads, per_state, &per_absmax, steps, hp, &books,
-                           gscale, found_inf, unorm);
-    }
-    default:
-      TORCH_CHECK_VALUE(false, "qop: no CPU kernel for state format ", static_cast<int>(shape.format));
+  if (shape.format == FLOAT32 || shape.format == BFLOAT16) {  // values: no absmax, no code books
+    return run_step_call(shape.format, shape.k, rule, flags, params, grads, per_state, nullptr, steps, hp, nullptr,
+                         gscale, found_inf, unorm);
   }
+  std::array<at::TensorList, 3> per_absmax{};
+  std::array<const at::Tensor*, 3> books{};
+  for (int j = 0; j < shape.k; ++j) {
+    per_absmax[j] = absmax.slice(j * n, n);
+    if (format_code_size(shape.format) > 0) books[j] = &codes[j];
+  }
+  run_step_call(shape.format, shape.k, rule, flags, params, grads, per_state, &per_absmax, steps, hp, &books, gscale,
+                found_inf, unorm);
 }
 
 at::Tensor percentile_clip_cpu(at::TensorList grads, at::TensorList gnorm_vecs, at::TensorList steps,

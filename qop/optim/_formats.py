@@ -1,0 +1,95 @@
+"""The state formats an optimizer keeps, named by ``optim_bits``: what each value means and how its states are made.
+
+``optim_bits`` is 32 (float32 states), 16 (bfloat16 states), 8 (blockwise 8-bit, 256-entry dynamic maps), 4
+(packed 4-bit, 16-entry books) or ``"fp8"`` (float8_e4m3fn with per-block scales).  The blockwise formats apply
+to tensors of at least ``min_8bit_size`` elements, smaller ones keep float32 states; bfloat16 applies to every
+tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._maps import code_book
+from .._schema import CODE_SIZE, FORMAT_BLOCKSIZE, FORMAT_RULES, Rule, StateFormat, state_format, state_numel
+
+#: ``optim_bits`` value -> the format of the states it makes.
+FORMATS: dict[Any, StateFormat] = {
+    32: StateFormat.FLOAT32,
+    16: StateFormat.BFLOAT16,
+    8: StateFormat.BLOCKWISE8,
+    4: StateFormat.BLOCKWISE4,
+    "fp8": StateFormat.FP8,
+}
+#: Bits per value of each format (a bucket's ``bits``).
+BITS = {
+    StateFormat.FLOAT32: 32,
+    StateFormat.BFLOAT16: 16,
+    StateFormat.BLOCKWISE8: 8,
+    StateFormat.BLOCKWISE4: 4,
+    StateFormat.FP8: 8,
+}
+#: The dtype of the states of the formats that keep values (the others keep codes).
+VALUE_DTYPES = {StateFormat.FLOAT32: torch.float32, StateFormat.BFLOAT16: torch.bfloat16}
+#: Bits of the code books of each format that has them.
+BOOK_BITS = {StateFormat.BLOCKWISE8: 8, StateFormat.BLOCKWISE4: 4}
+
+
+def check_optim_bits(bits: Any, rule: Rule | None = None) -> None:
+    """``optim_bits`` must name a format (that serves ``rule``, when given); the error names the argument."""
+    if isinstance(bits, bool) or bits not in FORMATS:
+        raise ValueError(f"qop: optim_bits must be one of {', '.join(map(repr, FORMATS))}, got {bits!r}")
+    rules = FORMAT_RULES.get(FORMATS[bits])
+    if rule is not None and rules is not None and rule not in rules:
+        raise ValueError(f"qop: optim_bits={bits!r} serves the Adam family only (rule {rule.name}), got it here")
+
+
+def low_bit(bits: Any, numel: int, min_size: int) -> StateFormat:
+    """The format of a tensor of ``numel`` elements for ``optim_bits=bits``: small tensors keep float32 states
+    instead of blockwise ones."""
+    fmt = FORMATS[bits]
+    return fmt if fmt in VALUE_DTYPES or numel >= min_size else StateFormat.FLOAT32
+
+
+def books(fmt: StateFormat, signed: tuple[bool, ...], device: torch.device) -> list[Tensor]:
+    """The code books of format ``fmt``, one per state (none for formats without them)."""
+    bits = BOOK_BITS.get(fmt)
+    return [] if bits is None else [code_book(s, bits, device) for s in signed]
+
+
+def format_of(state: dict[str, Any], numel: int, expected: StateFormat) -> StateFormat:
+    """The format of a parameter's live states (``expected``: what the optimizer would make, deciding only where
+    the stored tensors cannot tell 8-bit from 4-bit, a tensor of at most one element)."""
+    s = state.get("state1")
+    if s is None:
+        return StateFormat.FLOAT32
+    if "absmax1" not in state:
+        return StateFormat.BFLOAT16 if s.dtype == torch.bfloat16 else StateFormat.FLOAT32
+    if s.dtype != torch.uint8:
+        fmt = state_format(s.dtype)
+        assert fmt is not None
+        return fmt
+    if numel <= 1 and expected in CODE_SIZE:
+        return expected
+    return StateFormat.BLOCKWISE4 if s.numel() == state_numel(StateFormat.BLOCKWISE4, numel) else StateFormat.BLOCKWISE8
+
+
+def new_state(fmt: StateFormat, like: Tensor, init: float, code: Tensor | None, zeros: Any) -> tuple[Tensor, Tensor]:
+    """A fresh blockwise state of ``like``'s size holding ``init`` everywhere, and its absmax (scales);
+    ``zeros(shape, dtype)`` allocates (paged or not)."""
+    numel = like.numel()
+    shape = like.shape if fmt != StateFormat.BLOCKWISE4 else (state_numel(fmt, numel),)
+    dtype = torch.float8_e4m3fn if fmt == StateFormat.FP8 else torch.uint8
+    q = zeros(shape, dtype)
+    absmax = zeros((-(-numel // FORMAT_BLOCKSIZE[fmt]),), torch.float32)
+    if init or fmt == StateFormat.FP8:  # fp8: the scale of a block of zeros is positive
+        full = torch.full((numel,), float(init), dtype=torch.float32, device=like.device)
+        codes, a = reference.quantize_state(fmt, full, code)
+        q.view(-1).view(torch.uint8).copy_(codes.view(torch.uint8))
+        assert a is not None
+        absmax.copy_(a)
+    return q, absmax
