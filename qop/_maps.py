@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import struct
+from fractions import Fraction
 
 import torch
 
@@ -23,18 +25,39 @@ def create_dynamic_map(
     value_bits = total_bits - 1
     for i in range(exponent_bits):
         n_edges = 2 ** (i + value_bits - exponent_bits + (0 if signed else 1)) + 1
-        edges = torch.linspace(0.1, 1, n_edges, dtype=torch.float32)
-        mids = (edges[:-1] + edges[1:]) / 2.0
-        scale = 10 ** (i - (exponent_bits - 1))
-        values += (scale * mids).tolist()
+        edges = _linspace32(0.1, 1.0, n_edges)
+        mids = [_f32(_f32(a + b) / 2.0) for a, b in zip(edges[:-1], edges[1:])]
+        scale = _f32(10.0 ** (i - (exponent_bits - 1)))
+        values += [_f32(scale * m) for m in mids]
         if signed:
-            values += (-scale * mids).tolist()
+            values += [_f32(-scale * m) for m in mids]
     values += [0.0, 1.0]
     if len(values) > 2**total_bits:
         raise ValueError(f"qop: {exponent_bits} exponent bits need more than {total_bits} bits")
     values += [0.0] * (2**total_bits - len(values))
     values.sort()
     return torch.tensor(values, dtype=torch.float32)
+
+
+def _linspace32(start: float, end: float, steps: int) -> list[float]:
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` as ATen's vectorized CPU builds compute it (each
+    value a fused ``start + step * i``, or ``end - step * (steps - 1 - i)`` in the upper half, rounded once), in
+    exact arithmetic, so that the code books do not depend on the CPU or on ``ATEN_CPU_CAPABILITY``: torch's
+    baseline build rounds twice there and gives books one float32 step off bitsandbytes' tables."""
+    lo, hi = _f32(start), _f32(end)
+    step = _f32(_f32(hi - lo) / (steps - 1))
+    half = steps // 2
+    exact = [
+        Fraction(lo) + Fraction(step) * i if i < half else Fraction(hi) - Fraction(step) * (steps - 1 - i)
+        for i in range(steps)
+    ]
+    return [_f32(float(v)) for v in exact]  # each exact value fits a double: one rounding, to float32
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (float64 sums, products and quotients of float32 values, rounded
+    so, are the correctly rounded float32 operations)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0])
 
 
 def create_linear_map(total_bits: int = 4) -> torch.Tensor:
