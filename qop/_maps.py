@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
 from fractions import Fraction
 
@@ -26,7 +27,7 @@ def create_dynamic_map(
     for i in range(exponent_bits):
         n_edges = 2 ** (i + value_bits - exponent_bits + (0 if signed else 1)) + 1
         edges = _linspace32(0.1, 1.0, n_edges)
-        mids = [_f32(_f32(a + b) / 2.0) for a, b in zip(edges[:-1], edges[1:])]
+        mids = [_f32(_f32(a + b) / 2.0) for a, b in itertools.pairwise(edges)]
         scale = _f32(10.0 ** (i - (exponent_bits - 1)))
         values += [_f32(scale * m) for m in mids]
         if signed:

@@ -49,10 +49,10 @@ from cases import LOWBIT_FORMATS, SIGNED, SR_CASES, STEP_CASES, lowbit_cases, op
 import qop  # noqa: E402
 from qop import HP, Flag, Rule, reference  # noqa: E402
 from qop._schema import HP_SIZE  # noqa: E402
-from qop.triton import _clip, _common, _multi_tensor, _quant, _step  # noqa: E402
+from qop.triton import _clip, _common, _kernel, _multi_tensor, _quant, _step  # noqa: E402
 
 if not CUDA and not IN_SUBPROCESS:
-    assert _common.is_interpreted(_step._step_kernel)
+    assert _common.is_interpreted(_kernel._step_kernel)
     if _saved_interpret is None:  # leave the environment as we found it for other test modules
         os.environ.pop("TRITON_INTERPRET", None)
     else:
@@ -592,11 +592,11 @@ def test_dry_run_writes_back_what_it_read(bits):
     ]
     meta = _multi_tensor.metadata(rows, SMALL["chunk"])
     before = problem.clone()
-    _step._dry_run_on({"work_ptr": meta.work})
+    _kernel._dry_run_on({"work_ptr": meta.work})
     try:
         problem.run(_step, **SMALL)
     finally:
-        _step._dry_run_off({"work_ptr": meta.work})
+        _kernel._dry_run_off({"work_ptr": meta.work})
     for a, b in zip(problem.mutable(), before.mutable()):
         assert torch.equal(a, b)
     assert torch.count_nonzero(meta.work).item() == 0
@@ -651,7 +651,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qop._schema import HP_SIZE, Flag
-from qop.triton import _clip, _quant, _step
+from qop.triton import _clip, _kernel, _quant, _step
 
 SR = int(Flag.STOCHASTIC_ROUND)
 
@@ -676,7 +676,7 @@ for rule, flags, k, quant, pass_, multi, gather in [
         (1, SR, 2, 0, 0, True, True), (1, SR, 2, 2, 0, False, True)]:  # format 2: bfloat16 states
     consts = dict(base, RULE=rule, FLAGS=flags, N_STATES=k, QUANT=quant, PASS=pass_, MULTI=multi, ALIGNED=multi,
                   GATHER=gather, ROW=128 if quant == 3 else 256)
-    compile_(_step._step_kernel, step_sig("*bf16", {0: "*fp32", 2: "*bf16"}.get(quant, "*u8")), consts)
+    compile_(_kernel._step_kernel, step_sig("*bf16", {0: "*fp32", 2: "*bf16"}.get(quant, "*u8")), consts)
 compile_(_quant._quantize_kernel, {**ptr("a_ptr", t="*bf16"), **ptr("code_ptr", "absmax_ptr"), "q_ptr": "*u8",
          "numel": "i32", "blocksize": "i32", "n_blocks": "i32", "size_class": "i32"},
          dict(COLS=256, TILE=2048, GATHER=True))

@@ -1,10 +1,11 @@
 """Triton kernels of every ``qop`` op on CUDA, registered on import (``qop._register`` imports this
 package only when CUDA is available).
 
-Kernels: ``_quant.py`` (blockwise quantize / dequantize), ``_step.py`` (the fused step: every rule, every
-state format, the two passes of Flag.UNORM_CLIP), ``_rules.py`` (its rule math), ``_clip.py`` (percentile
-clipping of a list of gradients), ``_multi_tensor.py`` (device metadata of multi-tensor launches),
-``_common.py`` (code-book search, exact float helpers, launch).
+Kernels: ``_quant.py`` (blockwise quantize / dequantize), ``_kernel.py`` (the fused step: every rule, every
+state format, the two passes of Flag.UNORM_CLIP), ``_step.py`` (its launchers), ``_rules.py`` (its rule math),
+``_lowbit.py`` (its 4-bit and fp8 tiles), ``_clip.py`` (percentile clipping of a list of gradients),
+``_multi_tensor.py`` (device metadata of multi-tensor launches), ``_common.py`` (code-book search, exact float
+helpers, launch).
 
 Design
 ======

@@ -1,4 +1,4 @@
-"""State tiles of the 4-bit and fp8 formats in the Triton step kernel (see ``_step._load_state``/``_store_state``).
+"""State tiles of the 4-bit and fp8 formats in the Triton step kernel (see ``_kernel._load_state``/``_store_state``).
 
 A tile is ``(rows, ROW)`` elements, one block of the format per row (128 for 4-bit, 256 for fp8).
 
