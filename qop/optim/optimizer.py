@@ -25,18 +25,17 @@ lives here, once:
 from __future__ import annotations
 
 import itertools
-import math
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .. import ops, paged
-from .._schema import BLOCKSIZE, FORMAT_BLOCKSIZE, HISTORY, HP, Flag, Rule, StateFormat, n_states
-from . import _distributed, _formats, _hparams, _rounding, _state_dict, _torch_internals
-from ._bucket import Bucket, Clip, check_grad
+from .._schema import BLOCKSIZE, HP, Flag, Rule, StateFormat, n_states
+from . import _distributed, _formats, _hparams, _plan, _rounding, _state_dict, _torch_internals
+from ._bucket import Bucket, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
 from ._state_dict import STATE_KEYS as _STATE_KEYS
@@ -388,67 +387,7 @@ class QopOptimizer(torch.optim.Optimizer):
                     ) from exc
 
     def _build_plan(self, group: dict[str, Any], have: tuple[bool, ...]) -> list[Bucket]:
-        manager = GlobalOptimManager.get_instance()
-        k = self.n_states(group)
-        buckets: dict[tuple[Any, ...], Bucket] = {}
-        for index, (p, has_grad) in enumerate(zip(group["params"], have)):
-            if not has_grad:
-                continue
-            if not self.state[p]:
-                self._init_state(group, p)
-            st = self.state[p]
-            fmt = _formats.format_of(st, _distributed.local(p).numel(), self._format(group, p))
-            blockwise = fmt in FORMAT_BLOCKSIZE
-            override = manager.hp_override(p, self.hp_keys)
-            # overridden hyper-parameters get a bucket of their own
-            shard = _distributed.shard_key(p)  # DTensor params: a bucket per mesh and placements
-            bkey = (p.device, p.dtype, fmt, id(p) if override else None, shard)
-            b = buckets.get(bkey)
-            if b is None:
-                codes = self._codes.get((p.device, fmt), [])[:k]  # one code book per state, where the format has them
-                b = buckets[bkey] = Bucket(
-                    _formats.BITS[fmt],
-                    p.device,
-                    codes=codes,
-                    states=[[] for _ in range(k)],
-                    absmax=[[] for _ in range(k)] if blockwise else [],
-                    shard=shard,
-                )
-                if override:
-                    b.hp_slots = torch.tensor(list(override), dtype=torch.long).to(p.device)
-                    b.hp_values = torch.tensor(list(override.values()), dtype=torch.float32).to(p.device)
-            b.params.append(p)
-            b.index.append(index)
-            b.steps.append(st["step"])
-            for j in range(k):
-                b.states[j].append(st[_STATE_KEYS[j]])
-                if blockwise:
-                    b.absmax[j].append(st[_ABSMAX_KEYS[j]])
-            percentile = self._percentile(group, p)
-            if percentile < 100 and "gnorm_vec" not in st:  # a fresh state, or clipping turned on since
-                st["gnorm_vec"] = torch.full((HISTORY,), math.inf, dtype=torch.float32, device=p.device)
-            b.histories.append(st.get("gnorm_vec"))
-            b.percentiles.append(percentile)
-            if self._paged(group, p):
-                b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
-        for b in buckets.values():
-            if b.shard is not None:
-                b.shard = _distributed.ShardPlan.build(b.params, b.bits, b.device)
-            by_percentile: dict[int, list[int]] = {}
-            for i, k in enumerate(b.percentiles):
-                if k < 100:
-                    by_percentile.setdefault(k, []).append(i)
-            b.clips = [
-                Clip(
-                    k,
-                    pos,
-                    torch.tensor(pos, dtype=torch.long).to(b.device),
-                    [cast(Tensor, b.histories[i]) for i in pos],  # clipped: each has its history
-                    [b.steps[i] for i in pos],
-                )
-                for k, pos in by_percentile.items()
-            ]
-        return list(buckets.values())
+        return _plan.build(self, group, have)
 
     def _gscale(self, b: Bucket, grads: list[Tensor], grad_scale: Tensor | None) -> Tensor | None:
         """Per-tensor gradient multipliers: percentile clipping and the inverse AMP scale, on the device
