@@ -13,13 +13,13 @@ import itertools
 
 import pytest
 import torch
-from cases import CASES, LOWBIT_FORMATS, LOWBIT_SHAPES, lowbit_cases, lowbit_states, op_args
+from cases import CASES, LOWBIT_FORMATS, LOWBIT_SHAPES, SR_CASES, lowbit_cases, lowbit_states, op_args
 from torch import Tensor
 
 import qop
 from qop import reference
 from qop._maps import code_book, create_dynamic_map
-from qop._schema import FP8_BLOCKSIZE, StateFormat
+from qop._schema import FORMAT_RULES, FP8_BLOCKSIZE, StateFormat
 
 needs_kernels = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -126,6 +126,11 @@ def table() -> list:
         for name, fmt in LOWBIT_FORMATS.items()
         for case in lowbit_cases(fmt)
         for dtype in DTYPES
+    ] + [  # stochastic rounding of bfloat16 params over low-bit states
+        pytest.param(fmt, case, torch.bfloat16, id=f"{name}-{case}-sr")
+        for name, fmt in LOWBIT_FORMATS.items()
+        for case in SR_CASES
+        if case.rule in FORMAT_RULES[fmt]
     ]
 
 
