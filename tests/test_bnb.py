@@ -227,6 +227,14 @@ def test_trajectory_matches_bitsandbytes(case: Case):
     COMPARED[case.name] = f"compared, {case.bits}-bit" + (f" (qop {case.qop_kwargs})" if case.qop_kwargs else "")
 
 
+def bnb_map_is_the_table() -> bool:
+    """Whether bitsandbytes' signed and unsigned 8-bit maps equal qop's (the published table) under this capability."""
+    return all(
+        torch.equal(bnb.functional.create_dynamic_map(signed).float(), qop.dynamic_map(signed))
+        for signed in (True, False)
+    )
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -248,6 +256,11 @@ def test_load_bnb_state_dict_and_continue(name: str):
 
     (Its 8-bit accumulators of RMSprop/Adagrad, in the signed map, are requantized into qop's unsigned one;
     AdEMAMix's stacked m1/m2 are split.)"""
+    if not bnb_map_is_the_table():
+        pytest.skip(
+            "bitsandbytes builds its dynamic map with torch.linspace, which this ATen CPU capability rounds off the "
+            "published table (qop's map is the table on every capability): its codes are not comparable here"
+        )
     case = next(c for c in CASES if c.name == name)
     params0, grads = problem(case, seed=3, steps=2 * STEPS // 2)
     half = len(grads) // 2
