@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._schema import StateFormat
+
 
 @dataclass
 class Clip:
@@ -24,9 +26,9 @@ class Clip:
 
 @dataclass
 class Bucket:
-    """Tensors of one param group that one op call updates (same device, dtype and state bits)."""
+    """Tensors of one param group that one op call updates (same device, dtype and state format)."""
 
-    bits: int
+    fmt: StateFormat
     device: torch.device
     params: list[Tensor] = field(default_factory=list)
     states: list[list[Tensor]] = field(default_factory=list)

@@ -1,30 +1,27 @@
-"""Optimizer states of DTensor parameters (FSDP2's ``fully_shard``): local shards, global norms, checkpoints.
+"""Optimizer states of DTensor parameters (FSDP2's ``fully_shard``): local shards, blocks, global norms.
 
 A parameter sharded by FSDP2 is a DTensor whose local tensor holds a contiguous range of rows of the global
 parameter, so a contiguous range ``[start, start + numel)`` of its row-major flattening.  Its optimizer
 state lives on each rank for that range only, as plain local tensors:
 
-* float32 states: shaped like the local shard;
-* 8-bit states: uint8 codes shaped like the local shard and one float32 absmax per 256-block of the
-  *global* flattening that the range touches.  When ``start`` is not a multiple of 256 the first block is
-  partial (the *head*, stepped as a separate entry of the same op call) and every other block is a whole
-  global block.  The blocks of a shard are thus exactly the global blocks cut at shard boundaries, so the
-  only difference from the unsharded state is that a block split between two ranks has an absmax per rank.
+* float32 and bfloat16 states: shaped like the local shard;
+* blockwise states (8-bit codes, 4-bit codes, fp8 values): one float32 absmax (fp8: scale) per block of the
+  *global* flattening that the range touches (256 elements, 128 for 4-bit).  When ``start`` is not a multiple
+  of the block size the first block is partial (the *head*, stepped as a separate entry of the same op call)
+  and every other block is a whole global block.  The blocks of a shard are thus exactly the global blocks cut
+  at shard boundaries, so the only difference from the unsharded state is that a block split between two ranks
+  has an absmax per rank.  8-bit codes and fp8 values are shaped like the local shard; 4-bit codes are packed
+  per entry (head, then the rest), two per byte, so a head of odd length costs one byte more than
+  ``(numel + 1) // 2``.
 
-Whether a parameter gets 8-bit states depends on its global size (``DTensor.numel()``), so every rank agrees.
+Whether a parameter gets blockwise states depends on its global size (``DTensor.numel()``), so every rank agrees.
 
 Norms that clipping reads are norms of the whole parameter: the squared norms of the local pieces are
 summed across the ranks that shard it (a functional ``all_reduce`` on the device, no host sync) and handed to
 the ops: ``percentile_clip`` gets each global gradient norm as a one-element tensor (whose norm it is), the
 step op gets the squared norms of the update and of the parameter through its ``unorm`` input.
 
-Checkpoints (``state_dict``, and ``torch.distributed.checkpoint`` through ``get_optimizer_state_dict``) hold
-the *unsharded* format: codes as DTensors laid out like the parameter, absmax as a DTensor of the global
-block count sharded on dim 0, ``step`` and percentile histories as plain tensors (equal on every rank).
-Before that, each block split between ranks is made canonical in the live state: the piece whose absmax is
-smaller is requantized against the larger one (at most one code step, in at most one block per shard
-boundary), so the checkpoint is exact, resuming with any number of ranks (or one process) is exact, and the
-run that saved goes on from the very state it saved.
+Checkpoints of these states are in :mod:`qop.optim._sharded_state`.
 """
 
 from __future__ import annotations
@@ -32,15 +29,13 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .. import ops, reference
-from .._schema import BLOCKSIZE, Flag, StateFormat
-from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
-from ._state_dict import STATE_KEYS as _STATE_KEYS
+from .._schema import BLOCKSIZE, FORMAT_BLOCKSIZE, Flag, StateFormat, state_numel
 
 if TYPE_CHECKING:
     from ._bucket import Bucket
@@ -68,15 +63,6 @@ def is_sharded(t: Any) -> bool:
     return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
-def check_format(p: Tensor, fmt: StateFormat) -> None:
-    """Sharded parameters take 8- or 32-bit states (the shard layout of 4-bit and fp8 states is not built)."""
-    if is_sharded(p) and fmt not in (StateFormat.FLOAT32, StateFormat.BLOCKWISE8):
-        raise NotImplementedError(
-            f"qop: {fmt.name.lower()} states of sharded (DTensor) parameters are not supported; "
-            "use optim_bits=8 or 32 for them (GlobalOptimManager overrides do it per parameter)"
-        )
-
-
 def local(t: DTensorLike) -> Tensor:
     """The local shard of a DTensor, ``t`` itself otherwise."""
     return t.to_local() if is_sharded(t) else t
@@ -84,35 +70,66 @@ def local(t: DTensorLike) -> Tensor:
 
 # --------------------------------------------------------------------------------------------- layout
 @dataclass(frozen=True)
+class Entry:
+    """One entry of the step op for a local shard: its elements, state elements (bytes of 4-bit codes) and
+    absmax entries, each a ``[lo, hi)`` range of the local tensors; ``head``: the partial first block."""
+
+    lo: int
+    hi: int
+    s0: int
+    s1: int
+    a0: int
+    a1: int
+    head: bool
+
+
+@dataclass(frozen=True)
 class Layout:
-    """Where a parameter's local shard sits in its global row-major flattening, and its 8-bit blocks."""
+    """Where a parameter's local shard sits in its global row-major flattening, and its blocks of ``block``."""
 
     start: int  # first global (flat) index of the local shard
     numel: int  # elements of the local shard
     total: int  # elements of the global parameter
     local_shape: tuple[int, ...]
+    block: int = BLOCKSIZE
 
     @property
     def head(self) -> int:
-        """Elements before the first 256-aligned global index (0 when the shard starts on a block)."""
-        return min(self.numel, -self.start % BLOCKSIZE)
+        """Elements before the first block-aligned global index (0 when the shard starts on a block)."""
+        return min(self.numel, -self.start % self.block)
 
     @property
     def first_block(self) -> int:
-        return self.start // BLOCKSIZE
+        return self.start // self.block
 
     @property
     def nblocks(self) -> int:
         """Global blocks the shard touches: the length of its absmax."""
         if self.numel == 0:
             return 0
-        return -(-(self.start + self.numel) // BLOCKSIZE) - self.first_block
+        return -(-(self.start + self.numel) // self.block) - self.first_block
+
+    def entries(self, fmt: StateFormat) -> list[Entry]:
+        """The op entries of the shard's states in ``fmt``: the head block when partial, then the rest."""
+        h = self.head
+        out, s, a = [], 0, 0
+        for lo, hi in ((0, h), (h, self.numel)) if h else ((0, self.numel),):
+            ns, na = state_numel(fmt, hi - lo), -(-(hi - lo) // self.block)
+            out.append(Entry(lo, hi, s, s + ns, a, a + na, head=bool(h) and lo == 0))
+            s, a = s + ns, a + na
+        return out
 
 
-def layout(p: DTensorLike) -> Layout:
-    """The layout of ``p``'s local shard (the whole tensor for a plain tensor)."""
+def block_of(fmt: StateFormat | None) -> int:
+    """The block size of a format's absmax (256 for the formats without one: it is never read)."""
+    return FORMAT_BLOCKSIZE.get(fmt, BLOCKSIZE) if fmt is not None else BLOCKSIZE
+
+
+def layout(p: DTensorLike, fmt: StateFormat | None = None) -> Layout:
+    """The layout of ``p``'s local shard (the whole tensor for a plain tensor), in the blocks of ``fmt``."""
+    block = block_of(fmt)
     if not is_sharded(p):
-        return Layout(0, p.numel(), p.numel(), tuple(p.shape))
+        return Layout(0, p.numel(), p.numel(), tuple(p.shape), block)
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -124,12 +141,33 @@ def layout(p: DTensorLike) -> Layout:
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     row = math.prod(p.shape[1:]) if p.dim() > 0 else 1
     start = offset[0] * row if p.dim() > 0 else 0
-    return Layout(start, math.prod(local_shape), p.numel(), tuple(local_shape))
+    return Layout(start, math.prod(local_shape), p.numel(), tuple(local_shape), block)
 
 
-def n_blocks(p: Tensor) -> int:
-    """Length of the absmax of an 8-bit state of ``p`` (on this rank)."""
-    return layout(p).nblocks
+def entry_sizes(p: DTensorLike, fmt: StateFormat) -> list[int]:
+    """Elements of each op entry of ``p``'s local states in ``fmt`` (one entry for a plain tensor)."""
+    return [e.hi - e.lo for e in layout(p, fmt).entries(fmt)]
+
+
+def pack_local(codes: Tensor, lay: Layout) -> Tensor:
+    """4-bit codes of a local shard (one per byte, flat) packed per entry, as the shard's state holds them."""
+    return torch.cat([reference.pack4(codes[e.lo : e.hi]) for e in lay.entries(StateFormat.BLOCKWISE4)])
+
+
+def unpack_local(q: Tensor, lay: Layout) -> Tensor:
+    """The codes (one per byte, flat) of a local 4-bit state packed by :func:`pack_local`."""
+    q = q.reshape(-1)
+    return torch.cat([reference.unpack4(q[e.s0 : e.s1], e.hi - e.lo) for e in lay.entries(StateFormat.BLOCKWISE4)])
+
+
+def dequantize_local(fmt: StateFormat, q: Tensor, absmax: Tensor, code: Tensor | None, lay: Layout) -> Tensor:
+    """Float32 values of a local blockwise state (head block and aligned blocks), flattened."""
+    q = q.reshape(-1)
+    parts = [
+        reference.dequantize_state(fmt, q[e.s0 : e.s1], absmax[e.a0 : e.a1], code, e.hi - e.lo)
+        for e in lay.entries(fmt)
+    ]
+    return torch.cat(parts)
 
 
 def shard_key(p: DTensorLike) -> Hashable | None:
@@ -139,18 +177,18 @@ def shard_key(p: DTensorLike) -> Hashable | None:
     return (p.device_mesh, tuple(p.placements))
 
 
-def _groups(p: DTensorLike) -> list[Any]:
+def groups_of(p: DTensorLike) -> list[Any]:
     """The process groups across which ``p`` is sharded (one per sharded mesh dimension)."""
     mesh = p.device_mesh
     return [mesh.get_group(d) for d, pl in enumerate(p.placements) if pl.is_shard()]
 
 
-def all_reduce_sum(t: Tensor, groups: Sequence[Any]) -> Tensor:
-    """Sum ``t`` over ``groups`` on the device (functional collectives: traceable, no host sync)."""
+def all_reduce(t: Tensor, groups: Sequence[Any], op: str = "sum") -> Tensor:
+    """Reduce ``t`` over ``groups`` on the device (functional collectives: traceable, no host sync)."""
     from torch.distributed import _functional_collectives as funcol
 
     for g in groups:
-        t = funcol.wait_tensor(funcol.all_reduce(t, "sum", g))
+        t = funcol.wait_tensor(funcol.all_reduce(t, op, g))
     return t
 
 
@@ -165,10 +203,10 @@ class ShardPlan:
     heads: list[bool] = field(default_factory=list)
 
     @staticmethod
-    def build(params: Sequence[Tensor], bits: int, device: torch.device) -> ShardPlan:
-        layouts = [layout(p) for p in params]
-        heads = [bits == 8 and lay.head > 0 for lay in layouts]
-        plan = ShardPlan(_groups(params[0]), layouts, heads=heads)
+    def build(params: Sequence[Tensor], fmt: StateFormat, device: torch.device) -> ShardPlan:
+        layouts = [layout(p, fmt) for p in params]
+        heads = [fmt in FORMAT_BLOCKSIZE and lay.head > 0 for lay in layouts]
+        plan = ShardPlan(groups_of(params[0]), layouts, heads=heads)
         if any(heads):
             index = [i for i, h in enumerate(heads) for _ in range(1 + h)]
             plan.expand = torch.tensor(index, dtype=torch.long).to(device)
@@ -193,31 +231,15 @@ def step_bucket(
     lg = [local(g).contiguous().view(lay.local_shape) for g, lay in zip(grads, plan.layouts)]
     if b.clips:  # percentile clipping: the history records global gradient norms
         sq = torch.stack([g.float().square().sum() for g in lg])
-        norms = all_reduce_sum(sq, plan.groups).sqrt()
+        norms = all_reduce(sq, plan.groups).sqrt()
         gscale = opt._gscale(b, [norms[i : i + 1] for i in range(len(lg))], grad_scale)
     else:
         gscale = opt._gscale(b, lg, grad_scale)
     unorm = None
     if flags & Flag.UNORM_CLIP:
-        unorm = all_reduce_sum(_update_sums(opt, b, lp, lg, hp, flags, gscale), plan.groups)
+        unorm = all_reduce(_update_sums(opt, b, lp, lg, hp, flags, gscale), plan.groups)
     fi = None if found_inf is None else found_inf.to(b.device)
     k = len(b.states)
-    if b.bits != 8:
-        ops.step(
-            int(opt.rule),
-            flags,
-            [p.view(-1) for p in lp],
-            [g.view(-1) for g in lg],
-            [s.view(-1) for st in b.states for s in st],
-            [],
-            [],
-            b.steps,
-            hp,
-            gscale,
-            fi,
-            unorm,
-        )
-        return
     P: list[Tensor] = []
     G: list[Tensor] = []
     S: list[list[Tensor]] = [[] for _ in range(k)]
@@ -225,20 +247,16 @@ def step_bucket(
     steps: list[Tensor] = []
     for i, (p, g) in enumerate(zip(lp, lg)):
         pf, gf = p.view(-1), g.view(-1)
-        h = plan.layouts[i].head if plan.heads[i] else 0
-        # entries (elements, absmax entries, step): the partial first block on its own, then whole blocks; the
-        # head steps a copy of the step, since the op increments the step of every entry
-        entries: list[tuple[tuple[int, int], tuple[int, int | None], Tensor]] = (
-            [((0, h), (0, 1), b.steps[i].clone())] if h else []
-        )
-        entries.append(((h, pf.numel()), (1 if h else 0, None), b.steps[i]))
-        for (lo, hi), (a0, a1), step in entries:
-            P.append(pf[lo:hi])
-            G.append(gf[lo:hi])
-            steps.append(step)
+        blockwise = b.fmt in FORMAT_BLOCKSIZE
+        for e in plan.layouts[i].entries(b.fmt) if blockwise else [Entry(0, pf.numel(), 0, pf.numel(), 0, 0, False)]:
+            P.append(pf[e.lo : e.hi])
+            G.append(gf[e.lo : e.hi])
+            # the head steps a copy of the step, since the op increments the step of every entry
+            steps.append(b.steps[i].clone() if e.head else b.steps[i])
             for j in range(k):
-                S[j].append(b.states[j][i].view(-1)[lo:hi])
-                A[j].append(b.absmax[j][i][a0:a1])
+                S[j].append(b.states[j][i].view(-1)[e.s0 : e.s1])
+                if blockwise:
+                    A[j].append(b.absmax[j][i][e.a0 : e.a1])
     if plan.expand is not None:
         gscale = None if gscale is None else gscale.index_select(0, plan.expand)
         unorm = None if unorm is None else unorm.index_select(0, plan.expand)
@@ -279,9 +297,11 @@ def _update_sums(
         gf = g.float().reshape(-1)
         if gscale is not None:
             gf = gf * gscale[i]
-        if b.bits == 8:
+        if b.fmt in FORMAT_BLOCKSIZE:
             states = [
-                _dequantize_local(b.states[j][i], b.absmax[j][i], b.codes[j], b.shard.layouts[i])
+                dequantize_local(
+                    b.fmt, b.states[j][i], b.absmax[j][i], b.codes[j] if b.codes else None, b.shard.layouts[i]
+                )
                 for j in range(len(b.states))
             ]
         else:
@@ -290,121 +310,3 @@ def _update_sums(
         _, u, _, _ = reference.rule_update(int(opt.rule), rflags, pf, gf, states, t, hp)
         rows.append(torch.stack([u.square().sum(), pf.square().sum()]))
     return torch.stack(rows).float()
-
-
-def _dequantize_local(q: Tensor, absmax: Tensor, code: Tensor, lay: Layout) -> Tensor:
-    """Float32 values of a local 8-bit state (head block and aligned blocks), flattened."""
-    q = q.reshape(-1)
-    h = lay.head
-    if h == 0:
-        return ops.dequantize_blockwise(q, absmax, code, BLOCKSIZE, torch.float32)
-    head = ops.dequantize_blockwise(q[:h], absmax[:1], code, BLOCKSIZE, torch.float32)
-    body = ops.dequantize_blockwise(q[h:], absmax[1:], code, BLOCKSIZE, torch.float32)
-    return torch.cat([head, body])
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def _params_by_index(opt: QopOptimizer) -> list[Tensor]:
-    """Parameters in the order of ``state_dict()``'s integer keys."""
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
-def _block_range(lay: Layout, b: int) -> tuple[int, int]:
-    """Local element range of the shard's ``b``-th block."""
-    h = lay.head
-    if h and b == 0:
-        return 0, h
-    lo = h + (b - (1 if h else 0)) * BLOCKSIZE
-    return lo, min(lay.numel, lo + BLOCKSIZE)
-
-
-def _requantize(q: Tensor, absmax: Tensor, target: Tensor, code: Tensor) -> Tensor:
-    """Codes of the values ``code[q] * absmax`` against the larger block absmax ``target`` (0-d tensors)."""
-    values = ops.dequantize_blockwise(q, absmax.reshape(1), code, max(q.numel(), 1), torch.float32)
-    # quantize with the block's absmax forced to ``target``: an extra element equal to it sets the absmax
-    padded = torch.cat([values, target.reshape(1)])
-    codes, _ = ops.quantize_blockwise(padded, code, padded.numel())
-    return codes[:-1]
-
-
-def _canonical_absmax(p: Tensor, lay: Layout, st: dict[str, Any], j: int, code: Tensor) -> Tensor:
-    """The full absmax of state ``j`` in global blocks; blocks split between ranks are made canonical in the live
-    state first (the piece with the smaller absmax requantized against the larger one, on every rank)."""
-    from torch.distributed import _functional_collectives as funcol
-
-    absmax, q = st[_ABSMAX_KEYS[j]], st[_STATE_KEYS[j]].view(-1)
-    full = torch.zeros(-(-lay.total // BLOCKSIZE), dtype=torch.float32, device=absmax.device)
-    full[lay.first_block : lay.first_block + lay.nblocks] = absmax
-    for g in _groups(p):
-        full = funcol.wait_tensor(funcol.all_reduce(full, "max", g))
-    for b in {0, lay.nblocks - 1} if lay.nblocks else ():
-        target = full[lay.first_block + b]
-        if bool(absmax[b] < target):  # a piece of a split block whose other piece has the larger absmax
-            lo, hi = _block_range(lay, b)
-            q[lo:hi] = _requantize(q[lo:hi], absmax[b], target, code)
-            absmax[b] = target
-    return full
-
-
-def export_state(opt: QopOptimizer, sd: dict[str, Any]) -> None:
-    """Turn the local states of DTensor parameters in ``sd`` (from ``state_dict()``) into the unsharded format.
-
-    Codes and float32 states become DTensors laid out like their parameter; each absmax becomes a DTensor of
-    the global block count, sharded on dim 0 where the parameter is.  A collective: every rank calls it.
-    """
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    params = _params_by_index(opt)
-    for i, p in enumerate(params):
-        if not is_sharded(p) or i not in sd["state"]:
-            continue
-        p = cast(Any, p)  # a DTensor
-        st = dict(sd["state"][i])  # never the optimizer's own dict
-        lay = layout(p)
-        mesh, placements = p.device_mesh, p.placements
-        for j, name in enumerate(_STATE_KEYS):
-            if name not in st:
-                continue
-            if st[name].dtype == torch.uint8:
-                code = opt._codes[(st[name].device, StateFormat.BLOCKWISE8)][j]
-                full = _canonical_absmax(p, lay, st, j, code)
-                replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-                st[_ABSMAX_KEYS[j]] = replicated.redistribute(
-                    mesh, [Shard(0) if pl.is_shard() else Replicate() for pl in placements]
-                )
-            st[name] = DTensor.from_local(st[name], mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
-        sd["state"][i] = st
-
-
-def _local_part(t: DTensorLike, p: DTensorLike, lay: Layout) -> Tensor:
-    """The local shard (of ``p``'s layout) of a state given as a DTensor or as a full tensor."""
-    if is_sharded(t):
-        if t.device_mesh == p.device_mesh and tuple(t.placements) == tuple(p.placements):
-            return t.to_local().reshape(lay.local_shape).contiguous()
-        t = t.full_tensor()
-    return t.reshape(-1)[lay.start : lay.start + lay.numel].reshape(lay.local_shape).contiguous()
-
-
-def localize_states(opt: QopOptimizer) -> None:
-    """After ``load_state_dict``: put the states of DTensor parameters (DTensors or full tensors, in the
-    unsharded format) back in the local layout, keeping this rank's shard and its blocks.
-
-    Loading is exact for any number of ranks: the blocks of a shard are global blocks (a block split between
-    ranks takes the global block's absmax on each side, as the canonical form saved it).
-    """
-    for p in _params_by_index(opt):
-        st = opt.state.get(p)
-        if not is_sharded(p) or not st:
-            continue
-        lay = layout(p)
-        for j, name in enumerate(_STATE_KEYS):
-            if name not in st:
-                continue
-            if st[name].dtype == torch.uint8:
-                am = st[_ABSMAX_KEYS[j]]
-                full = am.full_tensor() if is_sharded(am) else am
-                st[_ABSMAX_KEYS[j]] = full[lay.first_block : lay.first_block + lay.nblocks].float().clone()
-            st[name] = _local_part(st[name], p, lay)
-        for key in ("step", "gnorm_vec"):
-            if key in st and is_sharded(st[key]):
-                st[key] = st[key].full_tensor()

@@ -8,7 +8,8 @@ tensor.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -24,14 +25,6 @@ FORMATS: dict[Any, StateFormat] = {
     8: StateFormat.BLOCKWISE8,
     4: StateFormat.BLOCKWISE4,
     "fp8": StateFormat.FP8,
-}
-#: Bits per value of each format (a bucket's ``bits``).
-BITS = {
-    StateFormat.FLOAT32: 32,
-    StateFormat.BFLOAT16: 16,
-    StateFormat.BLOCKWISE8: 8,
-    StateFormat.BLOCKWISE4: 4,
-    StateFormat.FP8: 8,
 }
 #: The dtype of the states of the formats that keep values (the others keep codes).
 VALUE_DTYPES = {StateFormat.FLOAT32: torch.float32, StateFormat.BFLOAT16: torch.bfloat16}
@@ -63,7 +56,7 @@ def books(fmt: StateFormat, signed: tuple[bool, ...], device: torch.device) -> l
 
 def format_of(state: dict[str, Any], numel: int, expected: StateFormat) -> StateFormat:
     """The format of a parameter's live states (``expected``: what the optimizer would make, deciding only where
-    the stored tensors cannot tell 8-bit from 4-bit, a tensor of at most one element)."""
+    the stored tensors cannot tell 8-bit from 4-bit, a tensor of at most two elements)."""
     s = state.get("state1")
     if s is None:
         return StateFormat.FLOAT32
@@ -73,23 +66,28 @@ def format_of(state: dict[str, Any], numel: int, expected: StateFormat) -> State
         fmt = state_format(s.dtype)
         assert fmt is not None
         return fmt
-    if numel <= 1 and expected in CODE_SIZE:
-        return expected
-    return StateFormat.BLOCKWISE4 if s.numel() == state_numel(StateFormat.BLOCKWISE4, numel) else StateFormat.BLOCKWISE8
+    if s.numel() != numel:  # 4-bit codes: two per byte (plus one for an odd head of a shard, see _distributed)
+        return StateFormat.BLOCKWISE4
+    return expected if numel <= 2 and expected in CODE_SIZE else StateFormat.BLOCKWISE8
 
 
-def new_state(fmt: StateFormat, like: Tensor, init: float, code: Tensor | None, zeros: Any) -> tuple[Tensor, Tensor]:
+def new_state(
+    fmt: StateFormat, like: Tensor, init: float, code: Tensor | None, zeros: Any, entries: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor]:
     """A fresh blockwise state of ``like``'s size holding ``init`` everywhere, and its absmax (scales);
-    ``zeros(shape, dtype)`` allocates (paged or not)."""
-    numel = like.numel()
-    shape = like.shape if fmt != StateFormat.BLOCKWISE4 else (state_numel(fmt, numel),)
+    ``zeros(shape, dtype)`` allocates (paged or not).  ``entries``: the element counts of the op entries that
+    step it, each with blocks of its own (a local shard's head block, then the rest); one entry by default."""
+    sizes = [like.numel()] if entries is None else list(entries)
+    bs = FORMAT_BLOCKSIZE[fmt]
+    shape = like.shape if fmt != StateFormat.BLOCKWISE4 else (sum(state_numel(fmt, n) for n in sizes),)
     dtype = torch.float8_e4m3fn if fmt == StateFormat.FP8 else torch.uint8
     q = zeros(shape, dtype)
-    absmax = zeros((-(-numel // FORMAT_BLOCKSIZE[fmt]),), torch.float32)
+    absmax = zeros((sum(-(-n // bs) for n in sizes),), torch.float32)
     if init or fmt == StateFormat.FP8:  # fp8: the scale of a block of zeros is positive
-        full = torch.full((numel,), float(init), dtype=torch.float32, device=like.device)
-        codes, a = reference.quantize_state(fmt, full, code)
-        q.view(-1).view(torch.uint8).copy_(codes.view(torch.uint8))
-        assert a is not None
-        absmax.copy_(a)
+        parts = [
+            reference.quantize_state(fmt, torch.full((n,), float(init), dtype=torch.float32, device=like.device), code)
+            for n in sizes
+        ]
+        q.view(-1).view(torch.uint8).copy_(torch.cat([c.view(torch.uint8) for c, _ in parts]))
+        absmax.copy_(torch.cat([cast(Tensor, a) for _, a in parts]))
     return q, absmax

@@ -40,7 +40,7 @@ def build(opt: QopOptimizer, group: dict[str, Any], have: tuple[bool, ...]) -> l
         if b is None:
             codes = opt._codes.get((p.device, fmt), [])[:k]  # one code book per state, where the format has them
             b = buckets[bkey] = Bucket(
-                _formats.BITS[fmt],
+                fmt,
                 p.device,
                 codes=codes,
                 states=[[] for _ in range(k)],
@@ -66,7 +66,7 @@ def build(opt: QopOptimizer, group: dict[str, Any], have: tuple[bool, ...]) -> l
             b.paged.extend(t for t in st.values() if isinstance(t, Tensor) and t.dim() > 0)
     for b in buckets.values():
         if b.shard is not None:
-            b.shard = _distributed.ShardPlan.build(b.params, b.bits, b.device)
+            b.shard = _distributed.ShardPlan.build(b.params, b.fmt, b.device)
         by_percentile: dict[int, list[int]] = {}
         for i, k in enumerate(b.percentiles):
             if k < 100:

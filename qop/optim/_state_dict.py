@@ -270,7 +270,7 @@ def convert(st: dict[str, Any], p: Tensor, n_states: int, fmt: StateFormat, sign
                 out[name], out[am_name] = t.contiguous().clone(), absmax.clone()
                 continue
             book = books(saved, signed[j : j + 1], p.device)
-            t = reference.dequantize_state(saved, t, absmax, book[0] if book else None, numel)
+            t = reference.dequantize_state(saved, _whole(t), _whole(absmax), book[0] if book else None, numel)
         if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
             book = books(fmt, signed[j : j + 1], p.device)
             x = t.float() if t.dtype in (torch.float32, torch.bfloat16) else None
@@ -278,7 +278,9 @@ def convert(st: dict[str, Any], p: Tensor, n_states: int, fmt: StateFormat, sign
                 absmax = st[am_name].detach().to(p.device).reshape(-1).contiguous()
                 theirs = st.get(QMAP_KEYS[j])
                 code = ours if theirs is None else theirs.detach().to(p.device, torch.float32).reshape(-1)
-                x = reference.dequantize_blockwise(t.reshape(-1), absmax, code, BLOCKSIZE, torch.float32)
+                x = reference.dequantize_blockwise(
+                    _whole(t).reshape(-1), _whole(absmax), code, BLOCKSIZE, torch.float32
+                )
             q, a = reference.quantize_state(fmt, _whole(x).reshape(-1), book[0] if book else None)
             out[name] = q.view(p.shape) if fmt == StateFormat.FP8 else q
             out[am_name] = a

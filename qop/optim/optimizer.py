@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from .. import ops, paged
-from .._schema import BLOCKSIZE, HP, Flag, Rule, StateFormat, n_states
-from . import _distributed, _formats, _hparams, _plan, _rounding, _state_dict, _torch_internals
+from .._schema import BLOCKSIZE, FORMAT_BLOCKSIZE, HP, Flag, Rule, StateFormat, n_states
+from . import _distributed, _formats, _hparams, _plan, _rounding, _sharded_state, _state_dict, _torch_internals
 from ._bucket import Bucket, check_grad
 from ._hparams import HPSlot
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
@@ -240,26 +240,15 @@ class QopOptimizer(torch.optim.Optimizer):
     def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
         state = self.state[p]
         fmt = self._format(group, p)  # on the global size, for a DTensor
-        _distributed.check_format(p, fmt)
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        nblocks = -(-p.numel() // BLOCKSIZE)
-        like = p
-        if _distributed.is_sharded(p):  # states of the local shard only (see _distributed)
-            nblocks = _distributed.n_blocks(p) if fmt == StateFormat.BLOCKWISE8 else 0
-            like = _distributed.local(p)
+        like = _distributed.local(p)  # a DTensor's states are of its local shard (see _distributed)
         for j in range(self.n_states(group)):
             init = self.initial_state(group, j)
-            if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
+            if fmt in FORMAT_BLOCKSIZE:
                 book = self._codes[(p.device, fmt)][j] if fmt in _formats.BOOK_BITS else None
                 zeros = lambda shape, dtype: self._zeros(group, like, dtype, shape)
-                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = _formats.new_state(fmt, like, init, book, zeros)
-            elif fmt == StateFormat.BLOCKWISE8:
-                q = self._zeros(group, like, torch.uint8)
-                absmax = self._zeros(group, like, torch.float32, nblocks)
-                if init:  # every element equals absmax: code 1.0, the last entry of both maps
-                    q.fill_(255)
-                    absmax.fill_(init)
-                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = q, absmax
+                sizes = _distributed.entry_sizes(p, fmt)
+                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = _formats.new_state(fmt, like, init, book, zeros, sizes)
             else:
                 state[_STATE_KEYS[j]] = self._zeros(group, like, _formats.VALUE_DTYPES[fmt]).fill_(init)
 
@@ -377,7 +366,8 @@ class QopOptimizer(torch.optim.Optimizer):
         group = self.param_groups[index]
         for i, (p, has_grad) in enumerate(zip(group["params"], have)):
             if has_grad and not self.state.get(p):
-                _distributed.check_format(p, self._format(group, p))
+                self._format(group, p)  # an optim_bits override that names no format raises here
+                _distributed.layout(p)  # so does a DTensor sharded other than on dim 0
             if has_grad:
                 try:
                     manager.hp_override(p, self.hp_keys)
@@ -418,7 +408,7 @@ class QopOptimizer(torch.optim.Optimizer):
             sd = super().state_dict()
         for g in sd["param_groups"]:
             _hparams.export(self.hp_keys, g)
-        _distributed.export_state(self, sd)  # DTensor params: the unsharded format (a collective)
+        _sharded_state.export_state(self, sd)  # DTensor params: the unsharded format (a collective)
         for post_hook in _torch_internals.state_dict_hooks(self, "post"):
             result = post_hook(self, sd)
             if result is not None:
@@ -459,7 +449,7 @@ class QopOptimizer(torch.optim.Optimizer):
         self.state.update(new_state)
         self._plans.clear()
         self._static.clear()
-        _distributed.localize_states(self)  # DTensor params: back to their local shards
+        _sharded_state.localize_states(self)  # DTensor params: back to their local shards
 
 
 @_torch_internals.mark_constant_result
