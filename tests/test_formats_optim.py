@@ -239,10 +239,10 @@ def test_torch_adamw_state_dict_loads(name: str) -> None:
     _assert_next_step_close(params, twin, theirs, ours, 1e-2 if "4bit" in name else 0.5e-2)
 
 
-@pytest.mark.parametrize("name", ["AdamW4bit", "AdamWFp8"])
+@pytest.mark.parametrize("name", ["AdamW4bit", "AdamWFp8", "AdamW8bit"])
 def test_torchao_state_dict_loads_into_the_class_of_the_same_name(name: str) -> None:
     torchao_optim = pytest.importorskip("torchao.optim")
     params, twin, theirs, ours = _train_and_load(getattr(torchao_optim, name), name)
     st = ours.state[twin[0]]
-    assert st["state1"].dtype == (torch.uint8 if "4bit" in name else torch.float8_e4m3fn)
+    assert st["state1"].dtype == (torch.float8_e4m3fn if "Fp8" in name else torch.uint8)
     _assert_next_step_close(params, twin, theirs, ours, 1e-2 if "4bit" in name else 0.5e-2)
