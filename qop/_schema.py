@@ -142,6 +142,11 @@ FP8_BLOCKSIZE = 256
 FP8_MAX = 448.0
 #: Floor of the absmax of an fp8 block (a block of zeros keeps a positive scale).
 FP8_MIN_ABSMAX = 1e-12
+#: fp8 states from this index on (the Adam rule's second moments, ``v`` and AMSGrad's maximum) are zero-free: a
+#: positive value whose code rounds to 0 (below 2^-10 of the scale) is stored as the smallest subnormal, 2^-9.
+#: e4m3fn reaches only ~4e-6 of a block's absmax; a second moment flushed to 0 beside a first moment that is not
+#: makes the update m / eps, which explodes (as the 4-bit books exclude zero for second moments).
+FP8_FIRST_ZERO_FREE_STATE = 1
 #: Elements per absmax (fp8: scale) entry of each blockwise format.
 FORMAT_BLOCKSIZE: dict[StateFormat, int] = {
     StateFormat.BLOCKWISE8: BLOCKSIZE,

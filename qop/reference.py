@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ._schema import (
     FORMAT_BLOCKSIZE,
+    FP8_FIRST_ZERO_FREE_STATE,
     FP8_MAX,
     FP8_MIN_ABSMAX,
     HISTORY,
@@ -93,9 +94,9 @@ def unpack4(packed: Tensor, numel: int) -> Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:numel]
 
 
-def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_fp8(x: Tensor, zero_free: bool = False) -> tuple[Tensor, Tensor]:
     """float8_e4m3fn codes of float32 ``x`` (flat) and one float32 scale ``max(absmax, 1e-12) / 448`` per
-    FP8_BLOCKSIZE-block: ``x / scale`` rounded to nearest-even."""
+    FP8_BLOCKSIZE-block: ``x / scale`` rounded to nearest-even (``zero_free``: see :func:`fp8_zero_free`)."""
     bs = FORMAT_BLOCKSIZE[StateFormat.FP8]
     n = x.numel()
     nblocks = -(-n // bs)
@@ -103,7 +104,15 @@ def quantize_fp8(x: Tensor) -> tuple[Tensor, Tensor]:
     absmax = blocks.abs().amax(dim=1) if nblocks else x.new_zeros(0, dtype=torch.float32)
     scale = torch.clamp(absmax, min=FP8_MIN_ABSMAX) / FP8_MAX
     codes = (blocks / scale[:, None]).reshape(-1)[:n].to(torch.float8_e4m3fn)
-    return codes, scale
+    return (fp8_zero_free(codes, x) if zero_free else codes), scale
+
+
+def fp8_zero_free(codes: Tensor, x: Tensor) -> Tensor:
+    """fp8 ``codes`` of the values ``x`` with every positive value whose code is 0 raised to the smallest
+    subnormal (byte 1): the second moments' rule (FP8_FIRST_ZERO_FREE_STATE)."""
+    b = codes.reshape(-1).view(torch.uint8)
+    raised = torch.where((b == 0) & (x.reshape(-1) > 0), torch.ones_like(b), b)
+    return raised.view(torch.float8_e4m3fn).view(codes.shape)
 
 
 def dequantize_fp8(codes: Tensor, scale: Tensor) -> Tensor:
@@ -113,15 +122,15 @@ def dequantize_fp8(codes: Tensor, scale: Tensor) -> Tensor:
     return codes.reshape(-1).float() * scale.float().repeat_interleave(bs)[:n]
 
 
-def quantize_state(fmt: StateFormat, x: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """A float32 state (flat) in a format: the state tensor (flat) and its absmax/scales (None for float32 and
-    bfloat16)."""
+def quantize_state(fmt: StateFormat, x: Tensor, code: Tensor | None, j: int = 0) -> tuple[Tensor, Tensor | None]:
+    """A float32 state (flat; state ``j`` of its tensor) in a format: the state tensor (flat) and its absmax/scales
+    (None for float32 and bfloat16)."""
     if fmt == StateFormat.FLOAT32:
         return x.reshape(-1).float(), None
     if fmt == StateFormat.BFLOAT16:  # .to() rounds to nearest-even
         return x.reshape(-1).to(torch.bfloat16), None
     if fmt == StateFormat.FP8:
-        return quantize_fp8(x)
+        return quantize_fp8(x, zero_free=j >= FP8_FIRST_ZERO_FREE_STATE)
     assert code is not None
     q, a = quantize_blockwise(x.reshape(-1).float(), code, FORMAT_BLOCKSIZE[fmt])
     return (pack4(q) if fmt == StateFormat.BLOCKWISE4 else q), a
@@ -329,7 +338,7 @@ def _store_state(
     """Write a new float32 state back in its format where ``keep`` (found_inf leaves it as it was)."""
     if fmt is None:
         raise ValueError(f"qop: no reference for states of dtype {state.dtype}")
-    q, a = quantize_state(fmt, new, codes[j] if codes else None)
+    q, a = quantize_state(fmt, new, codes[j] if codes else None, j)
     bits = state.view(torch.uint8) if fmt == StateFormat.FP8 else state  # torch.where has no fp8 kernel
     bits.copy_(torch.where(keep, q.view(bits.dtype).view(bits.shape), bits))
     if a is not None:

@@ -24,6 +24,7 @@ from qop._schema import (
     CODE_SIZE,
     FORMAT_BLOCKSIZE,
     FORMAT_RULES,
+    FP8_FIRST_ZERO_FREE_STATE,
     FP8_MAX,
     FP8_MIN_ABSMAX,
     HISTORY,
@@ -71,6 +72,7 @@ def test_the_cpp_mirror_matches_the_schema() -> None:
     assert _constant(text, "kCodeSize") == CODE_SIZE[StateFormat.BLOCKWISE8]
     floats = dict(re.findall(r"constexpr float (\w+) = ([0-9.e+-]+)f;", text))
     assert float(floats["kFp8Max"]) == FP8_MAX and float(floats["kFp8MinAbsmax"]) == FP8_MIN_ABSMAX
+    assert _constant(text, "kFp8FirstZeroFreeState") == FP8_FIRST_ZERO_FREE_STATE
     # the rules each format serves: the C++ format_serves mirrors FORMAT_RULES
     serves = re.search(r"constexpr bool format_serves\(int format, int rule\) \{ return (.*?); \}", text)
     assert serves and serves.group(1) == "format != FP8 || rule == ADAM"
@@ -175,3 +177,12 @@ def test_one_version() -> None:
     import importlib.metadata
 
     assert importlib.metadata.version("qop") == qop.__version__
+
+
+def test_fp8_zero_free_states_are_the_unsigned_ones() -> None:
+    """The fp8 states kept zero-free (FP8_FIRST_ZERO_FREE_STATE on) are exactly the unsigned states (the second
+    moments) of every optimizer whose rule fp8 serves."""
+    for cls in qop.optim.CLASSES:
+        if cls.rule in FORMAT_RULES[StateFormat.FP8]:
+            signed = cls.state_signed[: n_states(cls.rule, Flag.AMSGRAD, True)]
+            assert signed == tuple(j < FP8_FIRST_ZERO_FREE_STATE for j in range(len(signed))), cls.__name__

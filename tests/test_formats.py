@@ -19,7 +19,7 @@ from torch import Tensor
 import qop
 from qop import reference
 from qop._maps import code_book, create_dynamic_map
-from qop._schema import FORMAT_RULES, FP8_BLOCKSIZE, StateFormat
+from qop._schema import FORMAT_RULES, FP8_BLOCKSIZE, FP8_FIRST_ZERO_FREE_STATE, FP8_MIN_ABSMAX, HP, StateFormat
 
 needs_kernels = pytest.mark.skipif(not qop.HAS_CPU_KERNELS, reason="qop C++ CPU kernels not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -60,6 +60,62 @@ def test_fp8_scale_and_round_to_nearest_even() -> None:
     assert scale.tolist() == [1.0, (torch.tensor(1e-12) / 448.0).item()]
     assert codes.float()[:3].tolist() == [448.0, 16.0, -9.0]  # 17 is a tie between 16 and 18: even mantissa
     assert torch.equal(reference.dequantize_fp8(codes, scale)[FP8_BLOCKSIZE:], torch.zeros(3))
+
+
+def test_fp8_second_moments_are_zero_free() -> None:
+    """fp8 states from FP8_FIRST_ZERO_FREE_STATE on keep a positive value below the e4m3fn grid as the smallest
+    subnormal (byte 1); zeros stay zero; the first moment rounds to nearest as the format says."""
+    x = torch.tensor([448.0, 1e-9, 0.0, 2.0**-10, 2.0**-9])
+    first, _ = reference.quantize_state(StateFormat.FP8, x, None, 0)
+    second, _ = reference.quantize_state(StateFormat.FP8, x, None, FP8_FIRST_ZERO_FREE_STATE)
+    assert first.view(torch.uint8).tolist() == [0x7E, 0, 0, 0, 1]  # 2^-10: a tie between 0 and 2^-9, even
+    assert second.view(torch.uint8).tolist() == [0x7E, 1, 0, 1, 1]
+
+
+class VanishingGradient:
+    """Two Adam steps (fp8 states) where most gradients are 1e-4 of the largest one in their block and then 0: their
+    second moments sit ~1e-8 below the block's absmax, under e4m3fn's reach, while their first moments do not."""
+
+    def __init__(self, case, device: str = "cpu") -> None:
+        n = 512
+        self.case = case
+        self.params = [torch.zeros(n, device=device)]
+        self.states = [[torch.zeros(n, device=device).to(torch.float8_e4m3fn)] for _ in range(case.n_states)]
+        floor = FP8_MIN_ABSMAX / 448.0
+        self.absmax = [[torch.full((2,), floor, device=device)] for _ in range(case.n_states)]
+        self.steps = [torch.zeros((), device=device)]
+        self.hp = case.hp_tensor().to(device)
+        g = torch.full((n,), 1e-4, device=device)
+        g[0] = g[256] = 1.0
+        self.grads = [g, torch.zeros(n, device=device)]
+
+    def args(self, grad: Tensor) -> tuple:
+        c = self.case
+        return op_args(c.rule, c.flags, self.params, [grad], self.states, self.absmax, [], self.steps, self.hp)
+
+
+def check_vanishing_gradient(run, device: str = "cpu") -> None:
+    """``run(args)`` steps like the reference, keeps the small second moments positive, and moves every element by
+    a few lr per step at most (a flushed second moment would make it m / eps)."""
+    for case in lowbit_cases(StateFormat.FP8):
+        ours, theirs = VanishingGradient(case, device), VanishingGradient(case)
+        lr = float(ours.hp[HP.LR])
+        for step in range(2):
+            before = ours.params[0].clone()
+            run(ours.args(ours.grads[step]))
+            reference.step(*theirs.args(theirs.grads[step]))
+            # at most (1 - beta1) / sqrt(1 - beta2) = 3.2 lr (the first step without bias correction)
+            assert float((ours.params[0].cpu() - before.cpu()).abs().max()) <= 4 * lr, (case, step)
+            for a, e in zip(ours.states, theirs.states):
+                assert torch.equal(a[0].cpu().view(torch.uint8), e[0].view(torch.uint8)), (case, step)
+            torch.testing.assert_close(ours.params[0].cpu(), theirs.params[0], rtol=1e-5, atol=1e-7)
+        for j in range(FP8_FIRST_ZERO_FREE_STATE, case.n_states):
+            assert bool((ours.states[j][0].cpu().view(torch.uint8) > 0).all()), case  # never flushed to 0
+
+
+@needs_kernels
+def test_fp8_vanishing_gradients_step_like_the_reference() -> None:
+    check_vanishing_gradient(lambda args: qop.ops.step(*args))
 
 
 def test_4bit_second_moment_never_zero() -> None:
@@ -104,8 +160,13 @@ class Inputs:
 
 
 def grads_for(params: list[Tensor], step: int) -> list[Tensor]:
+    """Random gradients, every fifth element 0 (states that only decay: second moments far below their block's
+    absmax stay there)."""
     gen = torch.Generator().manual_seed(1000 + step)
-    return [(torch.randn(p.shape, generator=gen) * (1 + step)).to(p.dtype) for p in params]
+    grads = [torch.randn(p.shape, generator=gen) * (1 + step) for p in params]
+    for g in grads:
+        g.view(-1)[::5] = 0
+    return [g.to(p.dtype) for g, p in zip(grads, params)]
 
 
 def code_distance(a: Tensor, b: Tensor, fmt: StateFormat) -> Tensor:

@@ -341,7 +341,7 @@ class Oracle:
         for p, eight, fmt, books in zip(self.params, self.eight, self.formats, self.books):
             full = torch.full(p.shape, spec.init, dtype=torch.float32)
             if fmt in (StateFormat.BLOCKWISE4, StateFormat.FP8):
-                qa = [reference.quantize_state(fmt, full, books[j] if books else None) for j in range(spec.n_states)]
+                qa = [reference.quantize_state(fmt, full, books[j] if books else None, j) for j in range(spec.n_states)]
                 self.states.append([q for q, _ in qa])
                 self.absmax.append([a for _, a in qa if a is not None])
             elif eight:

@@ -955,6 +955,13 @@ LOWBIT_TABLE = [
 ]
 
 
+def test_fp8_vanishing_gradients_step_like_the_reference():
+    """fp8 second moments far below their block's absmax stay positive (zero-free) in the Triton kernel too."""
+    from test_formats import check_vanishing_gradient
+
+    check_vanishing_gradient(lambda args: _step.step(*args, **SMALL), str(DEVICE))
+
+
 @pytest.mark.parametrize("fmt,case,dtype", LOWBIT_TABLE)
 def test_step_lowbit_states(fmt, case, dtype):
     """Packed 4-bit and fp8 states (tails of 128- and 256-blocks, odd byte counts) against the reference."""

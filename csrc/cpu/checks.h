@@ -23,6 +23,7 @@ constexpr int64_t kCodeSize4 = 16;      // entries of a 4-bit code book (CODE_SI
 constexpr int64_t kFp8Blocksize = 256;  // elements per scale of the fp8 states (FP8_BLOCKSIZE)
 constexpr float kFp8Max = 448.0f;       // FP8_MAX
 constexpr float kFp8MinAbsmax = 1e-12f; // FP8_MIN_ABSMAX
+constexpr int64_t kFp8FirstZeroFreeState = 1;  // FP8_FIRST_ZERO_FREE_STATE
 
 enum Rule : int { ADAM = 1, MOMENTUM = 2, ADAGRAD = 3, RMSPROP = 4, LION = 5, ADEMAMIX = 6 };
 enum Flag : int {

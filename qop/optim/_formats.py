@@ -72,9 +72,15 @@ def format_of(state: dict[str, Any], numel: int, expected: StateFormat) -> State
 
 
 def new_state(
-    fmt: StateFormat, like: Tensor, init: float, code: Tensor | None, zeros: Any, entries: Sequence[int] | None = None
+    fmt: StateFormat,
+    like: Tensor,
+    init: float,
+    code: Tensor | None,
+    zeros: Any,
+    j: int = 0,
+    entries: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """A fresh blockwise state of ``like``'s size holding ``init`` everywhere, and its absmax (scales);
+    """A fresh blockwise state (state ``j``) of ``like``'s size holding ``init`` everywhere, and its absmax (scales);
     ``zeros(shape, dtype)`` allocates (paged or not).  ``entries``: the element counts of the op entries that
     step it, each with blocks of its own (a local shard's head block, then the rest); one entry by default."""
     sizes = [like.numel()] if entries is None else list(entries)
@@ -84,10 +90,8 @@ def new_state(
     q = zeros(shape, dtype)
     absmax = zeros((sum(-(-n // bs) for n in sizes),), torch.float32)
     if init or fmt == StateFormat.FP8:  # fp8: the scale of a block of zeros is positive
-        parts = [
-            reference.quantize_state(fmt, torch.full((n,), float(init), dtype=torch.float32, device=like.device), code)
-            for n in sizes
-        ]
+        full = [torch.full((n,), float(init), dtype=torch.float32, device=like.device) for n in sizes]
+        parts = [reference.quantize_state(fmt, x, code, j) for x in full]
         q.view(-1).view(torch.uint8).copy_(torch.cat([c.view(torch.uint8) for c, _ in parts]))
         absmax.copy_(torch.cat([cast(Tensor, a) for _, a in parts]))
     return q, absmax

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._schema import FORMAT_BLOCKSIZE, StateFormat
+from .._schema import FORMAT_BLOCKSIZE, FP8_FIRST_ZERO_FREE_STATE, StateFormat
 from . import _formats
 from ._distributed import DTensorLike, Layout, all_reduce, groups_of, is_sharded, layout, pack_local, unpack_local
 from ._state_dict import ABSMAX_KEYS as _ABSMAX_KEYS
@@ -60,10 +60,13 @@ def _block_range(lay: Layout, b: int) -> tuple[int, int]:
     return lo, min(lay.numel, lo + lay.block)
 
 
-def _requantize(fmt: StateFormat, q: Tensor, absmax: Tensor, target: Tensor, code: Tensor | None) -> Tensor:
-    """Codes (one per element) of the values of block piece ``q`` against the larger block absmax ``target``."""
+def _requantize(fmt: StateFormat, q: Tensor, absmax: Tensor, target: Tensor, code: Tensor | None, j: int) -> Tensor:
+    """Codes (one per element) of the values of block piece ``q`` (of state ``j``) against the larger block absmax
+    ``target``."""
     if fmt == StateFormat.FP8:  # as quantize_fp8: the value over the scale, to nearest
-        return ((q.float() * absmax) / target).to(torch.float8_e4m3fn)
+        values = q.float() * absmax
+        codes = (values / target).to(torch.float8_e4m3fn)
+        return reference.fp8_zero_free(codes, values) if j >= FP8_FIRST_ZERO_FREE_STATE else codes
     assert code is not None
     values = reference.dequantize_blockwise(q, absmax.reshape(1), code, max(q.numel(), 1), torch.float32)
     # quantize with the block's absmax forced to ``target``: an extra element equal to it sets the absmax
@@ -73,7 +76,7 @@ def _requantize(fmt: StateFormat, q: Tensor, absmax: Tensor, target: Tensor, cod
 
 
 def _canonical_absmax(
-    p: DTensorLike, lay: Layout, fmt: StateFormat, codes: Tensor, absmax: Tensor, code: Tensor | None
+    p: DTensorLike, lay: Layout, fmt: StateFormat, codes: Tensor, absmax: Tensor, code: Tensor | None, j: int
 ) -> Tensor:
     """The full absmax in global blocks; blocks split between ranks are made canonical in ``codes`` (one per
     element, flat) and ``absmax`` first: the piece with the smaller absmax requantized against the larger one."""
@@ -84,7 +87,7 @@ def _canonical_absmax(
         target = full[lay.first_block + b]
         if bool(absmax[b] < target):  # a piece of a split block whose other piece has the larger absmax
             lo, hi = _block_range(lay, b)
-            codes[lo:hi] = _requantize(fmt, codes[lo:hi], absmax[b], target, code)
+            codes[lo:hi] = _requantize(fmt, codes[lo:hi], absmax[b], target, code, j)
             absmax[b] = target
     return full
 
@@ -128,7 +131,7 @@ def export_state(opt: QopOptimizer, sd: dict[str, Any]) -> None:
             if fmt in FORMAT_BLOCKSIZE:
                 code = _code(opt, q.device, fmt, j)
                 codes = unpack_local(q, lay) if fmt == StateFormat.BLOCKWISE4 else q.view(-1)
-                full = _canonical_absmax(p, lay, fmt, codes, st[_ABSMAX_KEYS[j]], code)
+                full = _canonical_absmax(p, lay, fmt, codes, st[_ABSMAX_KEYS[j]], code, j)
                 st[_ABSMAX_KEYS[j]] = _sharded_like_blocks(full, p)
                 if fmt == StateFormat.BLOCKWISE4:
                     q.copy_(pack_local(codes, lay))  # the canonical form, in the live state too

@@ -281,7 +281,7 @@ def convert(st: dict[str, Any], p: Tensor, n_states: int, fmt: StateFormat, sign
                 x = reference.dequantize_blockwise(
                     _whole(t).reshape(-1), _whole(absmax), code, BLOCKSIZE, torch.float32
                 )
-            q, a = reference.quantize_state(fmt, _whole(x).reshape(-1), book[0] if book else None)
+            q, a = reference.quantize_state(fmt, _whole(x).reshape(-1), book[0] if book else None, j)
             out[name] = q.view(p.shape) if fmt == StateFormat.FP8 else q
             out[am_name] = a
             continue

@@ -248,7 +248,8 @@ class QopOptimizer(torch.optim.Optimizer):
                 book = self._codes[(p.device, fmt)][j] if fmt in _formats.BOOK_BITS else None
                 zeros = lambda shape, dtype: self._zeros(group, like, dtype, shape)
                 sizes = _distributed.entry_sizes(p, fmt)
-                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = _formats.new_state(fmt, like, init, book, zeros, sizes)
+                made = _formats.new_state(fmt, like, init, book, zeros, j, sizes)
+                state[_STATE_KEYS[j]], state[_ABSMAX_KEYS[j]] = made
             else:
                 state[_STATE_KEYS[j]] = self._zeros(group, like, _formats.VALUE_DTYPES[fmt]).fill_(init)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._schema import HP, Flag, StateFormat
+from .._schema import FP8_FIRST_ZERO_FREE_STATE, HP, Flag, StateFormat
 from . import _lowbit
 from ._common import (
     _code_book,
@@ -57,6 +57,7 @@ _F32 = tl.constexpr(int(StateFormat.FLOAT32))
 _B8 = tl.constexpr(int(StateFormat.BLOCKWISE8))
 _B4 = tl.constexpr(int(StateFormat.BLOCKWISE4))
 _FP8 = tl.constexpr(int(StateFormat.FP8))
+_FP8_FIRST_ZERO_FREE_STATE = tl.constexpr(FP8_FIRST_ZERO_FREE_STATE)
 
 
 # ----------------------------------------------------------------------------------- state access
@@ -114,12 +115,14 @@ def _store_state(
     QUANT: tl.constexpr,
     GATHER: tl.constexpr,
     ROW: tl.constexpr,
+    J: tl.constexpr,
 ):
-    """Write a state tile; blockwise formats: requantize each row (one block) against a fresh absmax."""
+    """Write state ``J`` of a tile; blockwise formats: requantize each row (one block) against a fresh absmax."""
     if QUANT == _B4:
         _lowbit.store4(s_ptr, a_ptr, code_ptr, x, old_absmax, off, rows, mask, end, blocks, block_mask, dry, ROW)
     elif QUANT == _FP8:
-        _lowbit.store_fp8(s_ptr, a_ptr, x, old_q, old_absmax, offs, mask, blocks, block_mask, dry)
+        zero_free: tl.constexpr = J >= _FP8_FIRST_ZERO_FREE_STATE
+        _lowbit.store_fp8(s_ptr, a_ptr, x, old_q, old_absmax, offs, mask, blocks, block_mask, dry, zero_free)
     elif QUANT == _B8:
         absmax = _row_absmax(tl.where(mask, x, 0.0))
         scale = tl.where(absmax > 0, absmax, 1.0)
@@ -309,6 +312,7 @@ def _step_kernel(
                     QUANT,
                     GATHER,
                     ROW,
+                    0,
                 )
             if N_STATES >= 2:
                 _store_state(
@@ -331,6 +335,7 @@ def _step_kernel(
                     QUANT,
                     GATHER,
                     ROW,
+                    1,
                 )
             if N_STATES >= 3:
                 _store_state(
@@ -353,6 +358,7 @@ def _step_kernel(
                     QUANT,
                     GATHER,
                     ROW,
+                    2,
                 )
 
     if PASS == 1:

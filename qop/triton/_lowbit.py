@@ -99,12 +99,15 @@ def load_fp8(s_ptr, a_ptr, offs, mask, blocks, block_mask):
 
 
 @triton.jit
-def store_fp8(s_ptr, a_ptr, x, old_b, old_scale, offs, mask, blocks, block_mask, dry):
-    """Write an fp8 state tile: per row (256-block) the scale ``max(absmax, 1e-12) / 448``, codes ``x / scale``."""
+def store_fp8(s_ptr, a_ptr, x, old_b, old_scale, offs, mask, blocks, block_mask, dry, ZERO_FREE: tl.constexpr):
+    """Write an fp8 state tile: per row (256-block) the scale ``max(absmax, 1e-12) / 448``, codes ``x / scale``;
+    ``ZERO_FREE`` (second moments): a positive ``x`` whose code is 0 takes the smallest subnormal (byte 1)."""
     absmax = _row_absmax(tl.where(mask, x, 0.0))
     floor = tl.full(absmax.shape, _FP8_MIN_ABSMAX, tl.float32)
     top = tl.full(absmax.shape, _FP8_MAX, tl.float32)
     scale = _div(tl.where(absmax < floor, floor, absmax), top)  # NaN stays NaN, as torch.clamp
     b = _fp8_bits(_div(x, scale[:, None]))
+    if ZERO_FREE:
+        b = tl.where((b == 0) & (x > 0.0), 1, b)
     tl.store(s_ptr + offs, tl.where(dry, old_b, b).to(tl.uint8), mask=mask)
     tl.store(a_ptr + blocks, tl.where(dry, old_scale, scale), mask=block_mask)

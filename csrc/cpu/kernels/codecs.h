@@ -117,7 +117,8 @@ struct Codec4 {
 };
 
 // float8_e4m3fn values with one float32 scale max(absmax, 1e-12) / 448 per block: code = fp8(x / scale)
-// rounded to nearest even by c10's conversion (torch's), value = float(code) * scale.
+// rounded to nearest even by c10's conversion (torch's), value = float(code) * scale.  States from
+// kFp8FirstZeroFreeState on (second moments) are zero-free: a positive x whose code is 0 takes the byte 1.
 struct CodecFp8 {
   static constexpr int64_t kBlock = kFp8Blocksize;
   std::array<uint8_t*, 3> q{};
@@ -147,6 +148,9 @@ struct CodecFp8 {
     const float scale = std::max(absmax, kFp8MinAbsmax) / kFp8Max;  // NaN stays NaN, as torch.clamp
     uint8_t* bytes = q[j] + off;
     for (int64_t i = 0; i < nb; ++i) bytes[i] = c10::Float8_e4m3fn(x[i] / scale).x;
+    if (j >= kFp8FirstZeroFreeState) {
+      for (int64_t i = 0; i < nb; ++i) bytes[i] = (bytes[i] == 0 && x[i] > 0.0f) ? uint8_t{1} : bytes[i];
+    }
     return scale;
   }
 };
