@@ -1,4 +1,4 @@
-"""qop: 8-bit and 32-bit optimizers for PyTorch 2 built from ``torch.library`` custom ops.
+"""qop: low-bit (8-bit, 4-bit, fp8, bfloat16) and 32-bit optimizers for PyTorch 2 from ``torch.library`` ops.
 
 Importing qop declares the ``qop`` ops (``qop._schema``), registers their fake kernels (``qop.meta``),
 the C++ CPU kernels (``qop._C``), the Triton GPU kernels (``qop.triton``, when CUDA and Triton are
