@@ -644,6 +644,7 @@ def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
         StateDictOptions,
         get_optimizer_state_dict,
         get_state_dict,
+        set_optimizer_state_dict,
         set_state_dict,
     )
     from torch.utils._pytree import tree_map_only
@@ -659,11 +660,20 @@ def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
         before = _states(opt, model)  # saving makes blocks split between ranks canonical
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(run_dir / name))
+        gathered = None
         if name in GATHERED:
             gathered = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+            gathered = tree_map_only(Tensor, Tensor.clone, gathered)
             if rank == 0:
-                torch.save(tree_map_only(Tensor, Tensor.clone, gathered), run_dir / f"{name}-gathered.pt")
+                torch.save(gathered, run_dir / f"{name}-gathered.pt")
         after = _states(opt, model)
+        from_full_unequal = None
+        if gathered is not None:  # the gathered (full) state dict loads into a fresh sharded optimizer as the state
+            from_full = shard(copy.deepcopy(base))
+            from_full_opt = make_opt(name, from_full)
+            set_optimizer_state_dict(from_full, from_full_opt, gathered, options=StateDictOptions(full_state_dict=True))
+            got = _states(from_full_opt, from_full)
+            from_full_unequal = [f"{n}.{k}" for n in after for k in after[n] if not torch.equal(got[n][k], after[n][k])]
         train(model, opt, xs[3:], ys[3:])
 
         fresh = shard(copy.deepcopy(base))
@@ -677,6 +687,7 @@ def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
         results[name] = {
             "resume_diff": max_diff(fresh, model),
             "unequal": [f"{n}.{k}" for n in after for k in after[n] if not torch.equal(loaded[n][k], after[n][k])],
+            "from_full_unequal": from_full_unequal,
             "before": before,
             "after": after,
             "layouts": {n: qop.optim._distributed.layout(p) for n, p in model.named_parameters()},
@@ -746,6 +757,7 @@ def test_dcp_formats_resume_and_reshard(tmp_path):
         for k in range(WORLD):
             assert r[k][name]["resume_diff"] == 0.0, name
             assert not r[k][name]["unequal"], (name, r[k][name]["unequal"])
+            assert r[k][name]["from_full_unequal"] == ([] if name in GATHERED else None), name
         base = make_net(uneven=True)
         model = copy.deepcopy(base)
         opt = make_opt(name, model)
