@@ -542,12 +542,58 @@ def _other_placements(rank: int, world: int, run_dir: Path) -> None:
     Path(run_dir, f"placements{rank}").write_text(f"{error}\nstate: {dict(opt.state[p])}")
 
 
+def _mixed_formats(rank: int, world: int, run_dir: Path) -> None:
+    """One FSDP2 optimizer over three state formats (AdamW4bit, module overrides put l1.weight in 8 bits and
+    l2.weight in fp8), against one process with the same overrides."""
+    base = make_net(uneven=True)
+    xs, ys = batches(base, 4)
+
+    def run(model: Net, xs: Tensor, ys: Tensor) -> torch.optim.Optimizer:
+        manager = qop.optim.GlobalOptimManager.get_instance()
+        manager.register_module_override(model.l1, "weight", {"optim_bits": 8})
+        manager.register_module_override(model.l2, "weight", {"optim_bits": "fp8"})
+        opt = qop.optim.AdamW4bit(model.parameters(), lr=1e-2)
+        train(model, opt, xs, ys)
+        return opt
+
+    ref = copy.deepcopy(base)
+    run(ref, xs, ys)
+    model = shard(copy.deepcopy(base))
+    opt = run(model, my_half(xs, rank), my_half(ys, rank))
+    kinds = {
+        n: (str(opt.state[p]["state1"].dtype), opt.state[p]["state1"].numel()) for n, p in model.named_parameters()
+    }
+    numels = {n: full(p).numel() and p.to_local().numel() for n, p in model.named_parameters()}
+    out = {"diff": max_diff(model, ref), "mean": mean_diff(model, ref), "kinds": kinds, "numels": numels}
+    torch.save(out, run_dir / f"mixed{rank}.pt")
+
+
 @pytest.fixture(scope="module")
 def docs_and_compile_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One spawn for the documentation's examples, the compiled step and placements other than dim-0 shards."""
     return launch(
-        run_all, tmp_path_factory.mktemp("docs"), _run_docs, _compiled_step, _other_placements, timeout=3 * TIMEOUT
+        run_all,
+        tmp_path_factory.mktemp("docs"),
+        _run_docs,
+        _compiled_step,
+        _other_placements,
+        _mixed_formats,
+        timeout=3 * TIMEOUT,
     )
+
+
+def test_mixed_formats_in_one_fsdp2_optimizer(docs_and_compile_run):
+    """Per-parameter overrides under FSDP2: 4-bit, 8-bit and fp8 states in one optimizer, each of the local shard,
+    training like one process (split blocks aside: see test_fsdp2_matches_one_process)."""
+    lr = 1e-2
+    for k in range(WORLD):
+        res = torch.load(Path(docs_and_compile_run, f"mixed{k}.pt"))
+        kinds, numels = res["kinds"], res["numels"]
+        assert kinds["l1.weight"] == ("torch.uint8", numels["l1.weight"])  # 8-bit codes: one per element
+        assert kinds["l2.weight"] == ("torch.float8_e4m3fn", numels["l2.weight"])
+        assert kinds["odd"][0] == "torch.uint8" and kinds["odd"][1] < numels["odd"]  # packed 4-bit codes
+        assert kinds["l1.bias"][0] == "torch.float32"
+        assert res["diff"] <= 3 * lr and res["mean"] <= 0.05 * lr, res
 
 
 def test_other_placements_refused(docs_and_compile_run):
