@@ -560,10 +560,9 @@ def _mixed_formats(rank: int, world: int, run_dir: Path) -> None:
     run(ref, xs, ys)
     model = shard(copy.deepcopy(base))
     opt = run(model, my_half(xs, rank), my_half(ys, rank))
-    kinds = {
-        n: (str(opt.state[p]["state1"].dtype), opt.state[p]["state1"].numel()) for n, p in model.named_parameters()
-    }
-    numels = {n: full(p).numel() and p.to_local().numel() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    kinds = {n: (str(opt.state[p]["state1"].dtype), opt.state[p]["state1"].numel()) for n, p in params.items()}
+    numels = {n: p.to_local().numel() for n, p in params.items()}  # elements of the local shard
     out = {"diff": max_diff(model, ref), "mean": mean_diff(model, ref), "kinds": kinds, "numels": numels}
     torch.save(out, run_dir / f"mixed{rank}.pt")
 
