@@ -57,6 +57,19 @@ def test_quick_run_writes_the_table(tmp_path: Path, keep_threads: None, capsys: 
         assert "### digits" in table and "needs scikit-learn" not in table
 
 
+def test_torchao_rows_on_request() -> None:
+    """``--torchao`` adds torchao's classes of the same names (absent, with the reason, where not installed)."""
+    plain = [r.label for r in quality.providers()]
+    rows = {r.label: r for r in quality.providers(torchao=True)}
+    assert not any(label.startswith("torchao") for label in plain)
+    for name in quality.TORCHAO_CLASSES:
+        row = rows[f"torchao {name}"]
+        if importlib.util.find_spec("torchao") is None:
+            assert row.build is None and "not installed" in row.absent
+        else:
+            assert row.build is not None and not row.absent
+
+
 def math_ok(x: float) -> bool:
     return x == x and 0 < x < 10
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -129,8 +130,26 @@ def _qop(spec: str, dtype: torch.dtype = torch.float32, label: str = "") -> Prov
     return Provider(name, None if fmt.cls is None else fmt.build, dtype, fmt.absent)
 
 
-def providers(extra: Sequence[str] = ()) -> list[Provider]:
-    """Every row, in table order (``extra``: more ``qop.optim`` formats, ``Name[:key=value,...]``)."""
+#: torchao's classes of qop's names (``--torchao``): they compile each parameter shape's step with inductor, which
+#: takes minutes on a CPU, and keep float32 states for tensors under 4096 elements or not a multiple of their block.
+TORCHAO_CLASSES = ("AdamW8bit", "AdamW4bit", "AdamWFp8")
+
+
+def _torchao_rows() -> list[Provider]:
+    ao = import_optional("torchao")
+    rows = []
+    for name in TORCHAO_CLASSES:
+        cls = None if ao is None else getattr(ao, name, None)
+        if cls is None:
+            rows.append(Provider(f"torchao {name}", None, absent=f"torchao {name} not installed"))
+        else:
+            rows.append(Provider(f"torchao {name}", lambda params, _cls=cls, **kw: _cls(params, **kw)))
+    return rows
+
+
+def providers(extra: Sequence[str] = (), torchao: bool = False) -> list[Provider]:
+    """Every row, in table order (``extra``: more ``qop.optim`` formats, ``Name[:key=value,...]``; ``torchao``:
+    torchao's classes of the same names too)."""
     rows = [Provider(REFERENCE, lambda params, **kw: torch.optim.AdamW(params, fused=True, **kw))]
     rows += [_qop("AdamW"), _qop("AdamW:optim_bits=16"), _qop("AdamW8bit")]
     bnb = import_optional("bnb")
@@ -139,6 +158,7 @@ def providers(extra: Sequence[str] = ()) -> list[Provider]:
     else:
         rows.append(Provider("bnb AdamW8bit", lambda params, **kw: bnb.AdamW8bit(params, **kw)))
     rows += [_qop("AdamW4bit"), _qop("AdamWFp8")]
+    rows += _torchao_rows() if torchao else []
     rows += [
         _qop("AdamW", torch.bfloat16, "qop AdamW bf16 params, nearest rounding"),
         _qop("AdamW:bf16_stochastic_round=True", torch.bfloat16, "qop AdamW bf16 params, stochastic rounding"),
@@ -220,13 +240,19 @@ def markdown(rows: list[Row], meta: dict[str, Any]) -> str:
 
 
 def run(
-    tasks: Sequence[str], steps: int, quick: bool, seed: int = 0, extra: Sequence[str] = (), weight_decay: float = 1e-2
+    tasks: Sequence[str],
+    steps: int,
+    quick: bool,
+    seed: int = 0,
+    extra: Sequence[str] = (),
+    weight_decay: float = 1e-2,
+    torchao: bool = False,
 ) -> list[Row]:
     """Every provider on every task."""
     rows = []
     for name in tasks:
         task = TASKS[name](quick, seed)
-        rows += [train_one(task, p, steps, weight_decay) for p in providers(extra)]
+        rows += [train_one(task, p, steps, weight_decay) for p in providers(extra, torchao)]
     return rows
 
 
@@ -242,6 +268,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--torchao", action="store_true", help="torchao's AdamW8bit/AdamW4bit/AdamWFp8 too (compiles: minutes)"
+    )
     args = parser.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
@@ -251,7 +280,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python benchmarks/bench
     if steps < 2:
         parser.error("--steps must be >= 2")
     torch.set_num_threads(args.threads)
-    rows = run(tasks, steps, args.quick, args.seed, args.optimizers)
+    if args.torchao:  # torchao compiles its steps here: no pool of compile workers warming up beside the timings
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    rows = run(tasks, steps, args.quick, args.seed, args.optimizers, torchao=args.torchao)
     meta = {"steps": steps, "threads": args.threads, "cpu": cpu_model(), "torch": torch.__version__}
     table = markdown(rows, meta)
     print(table)
