@@ -141,6 +141,9 @@ def test_measured_bytes_follow_the_live_state(bench: ModuleType) -> None:
         (torch.optim.AdamW([p], fused=True), "torch", 32),
         (qop.optim.Adam8bit([p]), "qop", 8),
         (qop.optim.LAMB8bit([p]), "qop", 8),
+        (qop.optim.AdamW4bit([p]), "qop", 4),
+        (qop.optim.AdamWFp8([p]), "qop", 8),
+        (qop.optim.AdamW([p], optim_bits=16), "qop", 16),
     ):
         family = "lamb" if "LAMB" in type(opt).__name__ else "adam"
         opt.step()

@@ -155,9 +155,15 @@ class PeakRSS:
 
 # ------------------------------------------------------------------------------------------ bandwidth
 def _state_bytes_table(family: str, bits: int, numel: int, min_8bit_size: int = MIN_8BIT_SIZE) -> int:
-    """Bytes of a tensor's optimizer states by the family table: 4 B/element per state, or 1 B plus absmax."""
+    """Bytes of a tensor's optimizer states by the family table: 4 B/element per state; 2 B (bfloat16 states,
+    every tensor); or, from ``min_8bit_size`` elements, 1 B plus an absmax per 256 (8-bit, fp8) or half a byte
+    plus one per 128 (4-bit)."""
+    if bits == 16:
+        return N_STATES[family] * 2 * numel
     if bits == 8 and numel >= min_8bit_size:
         return N_STATES[family] * (numel + 4 * -(-numel // ABSMAX_BLOCK))
+    if bits == 4 and numel >= min_8bit_size:
+        return N_STATES[family] * ((numel + 1) // 2 + 4 * -(-numel // (ABSMAX_BLOCK // 2)))
     return N_STATES[family] * 4 * numel
 
 

@@ -56,6 +56,14 @@ class OptSpec:
     skip_workloads: tuple[tuple[str, str], ...] = ()  # (workload, reason)
 
 
+#: qop's Adam rows beyond 8 and 32 bits: (label, class, bits for the byte tables, extra arguments).
+LOWBIT_ADAM: tuple[tuple[str, str, int, dict[str, Any]], ...] = (
+    ("AdamW4bit", "AdamW4bit", 4, {}),
+    ("AdamWFp8", "AdamWFp8", 8, {}),
+    ("AdamW bf16 states", "AdamW", 16, {"optim_bits": 16}),
+)
+
+
 def _accepted(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``kwargs`` that ``cls.__init__`` accepts (families differ in small ways)."""
     try:
@@ -136,15 +144,21 @@ def discover(
                         kw["percentile_clipping"] = percentile_clipping
                         label += "" if "percentile_clipping" in _accepted(cls, kw) else " (no pct clip)"
                     specs.append(OptSpec(label, provider, family, bits, _builder(cls, kw)))
+        if family == "adam" and "qop" in providers:  # the state formats beyond 8 bits (fp8: 1 B + a scale per 256)
+            for label, cls_name, bits, extra in LOWBIT_ADAM:
+                kw = dict(hp, weight_decay=1e-2, **extra)
+                specs.append(OptSpec(f"qop {label}", "qop", family, bits, _builder(getattr(qop.optim, cls_name), kw)))
         if family == "adam" and "torchao" in providers and libs.get("torchao") is not None:
-            cls = getattr(libs["torchao"], "AdamW8bit", None)
-            if cls is not None:
+            for label, bits in (("AdamW8bit", 8), ("AdamW4bit", 4), ("AdamWFp8", 8)):
+                cls = getattr(libs["torchao"], label, None)
+                if cls is None:
+                    continue
                 specs.append(
                     OptSpec(
-                        "torchao AdamW8bit",
+                        f"torchao {label}",
                         "torchao",
                         family,
-                        8,
+                        bits,
                         _builder(cls, dict(hp, weight_decay=1e-2)),
                         skip_workloads=(("many", "torch.compile(dynamic=False) recompiles for each of ~2000 shapes"),),
                     )
