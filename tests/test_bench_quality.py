@@ -89,3 +89,17 @@ def test_demo_shows_formats_side_by_side(keep_threads: None, capsys: pytest.Capt
     assert bf16 is not None and bf16.state_bytes / result.n_params == pytest.approx(4.0, rel=0.01)
     text = capsys.readouterr().out
     assert "qop NoSuchAdam" in text and "has no NoSuchAdam" in text
+
+
+def test_fp8_vanishing_gradients_script(capsys: pytest.CaptureFixture[str]) -> None:
+    """The fp8 script trains its ReLU MLP: qop's AdamWFp8 moves the parameters about as far as fp32 AdamW."""
+    import runpy
+
+    script = runpy.run_path(str(ROOT / "benchmarks" / "fp8_vanishing_gradients.py"), run_name="fp8_script")
+    assert script["main"](["--steps", "6", "--no-torchao"]) == 0
+    moved = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  "):
+            label, value = line.strip().rsplit(" ", 1)
+            moved[label.strip()] = float(value)
+    assert abs(moved["qop AdamWFp8"] - moved["torch AdamW fp32"]) < 0.01, moved

@@ -246,3 +246,15 @@ def test_torchao_state_dict_loads_into_the_class_of_the_same_name(name: str) -> 
     st = ours.state[twin[0]]
     assert st["state1"].dtype == (torch.float8_e4m3fn if "Fp8" in name else torch.uint8)
     _assert_next_step_close(params, twin, theirs, ours, 1e-2 if "4bit" in name else 0.5e-2)
+
+
+def test_fresh_fp8_states_are_quantized_zeros() -> None:
+    """A fresh fp8 state is made without quantizing a float32 copy: zeros with the floor scale, bit for bit what
+    the reference quantizer gives for zeros."""
+    p = torch.zeros(5000, requires_grad=True)
+    opt = qop.optim.AdamWFp8([p])
+    opt._init_state(opt.param_groups[0], p)
+    codes, scale = reference.quantize_fp8(torch.zeros(5000))
+    for j in (1, 2):
+        assert torch.equal(opt.state[p][f"state{j}"].view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(opt.state[p][f"absmax{j}"], scale)

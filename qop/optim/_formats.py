@@ -16,7 +16,17 @@ from torch import Tensor
 
 from .. import reference
 from .._maps import code_book
-from .._schema import CODE_SIZE, FORMAT_BLOCKSIZE, FORMAT_RULES, Rule, StateFormat, state_format, state_numel
+from .._schema import (
+    CODE_SIZE,
+    FORMAT_BLOCKSIZE,
+    FORMAT_RULES,
+    FP8_MAX,
+    FP8_MIN_ABSMAX,
+    Rule,
+    StateFormat,
+    state_format,
+    state_numel,
+)
 
 #: ``optim_bits`` value -> the format of the states it makes.
 FORMATS: dict[Any, StateFormat] = {
@@ -89,7 +99,9 @@ def new_state(
     dtype = torch.float8_e4m3fn if fmt == StateFormat.FP8 else torch.uint8
     q = zeros(shape, dtype)
     absmax = zeros((sum(-(-n // bs) for n in sizes),), torch.float32)
-    if init or fmt == StateFormat.FP8:  # fp8: the scale of a block of zeros is positive
+    if not init and fmt == StateFormat.FP8:  # zeros, each block with the floor scale (as quantize_fp8 gives)
+        absmax.fill_(float(torch.tensor(FP8_MIN_ABSMAX, dtype=torch.float32) / FP8_MAX))
+    elif init:
         full = [torch.full((n,), float(init), dtype=torch.float32, device=like.device) for n in sizes]
         parts = [reference.quantize_state(fmt, x, code, j) for x in full]
         q.view(-1).view(torch.uint8).copy_(torch.cat([c.view(torch.uint8) for c, _ in parts]))
