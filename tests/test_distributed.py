@@ -1,6 +1,6 @@
-"""Distributed training with qop optimizers: FSDP2, DCP checkpoints, DDP and compiled steps.
+"""Distributed training with qop optimizers: FSDP2 with every state format, DCP checkpoints, DDP and compiled steps.
 
-Three spawns of 2 processes and one of 3 (gloo on the CPU, initialised through a file in a temporary directory:
+Four spawns of 2 processes and two of 3 (gloo on the CPU, initialised through a file in a temporary directory:
 no ports) run several checks each (starting torch and qop takes seconds per process), write what they measured to
 files and let the parent assert.  A rank that raises ends its spawn at once (the others are terminated);
 collectives time out after ``TIMEOUT`` seconds, so a rank stuck in one fails too; and each spawn is killed
