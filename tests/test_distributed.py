@@ -697,7 +697,7 @@ def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
     base = make_net(uneven=True)
     xs, ys = batches(base, 6)
     xs, ys = my_half(xs, rank), my_half(ys, rank)
-    results = {}
+    results, cross = {}, {}
     for name in FORMAT_OPTIMIZERS:
         model = shard(copy.deepcopy(base))
         opt = make_opt(name, model)
@@ -712,6 +712,7 @@ def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
             if rank == 0:
                 torch.save(gathered, run_dir / f"{name}-gathered.pt")
         after = _states(opt, model)
+        layouts = {n: qop.optim._distributed.layout(p) for n, p in model.named_parameters()}
         from_full_unequal = None
         if gathered is not None:  # the gathered (full) state dict loads into a fresh sharded optimizer as the state
             from_full = shard(copy.deepcopy(base))
@@ -719,6 +720,13 @@ def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
             set_optimizer_state_dict(from_full, from_full_opt, gathered, options=StateDictOptions(full_state_dict=True))
             got = _states(from_full_opt, from_full)
             from_full_unequal = [f"{n}.{k}" for n in after for k in after[n] if not torch.equal(got[n][k], after[n][k])]
+            if name == "AdamW4bit":  # and into sharded optimizers of other formats, converted
+                for target in ("AdamWFp8", "AdamW8bit"):
+                    other = shard(copy.deepcopy(base))
+                    other_opt = make_opt(target, other)
+                    options = StateDictOptions(full_state_dict=True)
+                    set_optimizer_state_dict(other, other_opt, gathered, options=options)
+                    cross[target] = {"states": _states(other_opt, other), "after": after, "layouts": layouts}
         train(model, opt, xs[3:], ys[3:])
 
         fresh = shard(copy.deepcopy(base))
@@ -735,10 +743,11 @@ def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
             "from_full_unequal": from_full_unequal,
             "before": before,
             "after": after,
-            "layouts": {n: qop.optim._distributed.layout(p) for n, p in model.named_parameters()},
+            "layouts": layouts,
             "final": {n: full(p).detach().clone() for n, p in model.named_parameters()},
         }
     torch.save(results, run_dir / f"formats{rank}.pt")
+    torch.save(cross, run_dir / f"cross{rank}.pt")
 
 
 def _formats_on_three(rank: int, world: int, run_dir: Path, saved: Path) -> None:
@@ -790,6 +799,7 @@ def test_dcp_formats_resume_and_reshard(tmp_path):
 
     from qop._maps import code_book
     from qop._schema import FORMAT_BLOCKSIZE, StateFormat
+    from qop.optim import _formats
     from qop.optim._distributed import layout
     from qop.optim._formats import format_of
 
@@ -849,6 +859,27 @@ def test_dcp_formats_resume_and_reshard(tmp_path):
             diff = max(float((p - final[n]).abs().max()) for n, p in model.named_parameters())
         assert diff <= 1e-2, (name, diff)
     assert {StateFormat.BLOCKWISE4, StateFormat.FP8, StateFormat.BFLOAT16} <= seen
+
+    # the gathered 4-bit state dict loaded into sharded fp8 and 8-bit optimizers: each rank's states are in the
+    # optimizer's format and hold the 4-bit values of its elements, within that format's resolution
+    model = make_net(uneven=True)
+    for target in ("AdamWFp8", "AdamW8bit"):
+        ours, theirs = make_opt(target, model), make_opt("AdamW4bit", model)
+        for k in range(WORLD):
+            c = torch.load(run_dir / f"cross{k}.pt", weights_only=False)[target]
+            for n, p in model.named_parameters():
+                fmt, fmt4 = ours._format(ours.param_groups[0], p), theirs._format(theirs.param_groups[0], p)
+                lay, lay4 = (dataclasses.replace(c["layouts"][n], block=layout(p, f).block) for f in (fmt, fmt4))
+                for j in range(2):
+                    if fmt in FORMAT_BLOCKSIZE:  # the code books of the loading optimizer, made on its first step
+                        ours._codes.setdefault((p.device, fmt), _formats.books(fmt, ours.state_signed, p.device))
+                    got = _values(ours, c["states"][n], j, lay, fmt)
+                    if fmt in FORMAT_BLOCKSIZE:
+                        theirs._codes.setdefault((p.device, fmt4), _formats.books(fmt4, theirs.state_signed, p.device))
+                    want = _values(theirs, c["after"][n], j, lay4, fmt4)
+                    assert got.shape == want.shape, (target, n, j)
+                    if want.numel():
+                        assert float((got - want).abs().max()) <= 0.07 * float(want.abs().max()), (target, n, j)
 
     (tmp_path / "three").mkdir()
     three_dir = launch(_formats_on_three, tmp_path / "three", run_dir, world=3)
