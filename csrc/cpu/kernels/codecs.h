@@ -46,6 +46,33 @@ struct Book16 {
       for (int64_t i = 0; i < n; ++i) out[i] = y[i] > 0.0f && out[i] < floor ? floor : out[i];
     }
   }
+#ifdef QOP_AVX512
+  // index() for 16 values at a time, packed two per byte straight into `bytes` (ceil(n / 2) of them; an odd n
+  // leaves the last high nibble 0): per value the midpoints below it counted in an int32 lane, then each pair of
+  // lanes folded into the low byte of its 64-bit lane (low | high << 4).
+  void index_packed(const float* y, int64_t n, uint8_t* bytes) const {
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i floor = _mm512_set1_epi32(min_positive);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, y + i);
+      __m512i count = _mm512_setzero_si512();
+      for (int m = 0; m < kCodeSize4 - 1; ++m) {  // !(mid >= y): NaN counts every midpoint
+        const __mmask16 below = _mm512_cmp_ps_mask(_mm512_set1_ps(mids[m]), v, _CMP_NGE_UQ);
+        count = _mm512_mask_add_epi32(count, below, count, one);
+      }
+      if (min_positive > 0) {
+        const __mmask16 raise =
+            _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ) & _mm512_cmplt_epi32_mask(count, floor);
+        count = _mm512_mask_mov_epi32(count, raise, floor);
+      }
+      count = _mm512_maskz_mov_epi32(valid, count);
+      const __m128i packed = _mm512_cvtepi64_epi8(_mm512_or_si512(count, _mm512_srli_epi64(count, 28)));
+      const int64_t nbytes = std::min<int64_t>(8, (n - i + 1) / 2);
+      _mm_mask_storeu_epi8(bytes + i / 2, static_cast<__mmask16>((1u << nbytes) - 1), packed);
+    }
+  }
+#endif
 };
 
 // The code books and quantizers of one step call, one per state.
@@ -95,10 +122,27 @@ struct Codec4 {
   QOP_INLINE void decode(int j, int64_t off, int64_t nb, float a, float* out) const {
     const float* code = books.book4[j].code.data();
     const uint8_t* bytes = q[j] + off / 2;
+#ifdef QOP_AVX512
+    // 16 values from 8 bytes: each byte widened to a 64-bit lane holding its low nibble in the lower 32 bits and
+    // its high nibble in the upper, so the 16 int32 lanes are the codes in element order; the book is one
+    // register (a permute). out has room up to kBlock, a multiple of 16; bytes past the block are not read.
+    const __m512 table = _mm512_loadu_ps(code);
+    const __m512 va = _mm512_set1_ps(a);
+    for (int64_t i = 0; i < nb; i += 16) {
+      const int64_t nbytes = std::min<int64_t>(8, (nb - i + 1) / 2);
+      const __m128i b8 = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << nbytes) - 1), bytes + i / 2);
+      const __m512i b64 = _mm512_cvtepu8_epi64(b8);
+      const __m512i lo = _mm512_and_si512(b64, _mm512_set1_epi64(15));
+      const __m512i hi = _mm512_slli_epi64(_mm512_srli_epi64(b64, 4), 32);
+      const __m512 v = _mm512_permutexvar_ps(_mm512_or_si512(lo, hi), table);
+      _mm512_storeu_ps(out + i, _mm512_mul_ps(v, va));
+    }
+#else
     for (int64_t b = 0; 2 * b < nb; ++b) {  // out has room for an odd block's last high nibble
       out[2 * b] = code[bytes[b] & 15] * a;
       out[2 * b + 1] = code[bytes[b] >> 4] * a;
     }
+#endif
   }
   QOP_INLINE float encode(int j, int64_t off, int64_t nb, float absmax, float* x) const {
     const Book16& B = books.book4[j];
@@ -107,11 +151,15 @@ struct Codec4 {
     } else {
       normalize<false>(x, nb, absmax, x);
     }
+    uint8_t* bytes = q[j] + off / 2;
+#ifdef QOP_AVX512
+    B.index_packed(x, nb, bytes);
+#else
     alignas(64) uint8_t idx[kBlock + 1];
     B.index(x, nb, idx);
     idx[nb] = 0;  // an odd tail leaves the last high nibble 0
-    uint8_t* bytes = q[j] + off / 2;
     for (int64_t b = 0; 2 * b < nb; ++b) bytes[b] = static_cast<uint8_t>(idx[2 * b] | (idx[2 * b + 1] << 4));
+#endif
     return absmax;
   }
 };
