@@ -287,6 +287,11 @@ def test_fsdp2_matches_one_process(parity_run):
 
 
 # ----------------------------------------------------------------------------------------------- DCP
+def _states(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """A copy of every parameter's optimizer state, by parameter name."""
+    return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+
+
 CKPT_OPT = "Adam8bit-percentile"  # codes, absmax, 32-bit states and percentile histories
 
 
@@ -308,13 +313,13 @@ def _dcp_roundtrip(rank: int, world: int, run_dir: Path) -> None:
     opt = make_opt(CKPT_OPT, model)
     train(model, opt, xs[:3], ys[:3])
     # the local states before saving: saving makes blocks split between ranks canonical (one code at most)
-    before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    before = _states(opt, model)
     layouts = {n: qop.optim._distributed.layout(p) for n, p in model.named_parameters()}
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(run_dir / "ckpt"))
     gathered = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
     gathered = tree_map_only(Tensor, Tensor.clone, gathered)  # as torch.optim's, it holds the live 0-d tensors
-    after = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    after = _states(opt, model)
     train(model, opt, xs[3:], ys[3:])
 
     fresh = shard(copy.deepcopy(base))
@@ -323,7 +328,7 @@ def _dcp_roundtrip(rank: int, world: int, run_dir: Path) -> None:
     sd = {"model": model_sd, "optim": optim_sd}
     dcp.load(sd, checkpoint_id=str(run_dir / "ckpt"))
     set_state_dict(fresh, fresh_opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    loaded = {n: {k: v.clone() for k, v in fresh_opt.state[p].items()} for n, p in fresh.named_parameters()}
+    loaded = _states(fresh_opt, fresh)
     train(fresh, fresh_opt, xs[3:], ys[3:])
 
     results = {
@@ -676,10 +681,6 @@ def test_sharded_4bit_packing():
     head, body = Layout(2575, 2060, total, (4, 515), 128).entries(StateFormat.BLOCKWISE4)
     assert (head.lo, head.hi, head.s0, head.s1, head.a0, head.a1, head.head) == (0, 113, 0, 57, 0, 1, True)
     assert (body.lo, body.hi, body.s0, body.s1, body.a0, body.a1, body.head) == (113, 2060, 57, 1031, 1, 17, False)
-
-
-def _states(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict[str, Tensor]]:
-    return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
 
 
 def _dcp_formats(rank: int, world: int, run_dir: Path) -> None:
