@@ -245,9 +245,9 @@ def step_bucket(
     S: list[list[Tensor]] = [[] for _ in range(k)]
     A: list[list[Tensor]] = [[] for _ in range(k)]
     steps: list[Tensor] = []
+    blockwise = b.fmt in FORMAT_BLOCKSIZE
     for i, (p, g) in enumerate(zip(lp, lg)):
         pf, gf = p.view(-1), g.view(-1)
-        blockwise = b.fmt in FORMAT_BLOCKSIZE
         for e in plan.layouts[i].entries(b.fmt) if blockwise else [Entry(0, pf.numel(), 0, pf.numel(), 0, 0, False)]:
             P.append(pf[e.lo : e.hi])
             G.append(gf[e.lo : e.hi])
