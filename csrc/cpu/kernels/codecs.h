@@ -54,7 +54,7 @@ struct Book16 {
     const __m512i one = _mm512_set1_epi32(1);
     const __m512i floor = _mm512_set1_epi32(min_positive);
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+      const __mmask16 valid = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(valid, y + i);
       __m512i count = _mm512_setzero_si512();
       for (int m = 0; m < kCodeSize4 - 1; ++m) {  // !(mid >= y): NaN counts every midpoint
@@ -195,9 +195,10 @@ struct CodecFp8 {
   QOP_INLINE float encode(int j, int64_t off, int64_t nb, float absmax, float* x) const {
     const float scale = std::max(absmax, kFp8MinAbsmax) / kFp8Max;  // NaN stays NaN, as torch.clamp
     uint8_t* bytes = q[j] + off;
-    for (int64_t i = 0; i < nb; ++i) bytes[i] = c10::Float8_e4m3fn(x[i] / scale).x;
-    if (j >= kFp8FirstZeroFreeState) {
-      for (int64_t i = 0; i < nb; ++i) bytes[i] = (bytes[i] == 0 && x[i] > 0.0f) ? uint8_t{1} : bytes[i];
+    const bool zero_free = j >= kFp8FirstZeroFreeState;
+    for (int64_t i = 0; i < nb; ++i) {
+      const uint8_t b = c10::Float8_e4m3fn(x[i] / scale).x;
+      bytes[i] = zero_free && b == 0 && x[i] > 0.0f ? uint8_t{1} : b;
     }
     return scale;
   }
